@@ -1,0 +1,67 @@
+"""The backend's options: one validated dataclass built from ``torch.compile``'s mode and options."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from . import _torch_private as tp
+from .rules import RULE_IDS
+
+#: Option keys accepted in ``torch.compile(..., backend="bnfuse", options={...})``.
+OPTION_DOCS: dict[str, str] = {
+    "rules": f"iterable of folding rule ids to enable (default: all of {', '.join(RULE_IDS)})",
+    "inductor": "dict of extra torch._inductor.config settings for the compile",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BnfuseConfig:
+    rules: frozenset[str] = frozenset(RULE_IDS)
+    inductor_patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BnfuseConfig:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTION_DOCS))
+        if unknown:
+            valid = "; ".join(f"{k!r}: {v}" for k, v in OPTION_DOCS.items())
+            raise _error(f"bnfuse: unknown option(s) {unknown}. Valid options are {valid}.")
+        return cls(
+            rules=_rules(options.get("rules", RULE_IDS)),
+            inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
+        )
+
+
+def _error(message: str) -> Exception:
+    return tp.compile_time_error(message)
+
+
+def _rules(value: Any) -> frozenset[str]:
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise _error(f"bnfuse: option 'rules' must be an iterable of rule ids, got {value!r}")
+    rules = frozenset(value)
+    unknown = sorted(rules - set(RULE_IDS))
+    if unknown:
+        raise _error(f"bnfuse: unknown rule id(s) {unknown} in option 'rules'; valid ids: {list(RULE_IDS)}")
+    return rules
+
+
+def _inductor(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _error(f"bnfuse: option 'inductor' must be a dict of Inductor config, got {value!r}")
+    unknown = sorted(set(value) - tp.inductor_config_keys())
+    if unknown:
+        raise _error(f"bnfuse: unknown Inductor config key(s) {unknown} in option 'inductor'")
+    reserved = sorted({"freezing", "joint_custom_pre_pass"} & set(value))
+    if reserved:
+        raise _error(f"bnfuse: option 'inductor' may not set {reserved}: bnfuse controls them")
+    return dict(value)
+
+
+def _mode_patches(mode: str | None) -> dict[str, Any]:
+    try:
+        return tp.inductor_mode_options(mode)
+    except RuntimeError as err:
+        raise _error(f"bnfuse: {err}") from None

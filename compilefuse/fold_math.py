@@ -1,0 +1,75 @@
+"""The arithmetic of folding an inference BatchNorm into the op that produces its input.
+
+Inference BN is a per-channel affine map ``y = x * scale + shift`` with
+
+    scale = gamma / sqrt(running_var + eps)        (gamma = 1 without affine)
+    shift = beta - running_mean * scale            (beta = 0 without affine)
+
+For an op whose output channel ``c`` is linear in its weight slice ``W_c`` plus bias ``b_c``,
+``BN(op(x; W, b)) = op(x; W * scale, b * scale + shift)``. The only thing that differs between
+convolution, transposed convolution and linear is *which slice of W* feeds output channel ``c``.
+
+Everything is computed in float64 and cast once at the end, so an fp32 fold is exact to fp32
+rounding and an fp16/bf16 fold adds no error beyond one final rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FOLD_DTYPE = torch.float64
+
+
+def bn_scale_shift(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an inference BatchNorm, in float64."""
+    scale = torch.rsqrt(running_var.to(FOLD_DTYPE) + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(FOLD_DTYPE)
+    shift = -running_mean.to(FOLD_DTYPE) * scale
+    if beta is not None:
+        shift = shift + beta.to(FOLD_DTYPE)
+    return scale, shift
+
+
+def scale_output_channels(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Scale a conv / linear weight laid out as (out_channels, ...): row ``c`` times ``scale[c]``."""
+    view = scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return weight.to(FOLD_DTYPE) * view
+
+
+def scale_transposed_output_channels(
+    weight: torch.Tensor, scale: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """Scale a transposed-conv weight laid out as (in_channels, out_channels / groups, ...).
+
+    Output channel ``g * out_per_group + j`` is fed by column ``j`` of group ``g``'s block of input
+    rows, so the scale must be applied along dimension 1 *per group*: scaling dimension 0 (as a
+    plain conv fold would) or ignoring groups gives wrong results.
+    """
+    in_channels, out_per_group = weight.shape[:2]
+    kernel = weight.shape[2:]
+    blocks = weight.to(FOLD_DTYPE).reshape(groups, in_channels // groups, out_per_group, *kernel)
+    view = scale.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
+    return (blocks * view).reshape(weight.shape)
+
+
+def fold_bias(
+    bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """``b * scale + shift`` in float64 (a missing bias counts as zero)."""
+    if bias is None:
+        return shift.clone()
+    return bias.to(FOLD_DTYPE) * scale + shift
+
+
+def cast_like(folded: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Round a float64 result once to ``original``'s dtype, keeping its device and memory layout."""
+    out = torch.empty_like(original)
+    out.copy_(folded)
+    return out

@@ -1,0 +1,127 @@
+"""Shared test helpers: float64 references, BN randomisation, and compiling with bnfuse."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+
+import compilefuse
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+def randomize_bn(model: nn.Module, var_range: tuple[float, float] = (0.2, 3.0)) -> nn.Module:
+    """Give every BatchNorm statistics and affine parameters far from identity, so folding matters."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if module.running_mean is not None:
+                    module.running_mean.uniform_(-1.0, 1.0)
+                    module.running_var.uniform_(*var_range)
+                if module.affine:
+                    module.weight.uniform_(0.5, 2.0)
+                    module.bias.uniform_(-1.0, 1.0)
+    return model
+
+
+@dataclasses.dataclass
+class Compiled:
+    outputs: object
+    records: list[compilefuse.FoldRecord]
+
+    @property
+    def decisions(self) -> list[compilefuse.FoldDecision]:
+        return [d for record in self.records for d in record.decisions]
+
+    @property
+    def folded(self) -> list[compilefuse.FoldDecision]:
+        return [d for d in self.decisions if d.folded]
+
+    @property
+    def kept(self) -> list[compilefuse.FoldDecision]:
+        return [d for d in self.decisions if not d.folded]
+
+
+def run_bnfuse(model: nn.Module, *inputs: torch.Tensor, calls: int = 1, **compile_kwargs) -> Compiled:
+    """Compile ``model`` with bnfuse, call it under inference_mode, and collect its fold records."""
+    before = len(compilefuse.RECORDS)
+    compiled = torch.compile(model, backend="bnfuse", **compile_kwargs)
+    with torch.inference_mode():
+        for _ in range(calls):
+            outputs = compiled(*inputs)
+    return Compiled(outputs, list(compilefuse.RECORDS)[before:])
+
+
+def float64_reference(model: nn.Module, *inputs: torch.Tensor):
+    """The model's output computed in float64 on a copy (the model itself is not touched)."""
+    import copy
+
+    reference = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        return reference(*(x.double() for x in inputs))
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference|, in float64."""
+    reference = reference.double()
+    return ((actual.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+def rms_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return (actual.double() - reference.double()).pow(2).mean().sqrt().item()
+
+
+def assert_matches_reference(
+    outputs: Sequence[torch.Tensor] | torch.Tensor,
+    eager: Sequence[torch.Tensor] | torch.Tensor,
+    reference: Sequence[torch.Tensor] | torch.Tensor,
+    tol: float = 1e-5,
+) -> None:
+    """Each output is within ``tol`` (relative) of the float64 reference, like eager's output."""
+    if isinstance(outputs, torch.Tensor):
+        outputs, eager, reference = [outputs], [eager], [reference]
+    for i, (out, eag, ref) in enumerate(zip(outputs, eager, reference, strict=True)):
+        assert out.shape == ref.shape and out.dtype == eag.dtype, f"output {i}"
+        assert relative_error(eag, ref) < tol, f"eager output {i} is itself off: test setup bug"
+        assert relative_error(out, ref) < tol, f"output {i}: {relative_error(out, ref):.3g} vs float64"
+
+
+class Branches(nn.Module):
+    """Parallel ``op -> BN`` branches on one input: one compile covers many configurations."""
+
+    def __init__(self, branches: list[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [branch(x) for branch in self.branches]
+
+
+def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-5) -> Compiled:
+    """Compile a Branches model; every branch must fold with ``rule`` and match float64."""
+    model = randomize_bn(model.eval())
+    with torch.inference_mode():
+        eager = model(x)
+    result = run_bnfuse(model, x)
+    assert_matches_reference(result.outputs, eager, float64_reference(model, x), tol)
+    assert [d.rule for d in result.folded] == [rule] * len(model.branches), result.decisions
+    assert not result.kept, result.kept
+    return result
