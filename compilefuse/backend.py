@@ -16,7 +16,7 @@ import torch
 
 from . import _torch_private as tp
 from .config import BnfuseConfig
-from .fold_pass import BnFoldPass, FoldRecord
+from .fold_pass import BnFoldPass, BnLowerPass, FoldRecord
 
 log = logging.getLogger("compilefuse")
 
@@ -57,6 +57,7 @@ def _compile_inference(
         **config.inductor_patches,
         "freezing": True,
         "joint_custom_pre_pass": BnFoldPass(config.rules, record),
+        "post_grad_custom_pre_pass": BnLowerPass(),
     }
     with torch.no_grad():
         compiled = tp.compile_with_inductor(

@@ -80,13 +80,17 @@ def _fold(match: tp.Match, rule: FoldRule) -> None:
 
 
 def _lower(match: tp.Match) -> None:
-    ctx = _ACTIVE.get()
-    bn = match.output_node()
-    if bn not in ctx.decided:
-        reason = lower_bn.producer_description(match)
-        ctx.decide(bn, FoldDecision(bn=module_path(bn), folded=False, reason=reason))
     replacement, args = lower_bn.decomposition(match)
     match.replace_by_example(replacement, args)
+
+
+def _record_unmatched(ctx: _PassContext) -> None:
+    """Every BN no rule matched is kept; say what produced its input."""
+    for bn_op in ctx.graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP):
+        outputs = [user for user in bn_op.users if user not in ctx.decided]
+        if len(outputs) == len(bn_op.users) and outputs:
+            reason = lower_bn.producer_description(bn_op.args[0])
+            ctx.decide(outputs[0], FoldDecision(bn=module_path(outputs[0]), folded=False, reason=reason))
 
 
 def _handler(fn: Callable[[tp.Match], None]) -> Callable[..., None]:
@@ -111,6 +115,11 @@ def _pattern_passes() -> tuple[tp.PatternMatcherPass, tp.PatternMatcherPass]:
     return fold, lower
 
 
+def _source_hash(extra: str = "") -> bytes:
+    sources = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
+    return tp.file_hash(sources, extra=extra)
+
+
 class BnFoldPass(tp.CustomGraphPass):
     """Joint-graph pass folding inference BatchNorm; its uuid keys Inductor's FX graph cache."""
 
@@ -120,16 +129,31 @@ class BnFoldPass(tp.CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
-        fold, lower = _pattern_passes()
+        fold, _ = _pattern_passes()
         ctx = _PassContext(graph, tp.frozen_placeholder_values(graph), self.enabled_rules, self.record)
         token = _ACTIVE.set(ctx)
         try:
             fold.apply(graph)
-            lower.apply(graph)
+            _record_unmatched(ctx)
         finally:
             _ACTIVE.reset(token)
             self.record.seconds += time.perf_counter() - start
 
     def uuid(self) -> bytes:
-        sources = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
-        return tp.file_hash(sources, extra=",".join(sorted(self.enabled_rules)))
+        return _source_hash(extra=",".join(sorted(self.enabled_rules)))
+
+
+class BnLowerPass(tp.CustomGraphPass):
+    """Post-grad pass decomposing the BNs left unfolded, exactly as Inductor would have.
+
+    It runs after freezing on purpose: a kept BN decomposed earlier would be picked up by
+    Inductor's binary folding, which folds it anyway, in low precision, and wrongly for
+    transposed convolutions, which is what the refusal was there to prevent.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _, lower = _pattern_passes()
+        lower.apply(graph)
+
+    def uuid(self) -> bytes:
+        return _source_hash(extra="lower")

@@ -1,7 +1,8 @@
 """Lower every inference BatchNorm that no rule folded into Inductor's usual decomposition.
 
-bnfuse keeps BN whole through AOTAutograd so the folding rules can see it; whatever they leave must
-then look exactly as Inductor would have produced it, so unfolded BNs cost what they cost today.
+bnfuse keeps BN whole through AOTAutograd and freezing so the folding rules can see it and
+Inductor's own folding cannot touch it; whatever the rules leave is then decomposed exactly as
+Inductor would have, so an unfolded BN costs what it costs today.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ PATTERN = bn_of(KeywordArg("input"))
 TENSOR_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")
 
 
-def producer_description(match: Match) -> str:
+def producer_description(source: object) -> str:
     """How a kept BN's input was produced, for the reason shown to the user."""
-    source = match.kwargs["input"]
     if not isinstance(source, torch.fx.Node) or source.op != "call_function":
         return "its input is a graph input, not a conv or linear output"
     return f"unsupported producer {source.target}"

@@ -1,0 +1,50 @@
+"""The folded constants are computed once, at compile time: no BN or weight-scaling math is left
+in the code Inductor generates for the per-call path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, randomize_bn
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import compilefuse
+
+
+def generated_code(model: nn.Module, x: torch.Tensor, **options) -> str:
+    compiled = torch.compile(model, backend="bnfuse", options=options or None)
+    with torch.inference_mode():
+        _, code = run_and_get_code(compiled, x)
+    return "\n".join(code)
+
+
+def dcgan_block(device: str) -> nn.Module:
+    # More than 8 channels: Inductor inlines tiny constants into kernels, which would blur the check.
+    model = nn.Sequential(
+        nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.Flatten(),
+        nn.Linear(12 * 8 * 8, 10),
+        nn.BatchNorm1d(10),
+    )
+    return randomize_bn(model.eval()).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_folded_model_runs_no_bn_math_per_call(device):
+    code = generated_code(dcgan_block(device), torch.randn(2, 16, 4, 4, device=device))
+    assert len(compilefuse.last_record().decisions) == 3
+    assert all(d.folded for d in compilefuse.last_record().decisions)
+    assert "sqrt" not in code  # BN's 1/sqrt(var + eps), in C++ or Triton spelling
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_bn_math_is_visible_in_generated_code(device):
+    """The control for the test above: with folding disabled, the BN math is there to be found."""
+    code = generated_code(dcgan_block(device), torch.randn(2, 16, 4, 4, device=device), rules=[])
+    assert not any(d.folded for d in compilefuse.last_record().decisions)
+    assert "sqrt" in code
