@@ -59,6 +59,17 @@ def file_hash(paths: Sequence[str], extra: str) -> bytes:
     return get_hash_for_files(tuple(paths), extra)
 
 
+class _DecompositionTable(dict):  # type: ignore[type-arg]
+    """Pickles as a call to the function that builds it.
+
+    Inductor puts a custom decomposition table into its FX graph cache key; the table's values
+    include pybind functions, which cannot be pickled and make Inductor bypass the cache.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_decompositions_keeping_inference_bn, ())
+
+
 def _decompositions_keeping_inference_bn() -> dict[Any, Callable[..., Any]]:
     """Inductor's decomposition table minus inference BatchNorm.
 
@@ -66,7 +77,7 @@ def _decompositions_keeping_inference_bn() -> dict[Any, Callable[..., Any]]:
     binary folding folds those into convolutions (wrongly for transposed ones). Keeping BN whole
     lets the bnfuse pass see it as one op; the pass decomposes whatever it does not fold.
     """
-    table = dict(select_decomp_table())
+    table = _DecompositionTable(select_decomp_table())
     for op in (BN_INFERENCE_OP, aten._batch_norm_no_update.default):
         table.pop(op, None)
     return table
@@ -185,7 +196,8 @@ def compile_time_error(message: str) -> Exception:
 
     class BnfuseOptionError(ValueError, shorten):  # type: ignore[misc, valid-type]
         def __init__(self, text: str) -> None:
-            super().__init__(text, first_useful_frame=None)
+            ValueError.__init__(self, text)
+            self.first_useful_frame = None
 
     return BnfuseOptionError(message)
 

@@ -52,7 +52,6 @@ def _compile_inference(
 ) -> Callable[..., Any]:
     lifted, kept = tp.lift_module_state(gm, example_inputs)
     record = FoldRecord()
-    RECORDS.append(record)
     patches = {
         **config.inductor_patches,
         "freezing": True,
@@ -63,6 +62,7 @@ def _compile_inference(
         compiled = tp.compile_with_inductor(
             lifted, [example_inputs[i] for i in kept], patches, keep_bn=True
         )
+    RECORDS.append(record)  # only now: Dynamo may restart a compile that raised midway
     for decision in record.decisions:
         log.debug("bnfuse: %s", decision)
     return _without_frozen_arguments(compiled, kept)
