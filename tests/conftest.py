@@ -20,6 +20,11 @@ DEVICES = [
 ]
 
 
+# Exactness is the point of these tests: no TF32 in CUDA convolutions and matmuls (cuDNN's default).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
