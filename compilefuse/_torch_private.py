@@ -167,7 +167,7 @@ def frozen_placeholder_values(graph: torch.fx.Graph) -> dict[torch.fx.Node, torc
     placeholders = graph.find_nodes(op="placeholder")
     return {
         node: value
-        for index, (node, value) in enumerate(zip(placeholders, params))
+        for index, (node, value) in enumerate(zip(placeholders, params, strict=False))
         if isinstance(value, torch.Tensor) and index not in mutated and index not in aliased
     }
 

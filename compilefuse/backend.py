@@ -81,7 +81,7 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
     if not torch.is_grad_enabled():
         return None
     placeholders = gm.graph.find_nodes(op="placeholder")
-    for node, value in zip(placeholders, example_inputs):
+    for node, value in zip(placeholders, example_inputs, strict=True):
         if isinstance(value, torch.Tensor) and value.requires_grad:
             return node.target
     return None

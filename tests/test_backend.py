@@ -100,7 +100,7 @@ def test_autograd_graph_is_not_folded_and_gradients_match_eager(caplog):
     eager_model(x).square().sum().backward()
     eager_model(x + 1).square().sum().backward()
     assert len(compilefuse.RECORDS) == before  # no fold pass ran
-    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     messages = [r.getMessage() for r in caplog.records if r.name == "compilefuse"]
     assert len(messages) <= 1 and all("torch.inference_mode()" in m for m in messages)

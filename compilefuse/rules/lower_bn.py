@@ -13,7 +13,7 @@ import torch
 import torch.fx
 
 from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match
-from ._base import BN_ARGS, bn_of
+from ._base import bn_of
 
 PATTERN = bn_of(KeywordArg("input"))
 TENSOR_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")
@@ -33,7 +33,7 @@ def decomposition(match: Match) -> tuple[Callable[..., torch.Tensor], list[torch
     momentum, eps = kw["momentum"], kw["eps"]
 
     def bn(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        given = dict(zip(present, tensors))
+        given = dict(zip(present, tensors, strict=True))
         args = [given.get(name) for name in TENSOR_ARGS]
         return BN_INFERENCE_OP(x, *args, momentum, eps)[0]
 
