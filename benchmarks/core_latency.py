@@ -18,29 +18,7 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
-import compilefuse  # noqa: F401  (the backend is found by name; imported for the fold records)
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
-
-
-def dcgan_generator(nz: int = 100, ngf: int = 64) -> nn.Module:
-    """The DCGAN generator (Radford et al.): ConvTranspose + BN + ReLU blocks, 64x64 output."""
-    def block(cin: int, cout: int, stride: int, pad: int) -> list[nn.Module]:
-        return [nn.ConvTranspose2d(cin, cout, 4, stride, pad, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
-
-    return nn.Sequential(
-        *block(nz, ngf * 8, 1, 0), *block(ngf * 8, ngf * 4, 2, 1), *block(ngf * 4, ngf * 2, 2, 1),
-        *block(ngf * 2, ngf, 2, 1), nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh(),
-    )
+from compilefuse.models import dcgan_generator, randomize_bn
 
 
 def models(batch: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -48,7 +26,7 @@ def models(batch: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
     torch.manual_seed(0)
     return {
-        f"resnet18/b{batch}": (randomize_bn(torchvision.models.resnet18().eval()), torch.randn(batch, 3, 224, 224)),
+        f"resnet18/b{batch}": (randomize_bn(torchvision.models.resnet18().eval(), (0.5, 2.0)), torch.randn(batch, 3, 224, 224)),
         f"dcgan_generator/b{batch}": (randomize_bn(dcgan_generator().eval()), torch.randn(batch, 100, 1, 1)),
     }
 

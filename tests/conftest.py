@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import compilefuse
+from compilefuse.models import randomize_bn  # noqa: F401  (re-exported for the tests)
 
 DEVICES = [
     "cpu",
@@ -31,20 +32,6 @@ def _fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
-
-
-def randomize_bn(model: nn.Module, var_range: tuple[float, float] = (0.2, 3.0)) -> nn.Module:
-    """Give every BatchNorm statistics and affine parameters far from identity, so folding matters."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if module.running_mean is not None:
-                    module.running_mean.uniform_(-1.0, 1.0)
-                    module.running_var.uniform_(*var_range)
-                if module.affine:
-                    module.weight.uniform_(0.5, 2.0)
-                    module.bias.uniform_(-1.0, 1.0)
-    return model
 
 
 @dataclasses.dataclass
