@@ -1,10 +1,11 @@
-"""The bnfuse graph pass: Inductor pattern-matcher replacements run as a joint-graph custom pass.
+"""The bnfuse graph passes: Inductor pattern-matcher replacements run as custom passes.
 
-It runs inside Inductor's freezing compile, before freezing's constant folding and binary folding,
-on a graph whose module state is still placeholders. For each ``producer -> BatchNorm`` match the
-rule's check decides; a fold computes the new weight and bias once, from the real frozen tensors,
-in float64, and rewires the producer to read them as graph constants. A second pattern pass then
-decomposes every BN left, exactly as Inductor would have.
+``BnFoldPass`` runs inside Inductor's freezing compile as a joint-graph pass, before freezing's
+constant folding and binary folding, on a graph whose module state is still placeholders. For each
+``producer -> BatchNorm`` match the rule's check decides; a fold computes the new weight and bias
+once, from the real frozen tensors, in float64, and rewires the producer to read them as graph
+constants. ``BnLowerPass`` runs after freezing and decomposes every BN left, exactly as Inductor
+would have.
 """
 
 from __future__ import annotations
