@@ -88,10 +88,10 @@ def _lower(match: tp.Match) -> None:
 def _record_unmatched(ctx: _PassContext) -> None:
     """Every BN no rule matched is kept; say what produced its input."""
     for bn_op in ctx.graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP):
-        outputs = [user for user in bn_op.users if user not in ctx.decided]
-        if len(outputs) == len(bn_op.users) and outputs:
+        if bn_op.users and ctx.decided.isdisjoint(bn_op.users):
+            bn = next(iter(bn_op.users))
             reason = lower_bn.producer_description(bn_op.args[0])
-            ctx.decide(outputs[0], FoldDecision(bn=module_path(outputs[0]), folded=False, reason=reason))
+            ctx.decide(bn, FoldDecision(bn=module_path(bn), folded=False, reason=reason))
 
 
 def _handler(fn: Callable[[tp.Match], None]) -> Callable[..., None]:

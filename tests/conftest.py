@@ -107,6 +107,15 @@ class Branches(nn.Module):
         return [branch(x) for branch in self.branches]
 
 
+BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def op_bn_branches(op: type[nn.Module], dims: int, configs: list[tuple[dict, dict]]) -> Branches:
+    """One ``op(**op_kwargs) -> BatchNorm{dims}d(**bn_kwargs)`` branch per configuration."""
+    bn = BATCH_NORM[dims]
+    return Branches([nn.Sequential(op(**c), bn(c["out_channels"], **b)) for c, b in configs])
+
+
 def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-5) -> Compiled:
     """Compile a Branches model; every branch must fold with ``rule`` and match float64."""
     model = randomize_bn(model.eval())

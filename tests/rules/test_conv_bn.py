@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, Branches, check_branches, float64_reference, randomize_bn, run_bnfuse
+from conftest import DEVICES, Branches, check_branches, op_bn_branches, float64_reference, randomize_bn, run_bnfuse
 from torch import nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SIZE = {1: 11, 2: 9, 3: 6}
 
 
 def conv_bn_branches(dims: int) -> Branches:
-    conv, bn = CONV[dims], BN[dims]
     configs = [
         (dict(in_channels=4, out_channels=6, kernel_size=3), {}),
         (dict(in_channels=4, out_channels=6, kernel_size=3, bias=False), dict(affine=False)),
@@ -24,7 +22,7 @@ def conv_bn_branches(dims: int) -> Branches:
         (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"), {}),
         (dict(in_channels=4, out_channels=6, kernel_size=2, padding=1, padding_mode="circular", stride=(2,) * dims), {}),
     ]
-    return Branches([nn.Sequential(conv(**c), bn(c["out_channels"], **b)) for c, b in configs])
+    return op_bn_branches(CONV[dims], dims, configs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

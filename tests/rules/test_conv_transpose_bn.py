@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, Branches, check_branches
+from conftest import DEVICES, Branches, check_branches, op_bn_branches
 from torch import nn
 
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SIZE = {1: 7, 2: 5, 3: 4}
 
 
 def conv_transpose_bn_branches(dims: int) -> Branches:
-    conv, bn = CONV_T[dims], BN[dims]
     configs = [
         (dict(in_channels=4, out_channels=6, kernel_size=3), {}),
         (dict(in_channels=4, out_channels=4, kernel_size=3, bias=False), dict(affine=False)),  # in == out
@@ -21,7 +19,7 @@ def conv_transpose_bn_branches(dims: int) -> Branches:
         (dict(in_channels=4, out_channels=8, kernel_size=3, groups=4, padding=1), dict(eps=1e-3)),
         (dict(in_channels=4, out_channels=6, kernel_size=2, stride=3, dilation=2, output_padding=2), dict(momentum=None)),
     ]
-    return Branches([nn.Sequential(conv(**c), bn(c["out_channels"], **b)) for c, b in configs])
+    return op_bn_branches(CONV_T[dims], dims, configs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
