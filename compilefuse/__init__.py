@@ -1,22 +1,65 @@
 """compilefuse: a torch.compile backend that folds BatchNorm into conv, conv-transpose and linear.
 
     model = torch.compile(model, backend="bnfuse")   # found through the entry point
+    print(compilefuse.explain(model, example_input))  # what was folded, what was kept, and why
 
 Importing this package is not needed for the backend name to work; it gives access to the fold
-decisions and the backend callable itself.
+report and the backend callable itself.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
 
 from .backend import RECORDS, bnfuse
 from .config import BnfuseConfig
 from .decisions import FoldDecision
 from .fold_pass import FoldRecord
+from .report import FoldReport, collecting
 from .rules import RULE_IDS
 
 __version__ = "0.1.0"
 
-__all__ = ["RECORDS", "RULE_IDS", "BnfuseConfig", "FoldDecision", "FoldRecord", "bnfuse", "last_record"]
+__all__ = [
+    "RECORDS",
+    "RULE_IDS",
+    "BnfuseConfig",
+    "FoldDecision",
+    "FoldRecord",
+    "FoldReport",
+    "bnfuse",
+    "explain",
+    "last_record",
+    "last_report",
+]
+
+
+def explain(
+    model: torch.nn.Module,
+    *example_inputs: Any,
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+    dynamic: bool | None = None,
+) -> FoldReport:
+    """Compile ``model`` with bnfuse, run it once under ``torch.inference_mode()`` on the example
+    inputs, and report every BatchNorm of every compiled graph."""
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
+        # A backend object of its own: Dynamo recompiles instead of reusing an earlier bnfuse compile.
+        return bnfuse(gm, inputs, mode=mode, options=options)
+
+    with collecting() as records, torch.inference_mode():
+        torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
+    return FoldReport.from_records(records)
 
 
 def last_record() -> FoldRecord | None:
     """The fold record of the most recently compiled bnfuse graph."""
     return RECORDS[-1] if RECORDS else None
+
+
+def last_report() -> FoldReport | None:
+    """The fold report of the most recently compiled bnfuse graph."""
+    return FoldReport.from_records([RECORDS[-1]]) if RECORDS else None

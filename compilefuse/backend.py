@@ -16,7 +16,9 @@ import torch
 
 from . import _torch_private as tp
 from .config import BnfuseConfig
+from .decisions import batch_norm_calls, module_path, traced_decisions
 from .fold_pass import BnFoldPass, BnLowerPass, FoldRecord
+from .report import FoldReport, publish
 
 log = logging.getLogger("compilefuse")
 
@@ -43,7 +45,9 @@ def bnfuse(
     needing_grad = _first_requiring_grad(gm, example_inputs)
     if needing_grad is not None:
         _log_autograd_once(needing_grad)
-        return tp.compile_with_inductor(gm, example_inputs, dict(config.inductor_patches), keep_bn=False)
+        compiled = tp.compile_with_inductor(gm, example_inputs, dict(config.inductor_patches), keep_bn=False)
+        _finish(FoldRecord(decisions=traced_decisions(gm, autograd=True)), gm, config)
+        return compiled
     return _compile_inference(gm, example_inputs, config)
 
 
@@ -51,7 +55,7 @@ def _compile_inference(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig
 ) -> Callable[..., Any]:
     lifted, kept = tp.lift_module_state(gm, example_inputs)
-    record = FoldRecord()
+    record = FoldRecord(decisions=traced_decisions(gm, autograd=False))
     patches = {
         **config.inductor_patches,
         "freezing": True,
@@ -62,10 +66,22 @@ def _compile_inference(
         compiled = tp.compile_with_inductor(
             lifted, [example_inputs[i] for i in kept], patches, keep_bn=True
         )
-    RECORDS.append(record)  # only now: Dynamo may restart a compile that raised midway
+    _finish(record, gm, config)  # only now: Dynamo may restart a compile that raised midway
+    return _without_frozen_arguments(compiled, kept)
+
+
+def _finish(record: FoldRecord, gm: torch.fx.GraphModule, config: BnfuseConfig) -> None:
+    """Put the decisions in program order and publish the record of a compiled graph."""
+    order: dict[str, int] = {}
+    for index, node in enumerate(batch_norm_calls(gm)):
+        order.setdefault(module_path(node), index)
+    record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
+    RECORDS.append(record)
+    publish(record)
     for decision in record.decisions:
         log.debug("bnfuse: %s", decision)
-    return _without_frozen_arguments(compiled, kept)
+    if config.report:
+        log.info("bnfuse fold report:\n%s", FoldReport.from_records([record]))
 
 
 def _without_frozen_arguments(compiled: Callable[..., Any], kept: list[int]) -> Callable[..., Any]:

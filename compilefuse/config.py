@@ -13,6 +13,7 @@ from .rules import RULE_IDS
 OPTION_DOCS: dict[str, str] = {
     "rules": f"iterable of folding rule ids to enable (default: all of {', '.join(RULE_IDS)})",
     "inductor": "dict of extra torch._inductor.config settings for the compile",
+    "report": "bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger",
 }
 
 
@@ -20,6 +21,7 @@ OPTION_DOCS: dict[str, str] = {
 class BnfuseConfig:
     rules: frozenset[str] = frozenset(RULE_IDS)
     inductor_patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    report: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BnfuseConfig:
@@ -31,6 +33,7 @@ class BnfuseConfig:
         return cls(
             rules=_rules(options.get("rules", RULE_IDS)),
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
+            report=_bool("report", options.get("report", False)),
         )
 
 
@@ -46,6 +49,12 @@ def _rules(value: Any) -> frozenset[str]:
     if unknown:
         raise _error(f"bnfuse: unknown rule id(s) {unknown} in option 'rules'; valid ids: {list(RULE_IDS)}")
     return rules
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _error(f"bnfuse: option {name!r} must be True or False, got {value!r}")
+    return value
 
 
 def _inductor(value: Any) -> dict[str, Any]:

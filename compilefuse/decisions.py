@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import torch
 import torch.fx
 
+AUTOGRAD_REASON = "autograd enabled (run under torch.inference_mode() to fold)"
+_BN_ARG_POSITIONS = {"running_mean": 1, "training": 5}
 
 @dataclasses.dataclass(frozen=True)
 class FoldDecision:
@@ -19,6 +22,10 @@ class FoldDecision:
     producer_kind: str | None = None
     reason: str | None = None
 
+    @property
+    def status(self) -> str:
+        return "folded" if self.folded else "kept"
+
     def __str__(self) -> str:
         if self.folded:
             return f"{self.bn}: folded into {self.producer_kind} {self.producer} ({self.rule})"
@@ -29,13 +36,16 @@ def module_path(node: torch.fx.Node) -> str:
     """The dotted path of the user's module that created ``node`` (e.g. ``layer1.0.bn1``).
 
     Dynamo records the module call stack on each node; its innermost entry names the module.
-    Nodes outside any submodule (functional calls in ``forward``) fall back to the node name.
+    A functional call outside any submodule is named after the call in the user's ``forward``
+    (Dynamo's name for it, e.g. ``batch_norm``, which the aten nodes it becomes remember).
     """
     stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return node.name
-    path, _ = list(stack.values())[-1]
-    return _clean_dynamo_path(path)
+    if stack:
+        path = _clean_dynamo_path(list(stack.values())[-1][0])
+        if path != "<root>":
+            return path
+    source_fn = node.meta.get("source_fn_stack")
+    return source_fn[-1][0] if source_fn else node.name
 
 
 def _clean_dynamo_path(path: str) -> str:
@@ -44,3 +54,37 @@ def _clean_dynamo_path(path: str) -> str:
     path = path.replace("._modules['", ".").replace("['", ".").replace("']", "")
     path = path.replace("[", ".").replace("]", "")
     return path.strip(".") or "<root>"
+
+
+
+
+def _bn_arg(node: torch.fx.Node, name: str) -> object:
+    position = _BN_ARG_POSITIONS[name]
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else None
+
+
+def batch_norm_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The ``F.batch_norm`` calls of a Dynamo graph, in program order: one per BN site."""
+    return list(gm.graph.find_nodes(op="call_function", target=torch.nn.functional.batch_norm))
+
+
+def traced_decisions(gm: torch.fx.GraphModule, *, autograd: bool) -> list[FoldDecision]:
+    """Decisions that are settled on the Dynamo graph, before any folding rule runs.
+
+    An autograd graph folds nothing; a BN in training mode or without running statistics is not an
+    inference BN at all, so the rules never see it.
+    """
+    decisions = []
+    for node in batch_norm_calls(gm):
+        if autograd:
+            reason = AUTOGRAD_REASON
+        elif _bn_arg(node, "running_mean") is None:
+            reason = "no running statistics (track_running_stats=False)"
+        elif _bn_arg(node, "training") is not False:
+            reason = "training mode"
+        else:
+            continue
+        decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=reason))
+    return decisions

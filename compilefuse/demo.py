@@ -25,11 +25,8 @@ def main() -> None:
         eager = model(x)
         reference = copy.deepcopy(model).double()(x.double())
 
-    record = compilefuse.last_record()
-    folded = sum(d.folded for d in record.decisions)
-    print(f"bnfuse folded {folded} of {len(record.decisions)} BatchNorms ({record.seconds * 1e3:.1f} ms in the fold pass):")
-    for decision in record.decisions:
-        print(f"  {decision}")
+    print(compilefuse.last_report())
+    print()
     scale = reference.abs().max().item()
     print(f"max |bnfuse - eager|   = {(out - eager).abs().max().item():.3e}")
     print(f"max rel. error vs fp64: bnfuse {(out.double() - reference).abs().max().item() / scale:.3e}, "

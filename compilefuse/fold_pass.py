@@ -34,6 +34,10 @@ class FoldRecord:
 
     decisions: list[FoldDecision] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    #: Inference BN ops in the graph before and after the fold rules ran, counted on the graph
+    #: itself (independently of the decisions, so the two can be checked against each other).
+    bn_ops_before: int = 0
+    bn_ops_after: int = 0
 
 
 @dataclasses.dataclass
@@ -85,6 +89,10 @@ def _lower(match: tp.Match) -> None:
     match.replace_by_example(replacement, args)
 
 
+def _count_bn_ops(graph: torch.fx.Graph) -> int:
+    return len(graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
+
+
 def _record_unmatched(ctx: _PassContext) -> None:
     """Every BN no rule matched is kept; say what produced its input."""
     for bn_op in ctx.graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP):
@@ -134,7 +142,9 @@ class BnFoldPass(tp.CustomGraphPass):
         ctx = _PassContext(graph, tp.frozen_placeholder_values(graph), self.enabled_rules, self.record)
         token = _ACTIVE.set(ctx)
         try:
+            self.record.bn_ops_before += _count_bn_ops(graph)
             fold.apply(graph)
+            self.record.bn_ops_after += _count_bn_ops(graph)
             _record_unmatched(ctx)
         finally:
             _ACTIVE.reset(token)

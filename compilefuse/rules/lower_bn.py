@@ -7,6 +7,7 @@ Inductor would have, so an unfolded BN costs what it costs today.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -21,9 +22,12 @@ TENSOR_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")
 
 def producer_description(source: object) -> str:
     """How a kept BN's input was produced, for the reason shown to the user."""
+    if isinstance(source, torch.fx.Node) and source.target is operator.getitem:
+        source = source.args[0]  # an output of a multi-output op, e.g. max_pool2d_with_indices
     if not isinstance(source, torch.fx.Node) or source.op != "call_function":
-        return "its input is a graph input, not a conv or linear output"
-    return f"unsupported producer {source.target}"
+        return "input is a graph input, not a conv or linear output"
+    name = str(source.target).removesuffix(".default")
+    return f"unsupported producer {name}"
 
 
 def decomposition(match: Match) -> tuple[Callable[..., torch.Tensor], list[torch.fx.Node]]:

@@ -1,0 +1,92 @@
+"""The fold report: one row per BatchNorm site, what bnfuse did with it and why."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .decisions import FoldDecision
+from .fold_pass import FoldRecord
+
+_COLUMNS = ("batchnorm", "status", "folded into", "rule / reason")
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """Rows are ``FoldDecision`` dataclasses, in program order within each compiled graph."""
+
+    rows: list[FoldDecision]
+    fold_seconds: float
+    graphs: int
+
+    @classmethod
+    def from_records(cls, records: Iterable[FoldRecord]) -> FoldReport:
+        records = list(records)
+        return cls(
+            rows=[d for r in records for d in r.decisions],
+            fold_seconds=sum(r.seconds for r in records),
+            graphs=len(records),
+        )
+
+    @property
+    def folded(self) -> int:
+        return sum(row.folded for row in self.rows)
+
+    @property
+    def total(self) -> int:
+        return len(self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [{**dataclasses.asdict(row), "status": row.status} for row in self.rows],
+            "folded": self.folded,
+            "total": self.total,
+            "fold_seconds": self.fold_seconds,
+            "graphs": self.graphs,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        cells = [_COLUMNS] + [
+            (
+                row.bn,
+                row.status,
+                f"{row.producer_kind} {row.producer}" if row.folded else "",
+                row.rule if row.folded else str(row.reason),
+            )
+            for row in self.rows
+        ]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(_COLUMNS[-1]))
+        graphs = f" in {self.graphs} graphs" if self.graphs != 1 else ""
+        lines.append(
+            f"folded {self.folded} of {self.total} BatchNorms{graphs}; "
+            f"{self.fold_seconds * 1e3:.1f} ms in the folding rules"
+        )
+        return "\n".join(line.rstrip() for line in lines)
+
+
+_COLLECTORS: list[list[FoldRecord]] = []
+
+
+def publish(record: FoldRecord) -> None:
+    """Hand a finished graph's record to every ``collecting()`` block that is open."""
+    for collector in _COLLECTORS:
+        collector.append(record)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[FoldRecord]]:
+    """Collect the records of every graph bnfuse compiles inside the block."""
+    records: list[FoldRecord] = []
+    _COLLECTORS.append(records)
+    try:
+        yield records
+    finally:
+        _COLLECTORS.remove(records)

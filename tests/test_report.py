@@ -1,0 +1,201 @@
+"""The fold report: golden text for each refusal reason, counts that agree with the compiled graph,
+graph breaks, logging, and the machine-readable forms."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import randomize_bn
+from torch import nn
+
+import compilefuse
+from compilefuse.models import SmallCNN
+
+
+class EveryReason(nn.Module):
+    """One BatchNorm for each way a site can end: folded by each rule, or kept for each reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(4)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.shared_bn = nn.BatchNorm2d(4)
+        self.relu_bn = nn.BatchNorm2d(4)
+        self.pool_bn = nn.BatchNorm2d(4)
+        self.train_bn = nn.BatchNorm2d(4)
+        self.untracked_bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.head = nn.Linear(4, 5)
+        self.head_bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        y = self.up_bn(self.up(self.bn(self.conv(x))))
+        s = self.shared(y)
+        y = self.shared_bn(s) + s
+        y = self.relu_bn(torch.relu(y))
+        y = self.pool_bn(F.max_pool2d(y, 2))
+        y = self.untracked_bn(self.train_bn(y))
+        return self.head_bn(self.head(y.mean((2, 3))))
+
+
+def every_reason() -> EveryReason:
+    model = randomize_bn(EveryReason().eval())
+    model.train_bn.train()
+    return model
+
+
+class StatsAsInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.linear = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x, mean, var):
+        y = F.batch_norm(self.conv(x), mean, var, training=False)
+        return self.bn(self.linear(y.mean((2, 3))))
+
+
+def text(report: compilefuse.FoldReport) -> str:
+    """The report without its timing, which differs run to run."""
+    return re.sub(r"[\d.]+ ms in the folding rules", "<t> ms in the folding rules", str(report))
+
+
+class TestReportText(expecttest.TestCase):
+    def test_report_names_every_reason(self):
+        report = compilefuse.explain(every_reason(), torch.randn(2, 3, 8, 8))
+        self.assertExpectedInline(text(report), """\
+batchnorm     status  folded into          rule / reason
+------------  ------  -------------------  -------------
+bn            folded  conv2d conv          conv_bn
+up_bn         folded  conv_transpose2d up  conv_transpose_bn
+shared_bn     kept                         output also used by add
+relu_bn       kept                         unsupported producer aten.relu
+pool_bn       kept                         unsupported producer prims._low_memory_max_pool_with_offsets
+train_bn      kept                         training mode
+untracked_bn  kept                         no running statistics (track_running_stats=False)
+head_bn       folded  linear head          linear_bn
+folded 3 of 8 BatchNorms; <t> ms in the folding rules""")
+
+    def test_report_for_autograd_graph(self):
+        model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+        with compilefuse.report.collecting() as records:
+            torch.compile(model, backend="bnfuse")(torch.randn(2, 3, 6, 6)).sum().backward()
+        self.assertExpectedInline(text(compilefuse.FoldReport.from_records(records)), """\
+batchnorm  status  folded into  rule / reason
+---------  ------  -----------  -------------
+1          kept                 autograd enabled (run under torch.inference_mode() to fold)
+folded 0 of 1 BatchNorms; <t> ms in the folding rules""")
+
+    def test_report_for_disabled_rule_and_statistics_given_as_inputs(self):
+        x, mean, var = torch.randn(2, 3, 6, 6), torch.zeros(4), torch.ones(4)
+        report = compilefuse.explain(StatsAsInputs().eval(), x, mean, var, options={"rules": ["conv_bn"]})
+        self.assertExpectedInline(text(report), """\
+batchnorm   status  folded into  rule / reason
+----------  ------  -----------  -------------
+batch_norm  kept                 running_mean is not a frozen parameter or buffer
+bn          kept                 rule linear_bn disabled by options
+folded 0 of 2 BatchNorms; <t> ms in the folding rules""")
+
+
+def assert_counts_agree_with_graph(report: compilefuse.FoldReport, records, not_inference: int = 0) -> None:
+    """Folded rows == BN ops the rules removed from the graph; kept rows == BN ops left, plus the
+    BNs that never were inference BN ops (training mode, no running statistics)."""
+    removed = sum(r.bn_ops_before - r.bn_ops_after for r in records)
+    left = sum(r.bn_ops_after for r in records)
+    assert report.folded == removed
+    assert report.total - report.folded == left + not_inference
+
+
+def explain_with_records(model, *inputs):
+    with compilefuse.report.collecting() as records:
+        report = compilefuse.explain(model, *inputs)
+    return report, records
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "not_inference"),
+    [(every_reason, (2, 3, 8, 8), 2), (lambda: randomize_bn(SmallCNN().eval()), (2, 3, 16, 16), 0)],
+    ids=["every_reason", "small_cnn"],
+)
+def test_report_counts_agree_with_compiled_graph(make, shape, not_inference):
+    report, records = explain_with_records(make(), torch.randn(*shape))
+    assert_counts_agree_with_graph(report, records, not_inference)
+
+
+@pytest.mark.slow
+def test_resnet18_report_folds_all_20_batchnorms():
+    report, records = explain_with_records(randomize_bn(torchvision.models.resnet18().eval()), torch.randn(1, 3, 32, 32))
+    assert (report.folded, report.total) == (20, 20), str(report)
+    assert_counts_agree_with_graph(report, records)
+
+
+@pytest.mark.slow
+def test_densenet121_report_folds_the_batchnorms_that_follow_a_conv():
+    """densenet121 has 121 BNs. 59 follow a conv: features.norm0 and norm2 of each of the 58 dense
+    layers. The other 62 normalise a concatenation (norm1 of every dense layer, the 3 transitions'
+    norm, the final norm5): there is no single producer to fold into. (The first layer of a block
+    concatenates a single tensor, which Inductor turns into a clone.)"""
+    model = randomize_bn(torchvision.models.densenet121().eval())
+    report, records = explain_with_records(model, torch.randn(1, 3, 32, 32))
+    assert (report.folded, report.total) == (59, 121), str(report)
+    assert_counts_agree_with_graph(report, records)
+    folded = {row.bn for row in report.rows if row.folded}
+    assert "features.norm0" in folded and "features.denseblock1.denselayer1.norm2" in folded
+    for row in report.rows:
+        if not row.folded:
+            producer = "aten.clone" if row.bn.endswith(".denselayer1.norm1") else "aten.cat"
+            assert row.reason == f"unsupported producer {producer}", row
+
+
+def test_one_report_covers_every_graph_of_a_model_with_graph_breaks():
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    report = compilefuse.explain(randomize_bn(Broken().eval()), torch.randn(1, 3, 8, 8))
+    assert report.graphs == 2
+    assert [(row.bn, row.folded) for row in report.rows] == [("a.1", True), ("b.1", True)]
+
+
+def test_report_option_logs_each_graph_and_last_report_returns_it(caplog):
+    model = randomize_bn(SmallCNN().eval())
+    with caplog.at_level(logging.INFO, logger="compilefuse"), torch.inference_mode():
+        torch.compile(model, backend="bnfuse", options={"report": True})(torch.randn(2, 3, 16, 16))
+    [message] = [r.getMessage() for r in caplog.records if r.name == "compilefuse" and r.levelno == logging.INFO]
+    assert message.startswith("bnfuse fold report:\nbatchnorm")
+    assert str(compilefuse.last_report()) in message
+    assert compilefuse.last_report().folded == 4
+
+
+def test_report_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="option 'report' must be True or False"):
+        compilefuse.BnfuseConfig.from_options({"report": "yes"})
+
+
+def test_report_to_dict_and_json():
+    report = compilefuse.explain(randomize_bn(SmallCNN().eval()), torch.randn(2, 3, 16, 16))
+    data = json.loads(report.to_json())
+    assert data == report.to_dict()
+    assert (data["folded"], data["total"], data["graphs"]) == (4, 5, 1)
+    assert data["rows"][0] == {
+        "bn": "stem.1", "folded": True, "rule": "conv_bn", "producer": "stem.0",
+        "producer_kind": "conv2d", "reason": None, "status": "folded",
+    }
+    assert {type(row) for row in report.rows} == {compilefuse.FoldDecision}
