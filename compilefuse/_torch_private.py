@@ -7,8 +7,10 @@ pattern-matcher vocabulary and the compiler entry points from here, never from t
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,7 +99,7 @@ def compile_with_inductor(
     )
 
 
-def _is_module_state(node: torch.fx.Node) -> bool:
+def is_module_state(node: torch.fx.Node) -> bool:
     """A placeholder that Dynamo lifted from a module's parameters or buffers."""
     source = getattr(node, "_dynamo_source", None)
     return source is not None and is_from_unspecialized_param_buffer_source(source)
@@ -128,7 +130,7 @@ def lift_module_state(
     kept: list[int] = []
     placeholders = list(graph.find_nodes(op="placeholder"))
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        if not (isinstance(value, torch.Tensor) and _is_module_state(node)):
+        if not (isinstance(value, torch.Tensor) and is_module_state(node)):
             kept.append(index)
             continue
         name = f"_bnfuse_state_{index}"
@@ -205,3 +207,55 @@ def compile_time_error(message: str) -> Exception:
 def real_tensor_math() -> Any:
     """Context for eager math on real tensors inside a pass that runs under a fake-tensor mode."""
     return torch.utils._python_dispatch._disable_current_modes()
+
+
+def current_fake_mode() -> Any:
+    """The fake-tensor mode of the Dynamo compile in progress (None outside one)."""
+    context = torch._guards.TracingContext.try_get()
+    return None if context is None else context.fake_mode
+
+
+def recompile_context(fake_mode: Any) -> Any:
+    """Context for compiling a Dynamo graph again, after Dynamo is done with it.
+
+    AOTAutograd and freezing read the parameters from the tracing context; the graph's symbolic
+    sizes live in the shape environment of Dynamo's fake mode, so the same mode is reused.
+    """
+    return torch._guards.tracing(torch._guards.TracingContext(fake_mode))
+
+
+def is_dynamo_control_flow(error: BaseException) -> bool:
+    """Exceptions Dynamo uses to restart or redirect a compile: they must pass through a backend."""
+    return isinstance(error, torch._dynamo.exc.TorchDynamoException)
+
+
+@contextlib.contextmanager
+def loaded_code_modules() -> Iterator[list[Any]]:
+    """Collect the generated-code modules Inductor loads inside the block."""
+    from torch._inductor.codecache import PyCodeCache
+
+    before = len(PyCodeCache.modules)
+    loaded: list[Any] = []
+    try:
+        yield loaded
+    finally:
+        loaded.extend(PyCodeCache.modules[before:])
+
+
+def release_code_modules(modules: Sequence[Any]) -> None:
+    """Drop Inductor's cache references to generated-code modules no longer used.
+
+    Inductor keeps every module it loads (in its cache and in ``sys.modules``) for the life of the
+    process, and a frozen graph's module holds the graph's constants: without this, each recompile of a frozen graph keeps the old
+    weights alive. Compiled callables hold their own module, so only dead graphs are freed.
+    """
+    from torch._inductor.codecache import PyCodeCache
+
+    dead = {id(m) for m in modules}
+    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in dead]
+    for key, module in list(PyCodeCache.modules_no_attr.items()):
+        if id(module) in dead:
+            del PyCodeCache.modules_no_attr[key]
+    for module in modules:  # Inductor also registers them in sys.modules
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ OPTION_DOCS: dict[str, str] = {
     "rules": f"iterable of folding rule ids to enable (default: all of {', '.join(RULE_IDS)})",
     "inductor": "dict of extra torch._inductor.config settings for the compile",
     "report": "bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger",
+    "strict": "bool: raise when folding fails instead of falling back to plain Inductor "
+    "(default: the COMPILEFUSE_STRICT environment variable, else False)",
 }
 
 
@@ -22,6 +25,7 @@ class BnfuseConfig:
     rules: frozenset[str] = frozenset(RULE_IDS)
     inductor_patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     report: bool = False
+    strict: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BnfuseConfig:
@@ -34,6 +38,7 @@ class BnfuseConfig:
             rules=_rules(options.get("rules", RULE_IDS)),
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
             report=_bool("report", options.get("report", False)),
+            strict=_bool("strict", options.get("strict", os.environ.get("COMPILEFUSE_STRICT", "") == "1")),
         )
 
 

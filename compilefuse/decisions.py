@@ -48,10 +48,17 @@ def module_path(node: torch.fx.Node) -> str:
     return source_fn[-1][0] if source_fn else node.name
 
 
+def source_path(placeholder: torch.fx.Node) -> str:
+    """The user's name for a Dynamo graph input, e.g. ``layer1.0.bn1.running_var``."""
+    source = getattr(placeholder, "_dynamo_source", None)
+    return _clean_dynamo_path(source.name) if source is not None else placeholder.name
+
+
 def _clean_dynamo_path(path: str) -> str:
     """``L['self'].layer1[0].bn1`` / ``L['self']._modules['bn']`` -> ``layer1.0.bn1`` / ``bn``."""
     path = re.sub(r"^[LG]\['[^']*'\]", "", path)
-    path = path.replace("._modules['", ".").replace("['", ".").replace("']", "")
+    path = re.sub(r"\._(modules|parameters|buffers)\['", ".", path)
+    path = path.replace("['", ".").replace("']", "")
     path = path.replace("[", ".").replace("]", "")
     return path.strip(".") or "<root>"
 
@@ -70,21 +77,25 @@ def batch_norm_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return list(gm.graph.find_nodes(op="call_function", target=torch.nn.functional.batch_norm))
 
 
-def traced_decisions(gm: torch.fx.GraphModule, *, autograd: bool) -> list[FoldDecision]:
+def traced_decisions(gm: torch.fx.GraphModule, *, autograd: bool, reason: str | None = None) -> list[FoldDecision]:
     """Decisions that are settled on the Dynamo graph, before any folding rule runs.
 
     An autograd graph folds nothing; a BN in training mode or without running statistics is not an
-    inference BN at all, so the rules never see it.
+    inference BN at all, so the rules never see it. With ``reason``, every BN is kept for it.
     """
     decisions = []
     for node in batch_norm_calls(gm):
-        if autograd:
-            reason = AUTOGRAD_REASON
-        elif _bn_arg(node, "running_mean") is None:
-            reason = "no running statistics (track_running_stats=False)"
-        elif _bn_arg(node, "training") is not False:
-            reason = "training mode"
-        else:
-            continue
-        decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=reason))
+        why = reason or _traced_reason(node, autograd)
+        if why is not None:
+            decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=why))
     return decisions
+
+
+def _traced_reason(node: torch.fx.Node, autograd: bool) -> str | None:
+    if autograd:
+        return AUTOGRAD_REASON
+    if _bn_arg(node, "running_mean") is None:
+        return "no running statistics (track_running_stats=False)"
+    if _bn_arg(node, "training") is not False:
+        return "training mode"
+    return None

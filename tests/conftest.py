@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import pytest
@@ -20,6 +21,9 @@ DEVICES = [
     ),
 ]
 
+
+# The suite runs strict: a folding failure raises instead of falling back to plain Inductor.
+os.environ["COMPILEFUSE_STRICT"] = "1"
 
 # Exactness is the point of these tests: no TF32 in CUDA convolutions and matmuls (cuDNN's default).
 torch.backends.cudnn.allow_tf32 = False

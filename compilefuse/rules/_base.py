@@ -92,6 +92,9 @@ def refusal_reason(site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]) -> s
     if not isinstance(site.eps, (int, float)):
         return "eps is not a compile-time number"
     for name, node in tensors.items():
+        if node is not None and frozen[node].is_meta:
+            return f"{name} is on the meta device: no values to fold"
+    for name, node in tensors.items():
         if node is not None and not _is_real_floating(frozen[node]):
             return f"{name} has dtype {frozen[node].dtype}, only real floating point is folded"
     return None

@@ -1,0 +1,82 @@
+"""A failing rewrite never breaks the model; bad input passes through; many threads at once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+from conftest import float64_reference, randomize_bn, relative_error, run_bnfuse
+from torch import nn
+
+import compilefuse
+from compilefuse.rules import conv_bn
+
+
+def conv_bn_model() -> nn.Module:
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval())
+
+
+@pytest.fixture
+def broken_conv_bn_rule(monkeypatch):
+    def explode(self, weight, scale, site):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(conv_bn.ConvBnRule, "scale_weight", explode)
+
+
+def test_failing_rule_falls_back_to_plain_inductor_and_warns(broken_conv_bn_rule, caplog, monkeypatch):
+    from compilefuse import backend
+
+    monkeypatch.setattr(backend, "_fallback_warned", False)
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    with caplog.at_level(logging.WARNING, logger="compilefuse"):
+        result = run_bnfuse(model, x, options={"strict": False})
+    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    [decision] = result.decisions
+    assert not decision.folded and decision.reason == "bnfuse failed, compiled by plain Inductor: RuntimeError"
+    [message] = [r.getMessage() for r in caplog.records if r.name == "compilefuse"]
+    assert "planted failure" in message and "strict" in message
+
+
+def test_strict_raises_the_rule_failure(broken_conv_bn_rule):
+    with pytest.raises(Exception, match="planted failure"):
+        run_bnfuse(conv_bn_model(), torch.randn(2, 3, 6, 6), options={"strict": True})
+
+
+def test_meta_device_model_passes_through_unfolded():
+    model = conv_bn_model().to("meta")
+    result = run_bnfuse(model, torch.randn(2, 3, 6, 6, device="meta"))
+    assert result.outputs.device.type == "meta" and result.outputs.shape == (2, 8, 4, 4)
+    assert result.decisions and not result.folded  # kept: Inductor's matcher does not match meta nodes
+
+
+def test_eight_threads_calling_at_once_match_eager_and_compile_once():
+    model = conv_bn_model()
+    compiled = torch.compile(model, backend="bnfuse")
+    inputs = [torch.randn(2, 3, 6, 6) for _ in range(8)]
+    outputs: list[torch.Tensor | None] = [None] * 8
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+    before = len(compilefuse.RECORDS)
+
+    def worker(i: int) -> None:
+        try:
+            start.wait()
+            with torch.inference_mode():
+                for _ in range(5):
+                    outputs[i] = compiled(inputs[i])
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(compilefuse.RECORDS) - before == 1, "compiled more than once"
+    with torch.inference_mode():
+        for x, out in zip(inputs, outputs, strict=True):
+            torch.testing.assert_close(out, model(x))

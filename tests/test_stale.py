@@ -1,0 +1,127 @@
+"""Never stale: when a frozen tensor changes after compilation, the next call refolds and answers
+what eager answers."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+
+import torch
+from conftest import float64_reference, randomize_bn, relative_error
+from torch import nn
+
+import compilefuse
+
+
+def conv_bn_model() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    return randomize_bn(model.eval())
+
+
+def assert_like_eager(compiled, model, x) -> None:
+    with torch.inference_mode():
+        out = compiled(x)
+    assert relative_error(out, float64_reference(model, x)) < 1e-5
+
+
+def compiled_and_checked(model, x, **kwargs):
+    compiled = torch.compile(model, backend="bnfuse", **kwargs)
+    assert_like_eager(compiled, model, x)
+    return compiled
+
+
+def test_in_place_update_of_bn_statistics_refolds(caplog):
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = compiled_and_checked(model, x)
+    before = len(compilefuse.RECORDS)
+    with torch.no_grad():
+        model[1].running_mean.add_(3.0)
+    with caplog.at_level(logging.WARNING, logger="compilefuse"):
+        assert_like_eager(compiled, model, x)
+        assert_like_eager(compiled, model, x)  # the refold happens once
+    assert len(compilefuse.RECORDS) == before + 1
+    [message] = [r.getMessage() for r in caplog.records if r.name == "compilefuse"]
+    assert "1.running_mean modified in place" in message
+
+
+def test_load_state_dict_refolds():
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = compiled_and_checked(model, x)
+    model.load_state_dict(randomize_bn(conv_bn_model()).state_dict())
+    assert_like_eager(compiled, model, x)
+
+
+def test_replaced_parameter_refolds():
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = compiled_and_checked(model, x)
+    model[0].weight = nn.Parameter(torch.randn_like(model[0].weight))
+    assert_like_eager(compiled, model, x)
+
+
+def test_changed_dtype_is_answered_in_the_new_dtype():
+    """Inductor's freezing cannot compile float64 convolutions once it has compiled a float32 one
+    in the process (oneDNN prepacking): bnfuse falls back to plain Inductor for that graph."""
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = compiled_and_checked(model, x, options={"strict": False})
+    model.double()
+    with torch.inference_mode():
+        out = compiled(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, float64_reference(model, x))
+
+
+def test_dynamic_batch_refolds_and_stays_dynamic():
+    model = conv_bn_model()
+    compiled = compiled_and_checked(model, torch.randn(2, 3, 6, 6), dynamic=True)
+    with torch.no_grad():
+        model[4].weight.mul_(2.0)
+    for batch in (3, 5):
+        assert_like_eager(compiled, model, torch.randn(batch, 3, 6, 6))
+
+
+def test_train_eval_loop_matches_eager_each_time():
+    model, x = conv_bn_model(), torch.randn(4, 3, 6, 6)
+    eager_model = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager_model)]
+    for step in range(2):
+        for m in (model, eager_model):
+            m.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), eager_model(x), msg=f"eval {step}")
+        for m, optimizer, fn in zip((model, eager_model), optimizers, (compiled, eager_model), strict=True):
+            m.train()
+            optimizer.zero_grad()
+            fn(x).square().mean().backward()
+            optimizer.step()
+        torch.testing.assert_close(model[1].running_var, eager_model[1].running_var)
+    model.eval(), eager_model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), eager_model(x), msg="final eval")
+
+
+def test_refolding_20_times_does_not_grow_memory():
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = compiled_and_checked(model, x)
+
+    def refold() -> None:
+        with torch.no_grad():
+            model[1].running_var.add_(0.01)
+        assert_like_eager(compiled, model, x)
+
+    def live_tensor_bytes() -> int:
+        """Bytes of the real (not fake, not meta) tensors Python can reach."""
+        gc.collect()
+        return sum(
+            o.numel() * o.element_size()
+            for o in gc.get_objects()
+            if type(o) in (torch.Tensor, nn.Parameter) and o.device.type != "meta"
+        )
+
+    refold()
+    after_one = live_tensor_bytes()
+    for _ in range(19):
+        refold()
+    after_twenty = live_tensor_bytes()
+    assert after_twenty <= after_one, (after_one, after_twenty)
