@@ -58,12 +58,11 @@ class Compiled:
 
 def run_bnfuse(model: nn.Module, *inputs: torch.Tensor, calls: int = 1, **compile_kwargs) -> Compiled:
     """Compile ``model`` with bnfuse, call it under inference_mode, and collect its fold records."""
-    before = len(compilefuse.RECORDS)
     compiled = torch.compile(model, backend="bnfuse", **compile_kwargs)
-    with torch.inference_mode():
+    with compilefuse.report.collecting() as records, torch.inference_mode():
         for _ in range(calls):
             outputs = compiled(*inputs)
-    return Compiled(outputs, list(compilefuse.RECORDS)[before:])
+    return Compiled(outputs, records)
 
 
 def float64_reference(model: nn.Module, *inputs: torch.Tensor):

@@ -92,14 +92,13 @@ def test_autograd_graph_is_not_folded_and_gradients_match_eager(caplog):
     model = small_cnn()
     eager_model = copy.deepcopy(model)
     x = torch.randn(2, 3, 6, 6)
-    before = len(compilefuse.RECORDS)
-    with caplog.at_level(logging.WARNING, logger="compilefuse"):
+    with caplog.at_level(logging.WARNING, logger="compilefuse"), compilefuse.report.collecting() as records:
         compiled = torch.compile(model, backend="bnfuse")
         compiled(x).square().sum().backward()
         compiled(x + 1).square().sum().backward()
     eager_model(x).square().sum().backward()
     eager_model(x + 1).square().sum().backward()
-    records = list(compilefuse.RECORDS)[before:]  # no fold pass ran: every BN kept, with the reason
+    # no fold pass ran: every BN kept, with the reason
     assert [d.reason for r in records for d in r.decisions] == [compilefuse.decisions.AUTOGRAD_REASON] * 2
     for (name, p), q in zip(model.named_parameters(), eager_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
@@ -120,9 +119,9 @@ def test_autograd_message_is_logged(caplog, monkeypatch):
 def test_model_without_grad_folds_even_with_grad_mode_enabled():
     model = small_cnn().requires_grad_(False)
     x = torch.randn(2, 3, 6, 6)
-    before = len(compilefuse.RECORDS)
-    out = torch.compile(model, backend="bnfuse")(x)  # grad mode is on
-    [record] = list(compilefuse.RECORDS)[before:]
+    with compilefuse.report.collecting() as records:
+        out = torch.compile(model, backend="bnfuse")(x)  # grad mode is on
+    [record] = records
     assert [d.folded for d in record.decisions] == [True, True]
     assert relative_error(out, float64_reference(model, x)) < 1e-5
 
@@ -131,14 +130,12 @@ def test_model_without_grad_folds_even_with_grad_mode_enabled():
 def test_dynamic_batch_folds_once_and_stays_exact(how):
     model = small_cnn()
     compiled = torch.compile(model, backend="bnfuse", dynamic=(how == "dynamic=True") or None)
-    before = len(compilefuse.RECORDS)
-    with torch.inference_mode():
+    with compilefuse.report.collecting() as records, torch.inference_mode():
         for batch in (2, 5, 3):
             x = torch.randn(batch, 3, 6, 6)
             if how == "mark_dynamic":
                 torch._dynamo.mark_dynamic(x, 0)
             assert relative_error(compiled(x), float64_reference(model, x)) < 1e-5
-    records = list(compilefuse.RECORDS)[before:]
     assert len(records) == 1, "recompiled for a new batch size"
     assert [d.folded for d in records[0].decisions] == [True, True]
 

@@ -199,3 +199,12 @@ def test_report_to_dict_and_json():
         "producer_kind": "conv2d", "reason": None, "status": "folded",
     }
     assert {type(row) for row in report.rows} == {compilefuse.FoldDecision}
+
+
+def test_collecting_sees_new_records_when_the_recent_records_are_full():
+    """Found by the fuzz test: counting new records by the length of the bounded RECORDS deque
+    stops working once it is full (64 graphs); collecting() does not."""
+    for _ in range(compilefuse.RECORDS.maxlen):
+        compilefuse.RECORDS.append(compilefuse.FoldRecord())
+    report = compilefuse.explain(randomize_bn(SmallCNN().eval()), torch.randn(2, 3, 16, 16))
+    assert report.total == 5
