@@ -59,6 +59,31 @@ def scale_transposed_output_channels(
     return (blocks * view).reshape(weight.shape)
 
 
+def input_channel_view(weight: torch.Tensor, per_input: torch.Tensor, groups: int) -> torch.Tensor:
+    """``per_input`` (one value per input channel) laid out like a conv / linear weight
+    (out_channels, in_channels / groups, ...): entry ``[o, j]`` is input channel
+    ``(o // out_per_group) * in_per_group + j``, the one that weight column reads."""
+    out_channels, in_per_group = weight.shape[:2]
+    view = per_input.reshape(groups, 1, in_per_group).expand(groups, out_channels // groups, in_per_group)
+    return view.reshape(out_channels, in_per_group, *([1] * (weight.dim() - 2)))
+
+
+def fold_into_input_channels(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``x * scale + shift`` applied to the *input* of a conv (no zero padding) or linear:
+
+        W'[o, j] = W[o, j] * scale[in(o, j)]
+        b'[o]    = b[o] + sum_{j, k} W[o, j, k] * shift[in(o, j)]
+
+    exact because every output sums every weight tap over real (never padded) inputs.
+    """
+    weight64 = weight.to(FOLD_DTYPE)
+    folded_weight = weight64 * input_channel_view(weight, scale, groups)
+    through = (weight64 * input_channel_view(weight, shift, groups)).flatten(1).sum(1)
+    return folded_weight, through if bias is None else bias.to(FOLD_DTYPE) + through
+
+
 def fold_bias(
     bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
@@ -68,8 +93,9 @@ def fold_bias(
     return bias.to(FOLD_DTYPE) * scale + shift
 
 
-def cast_like(folded: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Round a float64 result once to ``original``'s dtype, keeping its device and memory layout."""
-    out = torch.empty_like(original)
+def cast_like(folded: torch.Tensor, original: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Round a float64 result once to ``dtype`` (default ``original``'s), keeping ``original``'s
+    device and memory layout."""
+    out = torch.empty_like(original, dtype=dtype)
     out.copy_(folded)
     return out

@@ -46,12 +46,17 @@ class _PassContext:
     frozen: dict[torch.fx.Node, torch.Tensor]
     enabled: frozenset[str]
     record: FoldRecord
-    decided: set[torch.fx.Node] = dataclasses.field(default_factory=set)
+    folded: set[torch.fx.Node] = dataclasses.field(default_factory=set)
+    #: The first reason each BN was refused for; reported only if no rule folds it in the end.
+    refused: dict[torch.fx.Node, FoldDecision] = dataclasses.field(default_factory=dict)
     constants: Iterator[int] = dataclasses.field(default_factory=itertools.count)
 
-    def decide(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
-        self.decided.add(bn)
+    def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
+        self.folded.add(bn)
         self.record.decisions.append(decision)
+
+    def refuse(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
+        self.refused.setdefault(bn, decision)
 
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
         gm = self.graph.owning_module
@@ -61,6 +66,7 @@ class _PassContext:
         with self.graph.inserting_before(like):
             node = self.graph.get_attr(name)
         node.meta["val"] = tp.fake_tensor_of(like, value)
+        self.frozen[node] = value  # a folded op can fold again (conv -> BN -> BN)
         return node
 
 
@@ -69,19 +75,36 @@ _ACTIVE: contextvars.ContextVar[_PassContext] = contextvars.ContextVar("bnfuse_p
 
 def _fold(match: tp.Match, rule: FoldRule) -> None:
     ctx = _ACTIVE.get()
-    site = base.BnSite.from_match(match, rule.producer_targets)
-    if rule.id not in ctx.enabled:
-        ctx.decide(site.bn, base.decision(rule, site, f"rule {rule.id} disabled by options"))
+    site = rule.site(match)
+    if not base.recognised(site, ctx.frozen):
         return
-    reason = base.refusal_reason(site, ctx.frozen)
+    if rule.id not in ctx.enabled:
+        ctx.refuse(site.bn, base.decision(rule, site, f"rule {rule.id} disabled by options"))
+        return
+    reason = base.refusal_reason(rule, site, ctx.frozen)
     with tp.real_tensor_math():
         folded = reason or base.folded_constants(rule, site, ctx.frozen)
     if isinstance(folded, str):
-        ctx.decide(site.bn, base.decision(rule, site, folded))
+        ctx.refuse(site.bn, base.decision(rule, site, folded))
         return
     weight, bias = (ctx.add_constant(value, like=site.producer) for value in folded)
-    match.replace_by_example(rule.replacement(site), [site.input, weight, bias])
-    ctx.decide(site.bn, base.decision(rule, site, None))
+    data = site.input
+    if site.before is not None:  # the op now reads what the BN normalised, moved the same way
+        site.bn.replace_all_uses_with(site.bn_input)
+        data = site.bn_input if data is site.bn else data
+    match.replace_by_example(rule.replacement(site), [data, weight, bias])
+    if site.before is not None:
+        _erase_unused(site.bn)
+    ctx.fold(site.bn, base.decision(rule, site, None))
+
+
+def _erase_unused(bn: torch.fx.Node) -> None:
+    """Remove a BN folded into the op after it (its output and the BN op itself)."""
+    bn_op = bn.args[0]
+    graph = bn.graph
+    graph.erase_node(bn)
+    if not bn_op.users:
+        graph.erase_node(bn_op)
 
 
 def _lower(match: tp.Match) -> None:
@@ -93,13 +116,18 @@ def _count_bn_ops(graph: torch.fx.Graph) -> int:
     return len(graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
 
 
-def _record_unmatched(ctx: _PassContext) -> None:
-    """Every BN no rule matched is kept; say what produced its input."""
+def _record_kept(ctx: _PassContext) -> None:
+    """Every BN left in the graph is kept: for the first reason a rule refused it, or, if no rule
+    matched it, for what produced its input."""
+    for bn, decision in ctx.refused.items():
+        if bn not in ctx.folded:
+            ctx.record.decisions.append(decision)
     for bn_op in ctx.graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP):
-        if bn_op.users and ctx.decided.isdisjoint(bn_op.users):
+        users = set(bn_op.users)
+        if users and users.isdisjoint(ctx.refused) and users.isdisjoint(ctx.folded):
             bn = next(iter(bn_op.users))
             reason = lower_bn.producer_description(bn_op.args[0])
-            ctx.decide(bn, FoldDecision(bn=module_path(bn), folded=False, reason=reason))
+            ctx.record.decisions.append(FoldDecision(bn=module_path(bn), folded=False, reason=reason))
 
 
 def _handler(fn: Callable[[tp.Match], None]) -> Callable[..., None]:
@@ -112,16 +140,28 @@ def _handler(fn: Callable[[tp.Match], None]) -> Callable[..., None]:
 
 
 @functools.cache
-def _pattern_passes() -> tuple[tp.PatternMatcherPass, tp.PatternMatcherPass]:
-    """Register the patterns once, on first use (never at import: it is not free)."""
-    fold, lower = tp.PatternMatcherPass(), tp.PatternMatcherPass()
+def _pattern_passes() -> tuple[tp.PatternMatcherPass, tp.PatternMatcherPass, tp.PatternMatcherPass]:
+    """Register the patterns once, on first use (never at import: it is not free): the rules
+    folding a BN into the op after it, those folding into the op before it, and the lowering."""
+    after, before, lower = tp.PatternMatcherPass(), tp.PatternMatcherPass(), tp.PatternMatcherPass()
     for rule in RULES:
         for pattern in rule.patterns:
-            tp.register_graph_pattern(pattern, extra_check=rule.applies, pass_dict=fold)(
-                _handler(functools.partial(_fold, rule=rule))
-            )
+            tp.register_graph_pattern(
+                pattern, extra_check=rule.applies, pass_dict=before if rule.position == "before" else after
+            )(_handler(functools.partial(_fold, rule=rule)))
     tp.register_graph_pattern(lower_bn.PATTERN, pass_dict=lower)(_handler(_lower))
-    return fold, lower
+    return after, before, lower
+
+
+def _fold_to_fixed_point(ctx: _PassContext, passes: tuple[tp.PatternMatcherPass, ...]) -> None:
+    """Apply the rules until nothing more folds: a fold can make another site foldable (conv ->
+    BN -> BN: the second BN follows a conv only once the first is folded into it)."""
+    while True:
+        before = len(ctx.folded)
+        for fold in passes:
+            fold.apply(ctx.graph)
+        if len(ctx.folded) == before:
+            return
 
 
 def _source_hash(extra: str = "") -> bytes:
@@ -138,14 +178,14 @@ class BnFoldPass(tp.CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
-        fold, _ = _pattern_passes()
+        after, before, _ = _pattern_passes()
         ctx = _PassContext(graph, tp.frozen_placeholder_values(graph), self.enabled_rules, self.record)
         token = _ACTIVE.set(ctx)
         try:
             self.record.bn_ops_before += _count_bn_ops(graph)
-            fold.apply(graph)
+            _fold_to_fixed_point(ctx, (after, before))
             self.record.bn_ops_after += _count_bn_ops(graph)
-            _record_unmatched(ctx)
+            _record_kept(ctx)
         finally:
             _ACTIVE.reset(token)
             self.record.seconds += time.perf_counter() - start
@@ -163,7 +203,7 @@ class BnLowerPass(tp.CustomGraphPass):
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        _, lower = _pattern_passes()
+        *_, lower = _pattern_passes()
         lower.apply(graph)
 
     def uuid(self) -> bytes:

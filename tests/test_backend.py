@@ -50,7 +50,7 @@ def test_backend_name_works_in_a_fresh_process_without_importing_compilefuse():
     [
         ({"report_everything": True}, r"unknown option\(s\) \['report_everything'\].*'rules'.*'inductor'"),
         ({"rules": "conv_bn"}, "must be an iterable of rule ids"),
-        ({"rules": ["conv_bn", "bn_conv"]}, r"unknown rule id\(s\) \['bn_conv'\].*'conv_transpose_bn'"),
+        ({"rules": ["conv_bn", "bn_relu"]}, r"unknown rule id\(s\) \['bn_relu'\].*'bn_conv'"),
         ({"inductor": {"no_such_setting": 1}}, "unknown Inductor config"),
         ({"inductor": {"freezing": False}}, "bnfuse controls them"),
     ],

@@ -1,9 +1,10 @@
-"""What every folding rule shares: the BN pattern, the site it matches, the safety checks, and the
-rewrite into frozen constants.
+"""What every folding rule shares: the patterns of a BatchNorm, the site a match describes, the
+safety checks, and the rewrite into frozen constants.
 
-A rule only says which producer op it matches, how to scale that op's weight, and how to rebuild
-the op around the folded constants. Everything that decides *whether* a fold is exact lives here,
-once, so it cannot drift between rules.
+A rule says which op it folds into, on which side of it the BN sits, how the BN's per-channel
+scale and shift enter that op's weight and bias, and how to rebuild the op. Everything that
+decides *whether* a fold is exact and common to all rules lives here, once, so it cannot drift
+between rules; a rule adds only the conditions of its own op (``FoldRule.refusal``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, CallFunction, KeywordArg, Match
+from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match
 from ..decisions import FoldDecision, module_path
+from . import _channel_local, _constants
+
+aten = torch.ops.aten
 
 BN_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var", "momentum", "eps")
+BN_TENSORS = ("bn_weight", "bn_bias", "running_mean", "running_var")
 
 
 def bn_of(producer: Any) -> Any:
@@ -29,96 +34,209 @@ def bn_of(producer: Any) -> Any:
     return CallFunction(operator.getitem, bn, 0)
 
 
+def affine_of(producer: Any) -> tuple[Any, ...]:
+    """Patterns: ``producer * scale + shift`` in every argument order (``FrozenBatchNorm2d``)."""
+    scale, shift = KeywordArg("affine_scale"), KeywordArg("affine_shift")
+    products = (
+        CallFunction(aten.mul.Tensor, producer, scale, _users=MULTIPLE),
+        CallFunction(aten.mul.Tensor, scale, producer, _users=MULTIPLE),
+    )
+    return tuple(
+        CallFunction(aten.add.Tensor, *operands)
+        for product in products
+        for operands in ((product, shift), (shift, product))
+    )
+
+
 @dataclasses.dataclass
-class BnSite:
-    """A BatchNorm matched on the output of a producer op (conv / linear)."""
+class BatchNormStats:
+    """An inference BN op: scale and shift from its running statistics and affine parameters."""
 
-    bn: torch.fx.Node
-    producer: torch.fx.Node
-    input: torch.fx.Node
-    weight: torch.fx.Node
-    bias: torch.fx.Node | None
-    bn_tensors: dict[str, torch.fx.Node | None]
+    tensors: dict[str, torch.fx.Node | None]
     eps: Any
-    args: dict[str, Any]  # the matched producer hyper-parameters (stride, groups, ...)
 
-    @classmethod
-    def from_match(cls, match: Match, producer_targets: tuple[Any, ...]) -> BnSite:
-        kw = match.kwargs
-        producer = next(n for n in match.nodes if n.target in producer_targets)
-        return cls(
-            bn=match.output_node(),
-            producer=producer,
-            input=kw["input"],
-            weight=kw["weight"],
-            bias=kw.get("bias"),
-            bn_tensors={k: kw[k] for k in ("bn_weight", "bn_bias", "running_mean", "running_var")},
-            eps=kw["eps"],
-            args=kw,
+    def inputs(self, frozen: dict[torch.fx.Node, torch.Tensor]) -> dict[str, torch.fx.Node | None]:
+        return dict(self.tensors)
+
+    def check(self) -> str | None:
+        return None if isinstance(self.eps, (int, float)) else "eps is not a compile-time number"
+
+    def scale_shift(self, frozen: dict[torch.fx.Node, torch.Tensor], output: torch.Tensor):
+        value = {k: None if v is None else frozen[v] for k, v in self.tensors.items()}
+        return fold_math.bn_scale_shift(
+            value["running_mean"], value["running_var"], value["bn_weight"], value["bn_bias"], float(self.eps)
         )
 
 
+@dataclasses.dataclass
+class FrozenAffine:
+    """``x * scale + shift`` with scale and shift computed from frozen tensors in ``forward``."""
+
+    scale: Any
+    shift: Any
+
+    def inputs(self, frozen: dict[torch.fx.Node, torch.Tensor]) -> dict[str, torch.fx.Node | None]:
+        leaves = [*(_constants.expression_leaves(self.scale, frozen) or []),
+                  *(_constants.expression_leaves(self.shift, frozen) or [])]
+        return {f"affine input {leaf.name}": leaf for leaf in leaves}
+
+    def check(self) -> str | None:
+        return None
+
+    def recognised(self, output: torch.fx.Node, frozen: dict[torch.fx.Node, torch.Tensor]) -> bool:
+        """Whether this mul-add is a frozen per-channel affine map at all (if not, it is none of
+        bnfuse's business and gets no report row)."""
+        for operand in (self.scale, self.shift):
+            if _constants.expression_leaves(operand, frozen) is None:
+                return False
+            shape = operand.meta["val"].shape if isinstance(operand, torch.fx.Node) else ()
+            if not _constants.is_per_channel(shape, output.meta["val"].shape):
+                return False
+        return True
+
+    def scale_shift(self, frozen: dict[torch.fx.Node, torch.Tensor], output: torch.Tensor):
+        scale = _constants.per_channel(_constants.evaluate_float64(self.scale, frozen), output)
+        shift = _constants.per_channel(_constants.evaluate_float64(self.shift, frozen), output)
+        return scale, shift
+
+
+@dataclasses.dataclass
+class BnSite:
+    """A BatchNorm (or frozen per-channel affine) next to the op it can fold into."""
+
+    bn: torch.fx.Node  # the node whose value the fold replaces (or, before the op, removes)
+    producer: torch.fx.Node  # the conv / linear the BN folds into
+    input: torch.fx.Node  # the op's data input, as the folded op will read it
+    weight: torch.fx.Node
+    bias: torch.fx.Node | None
+    norm: BatchNormStats | FrozenAffine
+    args: dict[str, Any]  # the matched hyper-parameters of the op (stride, groups, ...)
+    #: Nodes the fold removes; any use of them outside the site makes the fold inexact.
+    private: list[torch.fx.Node]
+    #: The nodes that may read the private ones.
+    readers: set[torch.fx.Node]
+    before: _channel_local.BnBefore | None = None
+
+    @classmethod
+    def on_output(cls, match: Match, producer_targets: tuple[Any, ...]) -> BnSite:
+        """A BN (or frozen affine) applied to the output of the matched producer."""
+        kw = match.kwargs
+        producer = next(n for n in match.nodes if n.target in producer_targets)
+        output = match.output_node()
+        if "running_mean" in kw:
+            norm: BatchNormStats | FrozenAffine = BatchNormStats({k: kw[k] for k in BN_TENSORS}, kw["eps"])
+            private, readers = [producer], {output.args[0]}
+        else:
+            norm = FrozenAffine(kw["affine_scale"], kw["affine_shift"])
+            product = next(n for n in match.nodes if n.target is aten.mul.Tensor)
+            private, readers = [producer, product], {product, output}
+        return cls(output, producer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, private, readers)
+
+    @classmethod
+    def on_input(cls, match: Match, consumer_targets: tuple[Any, ...]) -> BnSite:
+        """A BN whose output the matched op reads, possibly through channel-local moves."""
+        kw = match.kwargs
+        consumer = next(n for n in match.nodes if n.target in consumer_targets)
+        before = _channel_local.bn_before(kw["input"])
+        assert before is not None, "the rule's applies() checked it"
+        bn_op = before.bn.args[0]
+        bn_kw = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
+        norm = BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"])
+        private = [before.bn, *before.moves]
+        return cls(
+            before.bn, consumer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, private,
+            readers={*private, consumer}, before=before,
+        )
+
+    @property
+    def bn_input(self) -> torch.fx.Node:
+        """For a BN before the op: what the BN normalises."""
+        return self.bn.args[0].args[0]
+
+
+def recognised(site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]) -> bool:
+    """Whether the match is a BN site at all: every BN op is; a mul-add only if it is a frozen
+    per-channel affine map."""
+    return not isinstance(site.norm, FrozenAffine) or site.norm.recognised(site.producer, frozen)
+
+
 class FoldRule:
-    """A BN-folding rule. Subclasses set ``id`` and ``patterns`` and implement three methods."""
+    """A BN-folding rule. Subclasses set ``id``, ``patterns``, ``producer_targets`` and ``position``."""
 
     id: str
     producer_targets: tuple[Any, ...]
     patterns: tuple[Any, ...]
+    position: str = "after"  # where the BN sits relative to the op: "after" or "before"
 
     def applies(self, match: Match) -> bool:
         """Whether this rule (rather than a sibling matching the same op) owns the match."""
         return True
 
+    def site(self, match: Match) -> BnSite:
+        if self.position == "before":
+            return BnSite.on_input(match, self.producer_targets)
+        return BnSite.on_output(match, self.producer_targets)
+
     def producer_kind(self, site: BnSite) -> str:
         raise NotImplementedError
 
-    def scale_weight(self, weight: torch.Tensor, scale: torch.Tensor, site: BnSite) -> torch.Tensor:
+    def refusal(self, site: BnSite) -> str | None:
+        """Why this op, with these hyper-parameters, cannot absorb the BN exactly (None: it can)."""
+        return None
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+             shift: torch.Tensor, site: BnSite) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight and bias in float64, from the op's and the BN's values."""
         raise NotImplementedError
 
     def replacement(self, site: BnSite) -> Callable[..., torch.Tensor]:
-        """A function ``(input, folded_weight, folded_bias) -> output`` rebuilding the producer."""
+        """A function ``(input, folded_weight, folded_bias) -> output`` rebuilding the op."""
         raise NotImplementedError
 
 
-def refusal_reason(site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]) -> str | None:
+def refusal_reason(rule: FoldRule, site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]) -> str | None:
     """Why folding ``site`` would not be exact, or None when it is."""
-    other_users = [u for u in site.producer.users if u is not site.bn.args[0]]
-    if other_users:
-        return f"output also used by {module_path(other_users[0])}"
-    tensors = {"weight": site.weight, "bias": site.bias, **site.bn_tensors}
+    for node in site.private:
+        for user in node.users:
+            if user not in site.readers:
+                return f"output also used by {module_path(user)}"
+    operands = {"weight": site.weight, "bias": site.bias}
+    for name, node in operands.items():
+        if node is not None and _constants.frozen_operand(node, frozen) is None:
+            return f"{name} is not a frozen parameter or buffer"
+    tensors = site.norm.inputs(frozen)
     for name, node in tensors.items():
         if node is not None and node not in frozen:
             return f"{name} is not a frozen parameter or buffer"
-    if not isinstance(site.eps, (int, float)):
-        return "eps is not a compile-time number"
-    for name, node in tensors.items():
-        if node is not None and frozen[node].is_meta:
+    reason = site.norm.check() or rule.refusal(site)
+    if reason:
+        return reason
+    values = {name: _constants.frozen_operand(node, frozen).value for name, node in operands.items() if node is not None}
+    values.update({name: frozen[node] for name, node in tensors.items() if node is not None})
+    for name, value in values.items():
+        if value.is_meta:
             return f"{name} is on the meta device: no values to fold"
-    for name, node in tensors.items():
-        if node is not None and not _is_real_floating(frozen[node]):
-            return f"{name} has dtype {frozen[node].dtype}, only real floating point is folded"
+        if not value.is_floating_point() or value.is_complex():
+            return f"{name} has dtype {value.dtype}, only real floating point is folded"
+    before, after = (site.bn_input, site.bn) if site.before is not None else (site.producer, site.bn)
+    if before.meta["val"].dtype != after.meta["val"].dtype:
+        return f"the normalisation changes the dtype ({before.meta['val'].dtype} to {after.meta['val'].dtype})"
     return None
-
-
-def _is_real_floating(value: torch.Tensor) -> bool:
-    return value.is_floating_point() and not value.is_complex()
 
 
 def folded_constants(
     rule: FoldRule, site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """The folded (weight, bias) in the weight's dtype, or the reason they cannot be used."""
-
-    def value(node: torch.fx.Node | None) -> torch.Tensor | None:
-        return None if node is None else frozen[node]
-
-    bn = {k: value(v) for k, v in site.bn_tensors.items()}
-    scale, shift = fold_math.bn_scale_shift(
-        bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"], float(site.eps)
-    )
-    weight = frozen[site.weight]
-    folded_weight = fold_math.cast_like(rule.scale_weight(weight, scale, site), weight)
-    folded_bias = fold_math.fold_bias(value(site.bias), scale, shift).to(weight.dtype)
+    """The folded (weight, bias) in the dtype the op reads its weight in, or why they cannot be used."""
+    output = (site.bn_input if site.before is not None else site.producer).meta["val"]
+    scale, shift = site.norm.scale_shift(frozen, output)
+    if scale is None or shift is None:
+        return "scale or shift is not one number per channel"
+    weight = _constants.frozen_operand(site.weight, frozen)
+    bias = None if site.bias is None else _constants.frozen_operand(site.bias, frozen).value
+    folded_weight, folded_bias = rule.fold(weight.value, bias, scale, shift, site)
+    folded_weight = fold_math.cast_like(folded_weight, weight.value, weight.dtype)
+    folded_bias = folded_bias.to(weight.dtype)
     for name, folded in (("weight", folded_weight), ("bias", folded_bias)):
         if not torch.isfinite(folded).all():
             return f"folded {name} is not finite in {weight.dtype}"
@@ -134,3 +252,26 @@ def decision(rule: FoldRule, site: BnSite, reason: str | None) -> FoldDecision:
         producer_kind=rule.producer_kind(site),
         reason=reason,
     )
+
+
+class OutputChannelRule(FoldRule):
+    """The BN acts on the op's output channels: scale the weight slices that feed each channel."""
+
+    def scale_weight(self, weight: torch.Tensor, scale: torch.Tensor, site: BnSite) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fold(self, weight, bias, scale, shift, site):
+        return self.scale_weight(weight, scale, site), fold_math.fold_bias(bias, scale, shift)
+
+
+class InputChannelRule(FoldRule):
+    """The BN acts on the op's input channels: scale the weight columns that read each channel and
+    push the shift through the weight into the bias."""
+
+    position = "before"
+
+    def applies(self, match: Match) -> bool:
+        return _channel_local.bn_before(match.kwargs["input"]) is not None
+
+    def fold(self, weight, bias, scale, shift, site):
+        return fold_math.fold_into_input_channels(weight, bias, scale, shift, int(site.args.get("groups", 1)))

@@ -1,7 +1,7 @@
-"""The convolution pattern shared by ``conv_bn`` and ``conv_transpose_bn``.
+"""The convolution pattern shared by the conv rules.
 
-Both lower to ``aten.convolution`` and differ only in its ``transposed`` flag, so they match the
-same pattern and each rule claims the matches with its own flag.
+Conv and conv-transpose both lower to ``aten.convolution`` and differ only in its ``transposed``
+flag, so the rules match the same patterns and each claims the matches with its own flag.
 """
 
 from __future__ import annotations
@@ -11,40 +11,47 @@ from collections.abc import Callable
 import torch
 
 from .._torch_private import MULTIPLE, CallFunction, KeywordArg, Match
-from ._base import BnSite, FoldRule, bn_of
+from ._base import BnSite, OutputChannelRule, affine_of, bn_of
 
 aten = torch.ops.aten
 
 CONV_ARGS = ("stride", "padding", "dilation", "transposed", "output_padding", "groups")
 
-CONV_BN_PATTERN = bn_of(
-    CallFunction(
-        aten.convolution.default,
-        KeywordArg("input"),
-        KeywordArg("weight"),
-        KeywordArg("bias"),
-        *(KeywordArg(name) for name in CONV_ARGS),
-        _users=MULTIPLE,  # matched even when shared, so the refusal can say why
-    )
+CONVOLUTION = CallFunction(
+    aten.convolution.default,
+    KeywordArg("input"),
+    KeywordArg("weight"),
+    KeywordArg("bias"),
+    *(KeywordArg(name) for name in CONV_ARGS),
+    _users=MULTIPLE,  # matched even when shared, so the refusal can say why
 )
 
 
-class ConvolutionRule(FoldRule):
+def convolution_like(site: BnSite) -> Callable[..., torch.Tensor]:
+    """The matched convolution, rebuilt around a new weight and bias."""
+    hyper = [site.args[name] for name in CONV_ARGS]
+
+    def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return aten.convolution.default(x, weight, bias, *hyper)
+
+    return conv
+
+
+def conv_kind(site: BnSite) -> str:
+    name = "conv_transpose" if site.args["transposed"] else "conv"
+    return f"{name}{len(site.args['stride'])}d"
+
+
+class ConvolutionRule(OutputChannelRule):
     producer_targets = (aten.convolution.default,)
-    patterns = (CONV_BN_PATTERN,)
+    patterns = (bn_of(CONVOLUTION), *affine_of(CONVOLUTION))
     transposed: bool
 
     def applies(self, match: Match) -> bool:
         return bool(match.kwargs["transposed"]) == self.transposed
 
+    def producer_kind(self, site: BnSite) -> str:
+        return conv_kind(site)
+
     def replacement(self, site: BnSite) -> Callable[..., torch.Tensor]:
-        hyper = [site.args[name] for name in CONV_ARGS]
-
-        def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-            return aten.convolution.default(x, weight, bias, *hyper)
-
-        return conv
-
-    @staticmethod
-    def spatial_dims(site: BnSite) -> int:
-        return len(site.args["stride"])
+        return convolution_like(site)

@@ -1,4 +1,5 @@
-"""conv_bn: Conv{1,2,3}d followed by inference BatchNorm.
+"""conv_bn: Conv{1,2,3}d followed by inference BatchNorm, or by the per-channel affine map of a
+frozen BatchNorm computed in ``forward`` (torchvision's ``FrozenBatchNorm2d``: ``x * scale + shift``).
 
     W'[c] = W[c] * scale[c]        (W laid out as out_channels x in_channels/groups x kernel)
     b'    = b * scale + shift
@@ -19,9 +20,6 @@ from ._conv import ConvolutionRule
 class ConvBnRule(ConvolutionRule):
     id = "conv_bn"
     transposed = False
-
-    def producer_kind(self, site: BnSite) -> str:
-        return f"conv{self.spatial_dims(site)}d"
 
     def scale_weight(self, weight: torch.Tensor, scale: torch.Tensor, site: BnSite) -> torch.Tensor:
         return fold_math.scale_output_channels(weight, scale)

@@ -1,4 +1,4 @@
-"""conv_transpose_bn: ConvTranspose{1,2,3}d followed by inference BatchNorm.
+"""conv_transpose_bn: ConvTranspose{1,2,3}d followed by inference BatchNorm (or a frozen affine map).
 
 The weight is laid out as in_channels x out_channels/groups x kernel, so output channel
 ``g * (out/groups) + j`` is column ``j`` of group ``g``'s block of rows:
@@ -22,9 +22,6 @@ from ._conv import ConvolutionRule
 class ConvTransposeBnRule(ConvolutionRule):
     id = "conv_transpose_bn"
     transposed = True
-
-    def producer_kind(self, site: BnSite) -> str:
-        return f"conv_transpose{self.spatial_dims(site)}d"
 
     def scale_weight(self, weight: torch.Tensor, scale: torch.Tensor, site: BnSite) -> torch.Tensor:
         return fold_math.scale_transposed_output_channels(weight, scale, int(site.args["groups"]))
