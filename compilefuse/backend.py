@@ -18,7 +18,7 @@ import torch
 
 from . import _torch_private as tp
 from .config import BnfuseConfig
-from .decisions import batch_norm_calls, module_path, source_path, traced_decisions
+from .decisions import module_path, source_path, traced_decisions
 from .fold_pass import BnFoldPass, BnLowerPass, FoldRecord
 from .frozen_call import FrozenGraphCall
 from .report import FoldReport, publish
@@ -150,7 +150,7 @@ def _float64_cpu_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
 def _finish(record: FoldRecord, gm: torch.fx.GraphModule, config: BnfuseConfig) -> None:
     """Put the decisions in program order and publish the record of a compiled graph."""
     order: dict[str, int] = {}
-    for index, node in enumerate(batch_norm_calls(gm)):
+    for index, node in enumerate(gm.graph.nodes):  # a BN's rows sort where its module first runs
         order.setdefault(module_path(node), index)
     record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
     RECORDS.append(record)

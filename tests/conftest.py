@@ -119,6 +119,12 @@ def op_bn_branches(op: type[nn.Module], dims: int, configs: list[tuple[dict, dic
     return Branches([nn.Sequential(op(**c), bn(c["out_channels"], **b)) for c, b in configs])
 
 
+def bn_op_branches(op: type[nn.Module], dims: int, configs: list[tuple[dict, dict]]) -> Branches:
+    """One ``BatchNorm{dims}d(**bn_kwargs) -> op(**op_kwargs)`` branch per configuration."""
+    bn = BATCH_NORM[dims]
+    return Branches([nn.Sequential(bn(c["in_channels"], **b), op(**c)) for c, b in configs])
+
+
 def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-5) -> Compiled:
     """Compile a Branches model; every branch must fold with ``rule`` and match float64."""
     model = randomize_bn(model.eval())
