@@ -3,6 +3,9 @@ benchmarks and the tests."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -48,3 +51,125 @@ def dcgan_generator(nz: int = 100, ngf: int = 64) -> nn.Module:
         *block(nz, ngf * 8, 1, 0), *block(ngf * 8, ngf * 4, 2, 1), *block(ngf * 4, ngf * 2, 2, 1),
         *block(ngf * 2, ngf, 2, 1), nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh(),
     )
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn_relu(cin, cout, 3, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet_style(width: int = 32, classes: int = 10) -> nn.Module:
+    """A small ResNet: conv stem, four basic blocks (two downsampling), linear head. 11 BNs, all after a conv."""
+    return nn.Sequential(
+        *_conv_bn_relu(3, width), _BasicBlock(width, width, 1), _BasicBlock(width, 2 * width, 2),
+        _BasicBlock(2 * width, 4 * width, 2), _BasicBlock(4 * width, 4 * width, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, classes),
+    )
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, channels: int, expand: int) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.body = nn.Sequential(
+            *_conv_bn_relu(channels, hidden, 1), *_conv_bn_relu(hidden, hidden, 3, groups=hidden),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def mobilenet_style(width: int = 16, classes: int = 10) -> nn.Module:
+    """A small MobileNetV2: depthwise-separable inverted residuals. 8 BNs, all after a conv."""
+    return nn.Sequential(
+        *_conv_bn_relu(3, width, 3, 2), _InvertedResidual(width, 4), *_conv_bn_relu(width, 2 * width, 3, 2),
+        _InvertedResidual(2 * width, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+    )
+
+
+def pointnet_head(points_features: int = 3, classes: int = 16) -> nn.Module:
+    """PointNet's classifier (Qi et al.): a shared per-point MLP (Conv1d k=1 + BN1d), max-pool over
+    points, then Linear + BN1d layers. 7 BNs: 4 after a Conv1d, 3 after a Linear (inputs (N, C))."""
+
+    def shared(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv1d(cin, cout, 1), nn.BatchNorm1d(cout), nn.ReLU(True)]
+
+    def dense(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(True)]
+
+    return nn.Sequential(
+        *shared(points_features, 64), *shared(64, 64), *shared(64, 128), *shared(128, 256),
+        nn.AdaptiveMaxPool1d(1), nn.Flatten(), *dense(256, 128), *dense(128, 64), *dense(64, 32),
+        nn.Linear(32, classes),
+    )
+
+
+def audio_cnn(classes: int = 10, width: int = 32) -> nn.Module:
+    """The M5 raw-waveform CNN (Dai et al.): Conv1d + BN1d + ReLU + MaxPool1d blocks. 4 BNs after a Conv1d."""
+
+    def block(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv1d(cin, cout, kernel, stride), nn.BatchNorm1d(cout), nn.ReLU(True), nn.MaxPool1d(4)]
+
+    return nn.Sequential(
+        *block(1, width, 80, 4), *block(width, width, 3), *block(width, 2 * width, 3), *block(2 * width, 2 * width, 3),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+    )
+
+
+class _PreActivationBlock(nn.Module):
+    """BN -> conv (reflect padding) -> ReLU, BN -> conv 1x1, residual: the BN sits *before* each conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect")
+        self.bn2, self.conv2 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.bn2(torch.relu(self.conv1(self.bn1(x)))))
+
+
+def preact_cnn(width: int = 32, classes: int = 10) -> nn.Module:
+    """Normalise-then-convolve: an input BN before the stem conv, pre-activation blocks, and a BN1d
+    before the classifier. 6 BNs, every one before a conv or linear."""
+    return nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, width, 3, stride=2),
+        _PreActivationBlock(width), _PreActivationBlock(width),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(width), nn.Linear(width, classes),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model (no download), its example input shape at batch 1, and how many of its
+    BNs are exactly foldable (counted by hand from the architecture)."""
+
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    foldable: int
+    total: int
+
+    def example(self, batch: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+        return torch.randn(batch, *self.input_shape[1:], dtype=dtype, device=device)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "resnet_style": BuiltinModel(resnet_style, (1, 3, 32, 32), 11, 11),
+    "mobilenet_style": BuiltinModel(mobilenet_style, (1, 3, 32, 32), 8, 8),
+    "dcgan_generator": BuiltinModel(dcgan_generator, (1, 100, 1, 1), 4, 4),
+    "pointnet_head": BuiltinModel(pointnet_head, (1, 3, 1024), 7, 7),
+    "audio_cnn": BuiltinModel(audio_cnn, (1, 1, 8000), 4, 4),
+    "preact_cnn": BuiltinModel(preact_cnn, (1, 3, 32, 32), 6, 6),
+}

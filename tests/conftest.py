@@ -135,3 +135,12 @@ def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-
     assert [d.rule for d in result.folded] == [rule] * len(model.branches), result.decisions
     assert not result.kept, result.kept
     return result
+
+
+def assert_counts_agree_with_graph(report: compilefuse.FoldReport, records, not_inference: int = 0) -> None:
+    """Folded rows == BN ops the rules removed from the graph; kept rows == BN ops left, plus the
+    BNs that never were inference BN ops (training mode, no running statistics)."""
+    removed = sum(r.bn_ops_before - r.bn_ops_after for r in records)
+    left = sum(r.bn_ops_after for r in records)
+    assert report.folded == removed
+    assert report.total - report.folded == left + not_inference

@@ -11,8 +11,7 @@ import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
-from conftest import randomize_bn
+from conftest import assert_counts_agree_with_graph, randomize_bn
 from torch import nn
 
 import compilefuse
@@ -107,15 +106,6 @@ bn          kept                 rule linear_bn disabled by options
 folded 0 of 2 BatchNorms; <t> ms in the folding rules""")
 
 
-def assert_counts_agree_with_graph(report: compilefuse.FoldReport, records, not_inference: int = 0) -> None:
-    """Folded rows == BN ops the rules removed from the graph; kept rows == BN ops left, plus the
-    BNs that never were inference BN ops (training mode, no running statistics)."""
-    removed = sum(r.bn_ops_before - r.bn_ops_after for r in records)
-    left = sum(r.bn_ops_after for r in records)
-    assert report.folded == removed
-    assert report.total - report.folded == left + not_inference
-
-
 def explain_with_records(model, *inputs):
     with compilefuse.report.collecting() as records:
         report = compilefuse.explain(model, *inputs)
@@ -130,31 +120,6 @@ def explain_with_records(model, *inputs):
 def test_report_counts_agree_with_compiled_graph(make, shape, not_inference):
     report, records = explain_with_records(make(), torch.randn(*shape))
     assert_counts_agree_with_graph(report, records, not_inference)
-
-
-@pytest.mark.slow
-def test_resnet18_report_folds_all_20_batchnorms():
-    report, records = explain_with_records(randomize_bn(torchvision.models.resnet18().eval()), torch.randn(1, 3, 32, 32))
-    assert (report.folded, report.total) == (20, 20), str(report)
-    assert_counts_agree_with_graph(report, records)
-
-
-@pytest.mark.slow
-def test_densenet121_report_folds_the_batchnorms_that_follow_a_conv():
-    """densenet121 has 121 BNs. 59 follow a conv: features.norm0 and norm2 of each of the 58 dense
-    layers. The other 62 normalise a concatenation (norm1 of every dense layer, the 3 transitions'
-    norm, the final norm5): there is no single producer to fold into. (The first layer of a block
-    concatenates a single tensor, which Inductor turns into a clone.)"""
-    model = randomize_bn(torchvision.models.densenet121().eval())
-    report, records = explain_with_records(model, torch.randn(1, 3, 32, 32))
-    assert (report.folded, report.total) == (59, 121), str(report)
-    assert_counts_agree_with_graph(report, records)
-    folded = {row.bn for row in report.rows if row.folded}
-    assert "features.norm0" in folded and "features.denseblock1.denselayer1.norm2" in folded
-    for row in report.rows:
-        if not row.folded:
-            producer = "aten.clone" if row.bn.endswith(".denselayer1.norm1") else "aten.cat"
-            assert row.reason == f"unsupported producer {producer}", row
 
 
 def test_one_report_covers_every_graph_of_a_model_with_graph_breaks():
