@@ -25,6 +25,15 @@ _PADS = {
 }
 #: Fresh buffers whose every value the padding then overwrites (circular padding builds one).
 _FRESH = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default}
+#: Casts on the way are allowed only to dtypes that hold every value of the BN's dtype exactly
+#: (a low-precision pad computes in float32 and casts back), and the op must read the BN's dtype.
+_CASTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+_EXACT_HOLDERS = {
+    torch.float16: {torch.float16, torch.float32, torch.float64},
+    torch.bfloat16: {torch.bfloat16, torch.float32, torch.float64},
+    torch.float32: {torch.float32, torch.float64},
+    torch.float64: {torch.float64},
+}
 
 
 @dataclasses.dataclass
@@ -69,7 +78,7 @@ def bn_before(node: torch.fx.Node) -> BnBefore | None:
         return None
     bn = found.pop()
     dtype = bn.meta["val"].dtype
-    if any(move.meta["val"].dtype != dtype for move in moves):
+    if node.meta["val"].dtype != dtype or any(move.meta["val"].dtype not in _EXACT_HOLDERS.get(dtype, {dtype}) for move in moves):
         return None
     return BnBefore(bn, moves)
 
@@ -92,6 +101,8 @@ def _moved_inputs(node: torch.fx.Node) -> list[torch.fx.Node] | None:
         source, result = args[1].meta["val"], node.meta["val"]
         same_channels = source.dim() == result.dim() and tuple(source.shape[:2]) == tuple(result.shape[:2])
         return [args[0], args[1]] if same_channels else None
+    if target in _CASTS and not set(node.kwargs) - {"dtype"}:
+        return [args[0]]
     if target in _PADS or target is aten.clone.default:
         return [args[0]]
     return None
