@@ -1,0 +1,117 @@
+"""The systems the benchmark compares. Each turns an eager model into a callable and names the
+context every call must run under (Inductor's freezing is read at trace time from the global
+config, so ``torch.compile(options={"freezing": True})`` alone freezes nothing: the patch has to
+cover every call, or a call outside it recompiles unfrozen)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """What the user asked for, applied alike to every compiled system."""
+
+    mode: str | None = None
+    dynamic: bool | None = None
+    threads: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    name: str
+    description: str
+    prepare: Callable[[nn.Module, torch.Tensor, CompileSettings], Callable[[torch.Tensor], Any]]
+    call_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    #: Whether its output should equal the model's (the BN-free limit computes another function).
+    same_function: bool = True
+
+    def available(self) -> str | None:
+        """None when the system can run here, else why not."""
+        if self.name == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                return "onnxruntime is not installed (pip install onnxruntime onnx)"
+        return None
+
+
+def _compiled(backend: str, options: dict[str, Any] | None = None):
+    def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+        return torch.compile(model, backend=backend, mode=settings.mode, dynamic=settings.dynamic, options=options)
+
+    return prepare
+
+
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm (frozen ones included) replaced by Identity: the
+    same network with nothing left to fold, the lower bound folding can reach."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_batch_norm(child):
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def _limit(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+    return torch.compile(without_batch_norm(model), backend="bnfuse", mode=settings.mode, dynamic=settings.dynamic)
+
+
+def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+    """Export through ``torch.onnx`` (TorchScript exporter, no extra packages) and run on ORT's CPU
+    provider with the same thread count as torch."""
+    import onnxruntime
+
+    if example.device.type != "cpu":
+        raise RuntimeError("the onnxruntime system runs on CPU only")
+    buffer = io.BytesIO()
+    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if settings.dynamic else None
+    with torch.no_grad():
+        torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["output"],
+                          dynamic_axes=dynamic_axes, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    return run
+
+
+def _freezing() -> contextlib.AbstractContextManager:
+    return torch._inductor.config.patch(freezing=True)
+
+
+SYSTEMS: dict[str, System] = {
+    system.name: system
+    for system in (
+        System("eager", "the model as is", lambda model, example, settings: model),
+        System("inductor", "torch.compile, default Inductor", _compiled("inductor")),
+        # options={"freezing": True} alone freezes nothing, but it keeps Dynamo from reusing the plain
+        # Inductor system's compiled graph (backends compare equal when their options do).
+        System("inductor-freezing", "torch.compile, Inductor with freezing=True (patched around every call)",
+               _compiled("inductor", {"freezing": True}), call_context=_freezing),
+        System("bnfuse", "torch.compile(backend='bnfuse')", _compiled("bnfuse")),
+        System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
+               _limit, same_function=False),
+        System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime),
+    )
+}
