@@ -259,3 +259,17 @@ def release_code_modules(modules: Sequence[Any]) -> None:
     for module in modules:  # Inductor also registers them in sys.modules
         if sys.modules.get(module.__name__) is module:
             del sys.modules[module.__name__]
+
+
+def inductor_freezing() -> contextlib.AbstractContextManager:
+    """Inductor's ``freezing=True`` for the calls under it (Dynamo reads it at trace time)."""
+    return inductor_config.patch(freezing=True)
+
+
+def many_recompiles_allowed() -> contextlib.AbstractContextManager:
+    """Raise Dynamo's recompile limits (for the benchmark, which compiles one model class many times:
+    past the limit Dynamo silently runs eager). Only the limits this torch has are touched."""
+    wanted = {"recompile_limit": 64, "cache_size_limit": 64, "accumulated_recompile_limit": 4096,
+              "accumulated_cache_size_limit": 4096}
+    present = {key: value for key, value in wanted.items() if hasattr(torch._dynamo.config, key)}
+    return torch._dynamo.config.patch(**present)

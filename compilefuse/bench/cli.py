@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import _torch_private
 from . import catalog
 from .harness import Row, benchmark_case, interleaved_order
 from .systems import SYSTEMS, CompileSettings
@@ -117,7 +118,7 @@ def run(specs, batches, systems, settings, args, progress: bool) -> list[Row]:
     steps = len(specs) * len(batches) * len(systems) * (1 + args.rounds)
     bar = _progress(steps, enabled=progress)
     rows: list[Row] = []
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+    with _torch_private.many_recompiles_allowed():
         for spec in specs:
             try:
                 model = spec.build().to(device=device, dtype=dtype)
@@ -127,10 +128,10 @@ def run(specs, batches, systems, settings, args, progress: bool) -> list[Row]:
                 continue
             for batch in batches:
                 example = spec.make_input(batch).to(device=device, dtype=dtype)
-                torch._dynamo.reset()
+                torch.compiler.reset()
                 rows += benchmark_case(spec.name, model, example, systems, settings, rounds=args.rounds,
                                        min_run_time=args.min_run_time, on_step=bar.step)
-            torch._dynamo.reset()
+            torch.compiler.reset()
     bar.close()
     return rows
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _torch_private
+
 
 @dataclasses.dataclass(frozen=True)
 class CompileSettings:
@@ -96,10 +98,6 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
     return run
 
 
-def _freezing() -> contextlib.AbstractContextManager:
-    return torch._inductor.config.patch(freezing=True)
-
-
 SYSTEMS: dict[str, System] = {
     system.name: system
     for system in (
@@ -108,7 +106,7 @@ SYSTEMS: dict[str, System] = {
         # options={"freezing": True} alone freezes nothing, but it keeps Dynamo from reusing the plain
         # Inductor system's compiled graph (backends compare equal when their options do).
         System("inductor-freezing", "torch.compile, Inductor with freezing=True (patched around every call)",
-               _compiled("inductor", {"freezing": True}), call_context=_freezing),
+               _compiled("inductor", {"freezing": True}), call_context=_torch_private.inductor_freezing),
         System("bnfuse", "torch.compile(backend='bnfuse')", _compiled("bnfuse")),
         System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
                _limit, same_function=False),
