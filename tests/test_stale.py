@@ -124,3 +124,30 @@ def test_refolding_20_times_does_not_grow_memory():
         refold()
     after_twenty = live_tensor_bytes()
     assert after_twenty <= after_one, (after_one, after_twenty)
+
+
+def test_instances_of_one_architecture_get_a_variant_each_instead_of_refolding_every_call(caplog):
+    """Dynamo shares one compiled graph between instances of a class; alternating calls must not
+    refold each time (found by the benchmark: bnfuse and its BN-free limit on a model without BN)."""
+    models = [conv_bn_model(), conv_bn_model()]
+    x = torch.randn(2, 3, 6, 6)
+    compiled = [torch.compile(m, backend="bnfuse") for m in models]
+    with caplog.at_level(logging.WARNING, logger="compilefuse"), compilefuse.report.collecting() as records:
+        for _ in range(3):
+            for fn, model in zip(compiled, models, strict=True):
+                assert_like_eager(fn, model, x)
+    assert len(records) == 2
+    assert not [r for r in caplog.records if r.name == "compilefuse"]
+
+
+def test_variants_are_bounded_and_stay_correct(monkeypatch):
+    from compilefuse import frozen_call
+
+    monkeypatch.setattr(frozen_call, "MAX_VARIANTS", 2)
+    models = [conv_bn_model() for _ in range(3)]
+    x = torch.randn(2, 3, 6, 6)
+    compiled = [torch.compile(m, backend="bnfuse") for m in models]
+    with compilefuse.report.collecting() as records:
+        for fn, model in [*zip(compiled, models, strict=True), (compiled[0], models[0])]:
+            assert_like_eager(fn, model, x)
+    assert len(records) == 4  # the third instance evicted the first, which then compiled again
