@@ -11,11 +11,17 @@ from torch import nn
 
 
 def randomize_bn(model: nn.Module, var_range: tuple[float, float] = (0.2, 3.0)) -> nn.Module:
-    """Give every BatchNorm statistics and affine parameters far from identity, so folding matters
+    """Give every BatchNorm (torchvision's FrozenBatchNorm2d too) statistics and affine parameters far
+    from identity, so folding matters
     (freshly built models have mean 0, var 1, gamma 1, beta 0: folding them changes nothing)."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if type(module).__name__ == "FrozenBatchNorm2d":  # torchvision's: buffers only
+                module.running_mean.uniform_(-1.0, 1.0)
+                module.running_var.uniform_(*var_range)
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.uniform_(-1.0, 1.0)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 if module.running_mean is not None:
                     module.running_mean.uniform_(-1.0, 1.0)
                     module.running_var.uniform_(*var_range)
