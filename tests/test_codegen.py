@@ -3,6 +3,9 @@ in the code Inductor generates for the per-call path."""
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
 from conftest import DEVICES, randomize_bn
@@ -10,6 +13,8 @@ from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 import compilefuse
+from compilefuse.bench.systems import without_batch_norm
+from compilefuse.models import BUILTIN_MODELS
 
 
 def generated_code(model: nn.Module, x: torch.Tensor, **options) -> str:
@@ -48,3 +53,28 @@ def test_kept_bn_math_is_visible_in_generated_code(device):
     code = generated_code(dcgan_block(device), torch.randn(2, 16, 4, 4, device=device), rules=[])
     assert not any(d.folded for d in compilefuse.last_record().decisions)
     assert "sqrt" in code
+
+
+MULTIPLY = re.compile(r"mul\(|\* ")  # a multiply in Inductor's C++ or Triton kernels
+
+
+def multiplications(model: nn.Module, x: torch.Tensor, freezing: bool = False) -> int:
+    torch.compiler.reset()
+    with torch.inference_mode(), torch._inductor.config.patch(freezing=freezing):
+        fn = torch.compile(model, options={"freezing": True}) if freezing else torch.compile(model, backend="bnfuse")
+        _, code = run_and_get_code(fn, x)
+    return len(MULTIPLY.findall("\n".join(code)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dcgan_generator", "pointnet_head", "preact_cnn"])
+def test_folded_code_is_the_bn_free_code_where_inductor_freezing_applies_bn_per_call(name):
+    """Zero run-time cost, shown on the code: bnfuse's kernels multiply exactly as often as those of
+    the same model without any BN, while Inductor with freezing still scales per call (it folds
+    Conv2d + BN, not ConvTranspose, Linear + BN1d or BN before a conv)."""
+    spec = BUILTIN_MODELS[name]
+    model, x = randomize_bn(spec.build().eval()), spec.example(4)
+    bnfuse = multiplications(copy.deepcopy(model), x)
+    limit = multiplications(without_batch_norm(model), x)
+    freezing = multiplications(copy.deepcopy(model), x, freezing=True)
+    assert bnfuse == limit < freezing, (bnfuse, limit, freezing)
