@@ -153,3 +153,15 @@ def test_list_names_models_and_systems(capsys):
     for name in ("resnet_style", "dcgan_generator", "pointnet_head", "audio_cnn", "preact_cnn", "mobilenet_style",
                  "resnet18", "convnext_tiny", "inductor-freezing", "limit", "onnxruntime"):
         assert name in out
+
+
+def test_dtype_mode_and_dynamic_reach_the_compiled_systems(tmp_path):
+    json_path = tmp_path / "out.json"
+    cli.main(["--model", "bench_fixtures:tiny", "--systems", "eager", "bnfuse", "--dtype", "bfloat16", "--dynamic",
+              "--batch-size", "2", "3", "--mode", "default", "--json", str(json_path), *QUICK])
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["dtype"] == "bfloat16" and data["meta"]["dynamic"] is True and data["meta"]["mode"] == "default"
+    rows = data["results"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    bnfuse = [r for r in rows if r["system"] == "bnfuse"]
+    assert all(r["bn_folded"] == 1 and r["max_rel_error"] < 2e-2 for r in bnfuse), bnfuse
