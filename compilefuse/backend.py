@@ -151,7 +151,8 @@ def _finish(record: FoldRecord, gm: torch.fx.GraphModule, config: BnfuseConfig) 
     """Put the decisions in program order and publish the record of a compiled graph."""
     order: dict[str, int] = {}
     for index, node in enumerate(gm.graph.nodes):  # a BN's rows sort where its module first runs
-        order.setdefault(module_path(node), index)
+        if node.op.startswith("call_"):  # (placeholders carry their module's path too)
+            order.setdefault(module_path(node), index)
     record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
     RECORDS.append(record)
     publish(record)

@@ -126,7 +126,7 @@ def _record_kept(ctx: _PassContext) -> None:
         users = set(bn_op.users)
         if users and users.isdisjoint(ctx.refused) and users.isdisjoint(ctx.folded):
             bn = next(iter(bn_op.users))
-            reason = lower_bn.producer_description(bn_op.args[0])
+            reason = lower_bn.neighbours_description(bn)
             ctx.record.decisions.append(FoldDecision(bn=module_path(bn), folded=False, reason=reason))
 
 

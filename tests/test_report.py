@@ -78,8 +78,8 @@ batchnorm     status  folded into          rule / reason
 bn            folded  conv2d conv          conv_bn
 up_bn         folded  conv_transpose2d up  conv_transpose_bn
 shared_bn     kept                         output also used by add
-relu_bn       kept                         unsupported producer aten.relu
-pool_bn       kept                         unsupported producer prims._low_memory_max_pool_with_offsets
+relu_bn       kept                         no conv or linear next to it (input from aten.relu, output to prims._low_memory_max_pool_with_offsets)
+pool_bn       kept                         no conv or linear next to it (input from prims._low_memory_max_pool_with_offsets, output to aten.sub.Tensor, aten.var_mean.correction)
 train_bn      kept                         training mode
 untracked_bn  kept                         no running statistics (track_running_stats=False)
 head_bn       folded  linear head          linear_bn

@@ -20,14 +20,26 @@ PATTERN = bn_of(KeywordArg("input"))
 TENSOR_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var")
 
 
-def producer_description(source: object) -> str:
-    """How a kept BN's input was produced, for the reason shown to the user."""
+def neighbours_description(bn: torch.fx.Node) -> str:
+    """Why no rule matched a kept BN: what produced its input and what reads its output."""
+    return f"no conv or linear next to it (input from {_op_name(bn.args[0].args[0])}, output to {_readers(bn)})"
+
+
+def _op_name(source: object) -> str:
     if isinstance(source, torch.fx.Node) and source.target is operator.getitem:
         source = source.args[0]  # an output of a multi-output op, e.g. max_pool2d_with_indices
     if not isinstance(source, torch.fx.Node) or source.op != "call_function":
-        return "input is a graph input, not a conv or linear output"
-    name = str(source.target).removesuffix(".default")
-    return f"unsupported producer {name}"
+        return "a graph input"
+    return str(source.target).removesuffix(".default")
+
+
+def _readers(bn: torch.fx.Node) -> str:
+    users = list(bn.users)
+    if not users:
+        return "nothing"
+    if any(user.op == "output" for user in users) and len(users) == 1:
+        return "the graph output"
+    return ", ".join(sorted({_op_name(user) if user.op != "output" else "the graph output" for user in users}))
 
 
 def decomposition(match: Match) -> tuple[Callable[..., torch.Tensor], list[torch.fx.Node]]:

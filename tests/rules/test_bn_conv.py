@@ -74,7 +74,7 @@ REFUSALS = [
      "BN before a transposed convolution: border outputs would get a different bias"),
     (SharedBnOutput(), "output also used by add"),
     # A zero pad written out with F.pad is no conv padding, but it makes up values all the same:
-    (ConstantPad(), "unsupported producer aten.relu"),
+    (ConstantPad(), "no conv or linear next to it (input from aten.relu, output to aten.constant_pad_nd)"),
 ]
 
 
