@@ -215,13 +215,16 @@ def current_fake_mode() -> Any:
     return None if context is None else context.fake_mode
 
 
-def recompile_context(fake_mode: Any) -> Any:
+def recompile_context(fake_mode: Any, dynamic: bool) -> Any:
     """Context for compiling a Dynamo graph again, after Dynamo is done with it.
 
-    AOTAutograd and freezing read the parameters from the tracing context; the graph's symbolic
-    sizes live in the shape environment of Dynamo's fake mode, so the same mode is reused.
+    AOTAutograd and freezing read the parameters from the tracing context. A dynamic graph's
+    symbolic sizes live in the shape environment of Dynamo's fake mode, so that mode is reused. A
+    static graph gets a fresh mode without one: in Dynamo's mode, tensors it has not seen (another
+    instance's weights) would get fresh symbolic sizes and the recompile would turn dynamic.
     """
-    return torch._guards.tracing(torch._guards.TracingContext(fake_mode))
+    mode = fake_mode if dynamic else torch._subclasses.fake_tensor.FakeTensorMode()
+    return torch._guards.tracing(torch._guards.TracingContext(mode))
 
 
 def is_dynamo_control_flow(error: BaseException) -> bool:
@@ -273,3 +276,14 @@ def many_recompiles_allowed() -> contextlib.AbstractContextManager:
               "accumulated_cache_size_limit": 4096}
     present = {key: value for key, value in wanted.items() if hasattr(torch._dynamo.config, key)}
     return torch._dynamo.config.patch(**present)
+
+
+def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo traced this graph with symbolic (dynamic) sizes."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape):
+            return True
+    return False

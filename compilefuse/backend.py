@@ -88,12 +88,13 @@ def _input_key(value: Any, frozen: bool) -> Any:
 def _new_frozen_call(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig
 ) -> FrozenGraphCall:
-    fake_mode = tp.current_fake_mode()
+    fake_mode, dynamic = tp.current_fake_mode(), tp.has_symbolic_shapes(gm)
     return FrozenGraphCall(
         lambda inputs: _compile_frozen(gm, inputs, config),
         example_inputs,
-        recompile_context=lambda: tp.recompile_context(fake_mode),
+        recompile_context=lambda: tp.recompile_context(fake_mode, dynamic),
         input_names=[source_path(node) for node in gm.graph.find_nodes(op="placeholder")],
+        fallback=None if config.strict else lambda inputs, error: _compile_plain(gm, inputs, config, error),
     )
 
 
@@ -110,11 +111,18 @@ def _compile_frozen(
     except Exception as error:
         if config.strict or tp.is_dynamo_control_flow(error):
             raise
-        _warn_fallback_once(error)
-        compiled = tp.compile_with_inductor(gm, example_inputs, dict(config.inductor_patches), keep_bn=False)
-        reason = f"bnfuse failed, compiled by plain Inductor: {type(error).__name__}"
-        _finish(FoldRecord(decisions=traced_decisions(gm, autograd=False, reason=reason)), gm, config)
-        return compiled, list(range(len(example_inputs)))
+        return _compile_plain(gm, example_inputs, config, error)
+
+
+def _compile_plain(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig, error: Exception
+) -> tuple[Callable[..., Any], list[int]]:
+    """bnfuse failed on this graph (compiling it, or running it the first time): plain Inductor."""
+    _warn_fallback_once(error)
+    compiled = tp.compile_with_inductor(gm, example_inputs, dict(config.inductor_patches), keep_bn=False)
+    reason = f"bnfuse failed, compiled by plain Inductor: {type(error).__name__}"
+    _finish(FoldRecord(decisions=traced_decisions(gm, autograd=False, reason=reason)), gm, config)
+    return compiled, list(range(len(example_inputs)))
 
 
 def _compile_folding(
@@ -180,7 +188,7 @@ def _warn_fallback_once(error: Exception) -> None:
     if not _fallback_warned:
         _fallback_warned = True
         log.warning(
-            "bnfuse: compiling with BatchNorm folding failed (%s: %s); this graph is compiled by plain "
+            "bnfuse: the folded graph failed to compile or to run (%s: %s); this graph is compiled by plain "
             "Inductor instead, unfolded. options={'strict': True} raises instead.",
             type(error).__name__, str(error).splitlines()[0] if str(error) else "",
         )

@@ -45,6 +45,7 @@ class _Variant:
     kept: tuple[int, ...]
     frozen: tuple[tuple[int, weakref.ref, int], ...]  # (input index, tensor, version at compile)
     modules: list[Any]  # the generated-code modules holding this variant's constants
+    proven: bool = False  # whether it has answered a call yet
 
     def matches(self, args: Sequence[Any]) -> bool:
         return all(args[i] is ref() and args[i]._version == version for i, ref, version in self.frozen)
@@ -60,8 +61,10 @@ class FrozenGraphCall:
         example_inputs: Sequence[Any],
         recompile_context: Callable[[], Any],
         input_names: Sequence[str],
+        fallback: Callable[[list[Any], Exception], tuple[Callable[..., Any], list[int]]] | None = None,
     ) -> None:
         self._build = build
+        self._fallback = fallback
         self._recompile_context = recompile_context
         self._input_names = list(input_names)
         self._lock = threading.Lock()
@@ -95,7 +98,27 @@ class FrozenGraphCall:
         variant = self._last
         if not variant.matches(args):
             variant = self._variant_for(args)
+        if not variant.proven:
+            return self._first_call(variant, args)
         return variant.compiled(*[args[i] for i in variant.kept])
+
+    def _first_call(self, variant: _Variant, args: Sequence[Any]) -> Any:
+        """A freshly compiled graph's first run. Inductor can miscompile (a layout assertion in the
+        generated code, say) in a way only running shows; then, unless strict, this variant becomes
+        plain Inductor (it takes every input, so it has nothing frozen to check)."""
+        try:
+            out = variant.compiled(*[args[i] for i in variant.kept])
+        except Exception as error:
+            if self._fallback is None or tp.is_dynamo_control_flow(error):
+                raise
+            with self._lock, self._recompile_context():
+                variant.compiled, kept = self._fallback(list(args), error)
+            variant.kept, variant.frozen = tuple(kept), ()
+            tp.release_code_modules(variant.modules)
+            variant.modules = []
+            out = variant.compiled(*[args[i] for i in variant.kept])
+        variant.proven = True
+        return out
 
     def _variant_for(self, args: Sequence[Any]) -> _Variant:
         with self._lock:  # one thread compiles; the others then find the new variant

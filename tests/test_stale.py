@@ -7,6 +7,7 @@ import copy
 import gc
 import logging
 
+import pytest
 import torch
 from conftest import float64_reference, randomize_bn, relative_error
 from torch import nn
@@ -151,3 +152,43 @@ def test_variants_are_bounded_and_stay_correct(monkeypatch):
         for fn, model in [*zip(compiled, models, strict=True), (compiled[0], models[0])]:
             assert_like_eager(fn, model, x)
     assert len(records) == 4  # the third instance evicted the first, which then compiled again
+
+
+@pytest.mark.slow
+def test_second_instance_of_convnext_compiles_static_and_runs():
+    """A variant for another instance used to be compiled in Dynamo's fake mode, which gave the
+    unseen weights symbolic sizes: a dynamic-shape compile, where Inductor's CPU weight prepacking
+    miscompiles convnext ("expected size 96==96, stride 256==1" at the first call)."""
+    import torchvision
+
+    models = [randomize_bn(torchvision.models.convnext_tiny().eval()) for _ in range(2)]
+    x = torch.randn(1, 3, 64, 64)
+    for model in models:
+        compiled = torch.compile(model, backend="bnfuse")
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_graph_that_inductor_miscompiles_falls_back_at_its_first_call():
+    """Inductor's CPU freezing miscompiles dynamic-shape convnext once its oneDNN prepacking is set up
+    in the process (an earlier frozen compile): the generated code asserts a layout the prepacked
+    conv does not return, at the first call ("expected size 96==96, stride 256==1"; Inductor's own
+    freezing=True alike, torch 2.14.1). Not strict, bnfuse answers with plain Inductor and warns;
+    strict, it raises."""
+    import torchvision
+
+    conv_bn = conv_bn_model()
+    with torch.inference_mode():
+        torch.compile(conv_bn, backend="bnfuse")(torch.randn(1, 3, 6, 6))  # sets up the prepacking
+    model = randomize_bn(torchvision.models.convnext_tiny().eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        strict = torch.compile(model, backend="bnfuse", dynamic=True, options={"strict": True})
+        with pytest.raises(AssertionError, match="expected size"):
+            strict(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="bnfuse", dynamic=True, options={"strict": False})
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+        assert compiled(torch.randn(2, 3, 64, 64)).shape == (2, 1000)  # and it stays dynamic
