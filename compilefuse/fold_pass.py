@@ -2,9 +2,9 @@
 
 ``BnFoldPass`` runs inside Inductor's freezing compile as a joint-graph pass, before freezing's
 constant folding and binary folding, on a graph whose module state is still placeholders. For each
-``producer -> BatchNorm`` match the rule's check decides; a fold computes the new weight and bias
-once, from the real frozen tensors, in float64, and rewires the producer to read them as graph
-constants. ``BnLowerPass`` runs after freezing and decomposes every BN left, exactly as Inductor
+BatchNorm matched next to a conv or linear (after it or before it) the rule's checks decide; a fold
+computes the new weight and bias once, from the real frozen tensors, in float64, and rebuilds the op
+to read them as graph constants. The rules run until nothing more folds. ``BnLowerPass`` runs after freezing and decomposes every BN left, exactly as Inductor
 would have.
 """
 
@@ -76,7 +76,7 @@ _ACTIVE: contextvars.ContextVar[_PassContext] = contextvars.ContextVar("bnfuse_p
 def _fold(match: tp.Match, rule: FoldRule) -> None:
     ctx = _ACTIVE.get()
     site = rule.site(match)
-    if not base.recognised(site, ctx.frozen):
+    if site is None or not base.recognised(site, ctx.frozen):
         return
     if rule.id not in ctx.enabled:
         ctx.refuse(site.bn, base.decision(rule, site, f"rule {rule.id} disabled by options"))
@@ -118,7 +118,7 @@ def _count_bn_ops(graph: torch.fx.Graph) -> int:
 
 def _record_kept(ctx: _PassContext) -> None:
     """Every BN left in the graph is kept: for the first reason a rule refused it, or, if no rule
-    matched it, for what produced its input."""
+    matched it, because no conv or linear is next to it (naming the ops that are)."""
     for bn, decision in ctx.refused.items():
         if bn not in ctx.folded:
             ctx.record.decisions.append(decision)

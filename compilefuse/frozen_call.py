@@ -129,18 +129,16 @@ class FrozenGraphCall:
                 self._last = variant
                 return variant
             stale = [k for k, v in self._variants.items() if not v.alive()]
-            if variant is None:  # some tensors replaced: the variant sharing the others is the one changed
-                key_of = {k: v for k, v in self._variants.items() if v.alive() and _shares_tensors(v, args)}
-                if key_of:
-                    old_key, variant = next(iter(key_of.items()))
-                    stale.append(old_key)
-            if variant is not None:
-                changes = _changes(variant.frozen, args, self._input_names)
+            changed_key = key if variant is not None else next(  # some tensors replaced: the variant
+                (k for k, v in self._variants.items() if v.alive() and _shares_tensors(v, args)), None
+            )  # sharing the others is the one that changed
+            if changed_key is not None:
+                changes = _changes(self._variants[changed_key].frozen, args, self._input_names)
                 log.warning(
                     "bnfuse: %d frozen tensor(s) changed since compilation (%s); refolding and recompiling",
                     len(changes), ", ".join(changes[:3]) + (", ..." if len(changes) > 3 else ""),
                 )
-                stale.append(key)
+                stale.append(changed_key)
             else:  # no tensor in common with any variant: another instance of the architecture
                 log.info(
                     "bnfuse: a new set of frozen tensors (%s, ...: another model instance, or replaced "
@@ -165,10 +163,6 @@ class FrozenGraphCall:
         old = self._variants.pop(key, None)
         if old is not None:
             tp.release_code_modules(old.modules)  # its constants go with its graph
-
-    @property
-    def variant_count(self) -> int:
-        return len(self._variants)
 
 
 def _shares_tensors(variant: _Variant, args: Sequence[Any]) -> bool:

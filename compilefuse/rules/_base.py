@@ -133,12 +133,14 @@ class BnSite:
         return cls(output, producer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, private, readers)
 
     @classmethod
-    def on_input(cls, match: Match, consumer_targets: tuple[Any, ...]) -> BnSite:
-        """A BN whose output the matched op reads, possibly through channel-local moves."""
+    def on_input(cls, match: Match, consumer_targets: tuple[Any, ...]) -> BnSite | None:
+        """A BN whose output the matched op reads, possibly through channel-local moves (None when
+        the op's input is not such a BN)."""
         kw = match.kwargs
         consumer = next(n for n in match.nodes if n.target in consumer_targets)
         before = _channel_local.bn_before(kw["input"])
-        assert before is not None, "the rule's applies() checked it"
+        if before is None:
+            return None
         bn_op = before.bn.args[0]
         bn_kw = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
         norm = BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"])
@@ -152,6 +154,11 @@ class BnSite:
     def bn_input(self) -> torch.fx.Node:
         """For a BN before the op: what the BN normalises."""
         return self.bn.args[0].args[0]
+
+    @property
+    def normalised(self) -> torch.fx.Node:
+        """The node the normalisation is applied to: the BN's input before the op, else the op."""
+        return self.bn_input if self.before is not None else self.producer
 
 
 def recognised(site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]) -> bool:
@@ -172,7 +179,8 @@ class FoldRule:
         """Whether this rule (rather than a sibling matching the same op) owns the match."""
         return True
 
-    def site(self, match: Match) -> BnSite:
+    def site(self, match: Match) -> BnSite | None:
+        """The BN site the match describes (None: a "before" match with no BN before the op)."""
         if self.position == "before":
             return BnSite.on_input(match, self.producer_targets)
         return BnSite.on_output(match, self.producer_targets)
@@ -218,9 +226,9 @@ def refusal_reason(rule: FoldRule, site: BnSite, frozen: dict[torch.fx.Node, tor
             return f"{name} is on the meta device: no values to fold"
         if not value.is_floating_point() or value.is_complex():
             return f"{name} has dtype {value.dtype}, only real floating point is folded"
-    before, after = (site.bn_input, site.bn) if site.before is not None else (site.producer, site.bn)
-    if before.meta["val"].dtype != after.meta["val"].dtype:
-        return f"the normalisation changes the dtype ({before.meta['val'].dtype} to {after.meta['val'].dtype})"
+    before, after = site.normalised.meta["val"].dtype, site.bn.meta["val"].dtype
+    if before != after:
+        return f"the normalisation changes the dtype ({before} to {after})"
     return None
 
 
@@ -228,8 +236,7 @@ def folded_constants(
     rule: FoldRule, site: BnSite, frozen: dict[torch.fx.Node, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor] | str:
     """The folded (weight, bias) in the dtype the op reads its weight in, or why they cannot be used."""
-    output = (site.bn_input if site.before is not None else site.producer).meta["val"]
-    scale, shift = site.norm.scale_shift(frozen, output)
+    scale, shift = site.norm.scale_shift(frozen, site.normalised.meta["val"])
     if scale is None or shift is None:
         return "scale or shift is not one number per channel"
     weight = _constants.frozen_operand(site.weight, frozen)
@@ -269,9 +276,6 @@ class InputChannelRule(FoldRule):
     push the shift through the weight into the bias."""
 
     position = "before"
-
-    def applies(self, match: Match) -> bool:
-        return _channel_local.bn_before(match.kwargs["input"]) is not None
 
     def fold(self, weight, bias, scale, shift, site):
         return fold_math.fold_into_input_channels(weight, bias, scale, shift, int(site.args.get("groups", 1)))

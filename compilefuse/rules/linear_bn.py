@@ -66,7 +66,7 @@ class BnLinearRule(InputChannelRule):
     patterns = (ADDMM, MM)
 
     def applies(self, match: Match) -> bool:
-        return _is_linear(match) and super().applies(match)
+        return _is_linear(match)
 
     def producer_kind(self, site: BnSite) -> str:
         return "linear"
