@@ -11,29 +11,11 @@ BN-free limit; matching the limit means nothing of the BN is left at run time.
 from __future__ import annotations
 
 import copy
-import re
 import sys
 
-import torch
-from torch._inductor.utils import run_and_get_code
-
+from compilefuse.bench.codegen import generated_code, multiplications
 from compilefuse.bench.systems import without_batch_norm
 from compilefuse.models import BUILTIN_MODELS, randomize_bn
-
-
-MULTIPLY = re.compile(r"mul\(|\* ")
-
-
-def generated_code(model, x, system: str) -> str:
-    torch.compiler.reset()
-    freezing = system == "inductor-freezing"
-    with torch.inference_mode(), torch._inductor.config.patch(freezing=freezing):
-        if freezing:
-            fn = torch.compile(model, options={"freezing": True})
-        else:
-            fn = torch.compile(model, backend="bnfuse")
-        _, code = run_and_get_code(fn, x)
-    return "\n".join(code)
 
 
 def main(names: list[str]) -> None:
@@ -43,9 +25,8 @@ def main(names: list[str]) -> None:
         counts = {}
         for system, m in (("inductor-freezing", copy.deepcopy(model)), ("bnfuse", copy.deepcopy(model)),
                           ("limit", without_batch_norm(model))):
-            src = generated_code(m, x, system)
-            multiplications = len(MULTIPLY.findall(src))
-            counts[system] = f"sqrt {src.count('sqrt')}, multiplications {multiplications}"
+            src = generated_code(m, x, "inductor-freezing" if system == "inductor-freezing" else "bnfuse")
+            counts[system] = f"sqrt {src.count('sqrt')}, multiplications {multiplications(src)}"
         print(f"{name}: " + "; ".join(f"{k}: {v}" for k, v in counts.items()))
 
 

@@ -287,3 +287,11 @@ def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
         if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape):
             return True
     return False
+
+
+def generated_code(compiled: Callable[..., Any], *inputs: Any) -> str:
+    """Call a compiled callable and return the source Inductor generated for it."""
+    from torch._inductor.utils import run_and_get_code
+
+    _, code = run_and_get_code(compiled, *inputs)
+    return "\n".join(code)

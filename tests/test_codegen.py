@@ -4,7 +4,6 @@ in the code Inductor generates for the per-call path."""
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 import compilefuse
+from compilefuse.bench.codegen import generated_code as generated_code_as
+from compilefuse.bench.codegen import multiplications
 from compilefuse.bench.systems import without_batch_norm
 from compilefuse.models import BUILTIN_MODELS
 
@@ -55,17 +56,6 @@ def test_kept_bn_math_is_visible_in_generated_code(device):
     assert "sqrt" in code
 
 
-MULTIPLY = re.compile(r"mul\(|\* ")  # a multiply in Inductor's C++ or Triton kernels
-
-
-def multiplications(model: nn.Module, x: torch.Tensor, freezing: bool = False) -> int:
-    torch.compiler.reset()
-    with torch.inference_mode(), torch._inductor.config.patch(freezing=freezing):
-        fn = torch.compile(model, options={"freezing": True}) if freezing else torch.compile(model, backend="bnfuse")
-        _, code = run_and_get_code(fn, x)
-    return len(MULTIPLY.findall("\n".join(code)))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dcgan_generator", "pointnet_head", "preact_cnn"])
 def test_folded_code_is_the_bn_free_code_where_inductor_freezing_applies_bn_per_call(name):
@@ -74,7 +64,7 @@ def test_folded_code_is_the_bn_free_code_where_inductor_freezing_applies_bn_per_
     Conv2d + BN, not ConvTranspose, Linear + BN1d or BN before a conv)."""
     spec = BUILTIN_MODELS[name]
     model, x = randomize_bn(spec.build().eval()), spec.example(4)
-    bnfuse = multiplications(copy.deepcopy(model), x)
-    limit = multiplications(without_batch_norm(model), x)
-    freezing = multiplications(copy.deepcopy(model), x, freezing=True)
+    bnfuse = multiplications(generated_code_as(copy.deepcopy(model), x, "bnfuse"))
+    limit = multiplications(generated_code_as(without_batch_norm(model), x, "bnfuse"))
+    freezing = multiplications(generated_code_as(copy.deepcopy(model), x, "inductor-freezing"))
     assert bnfuse == limit < freezing, (bnfuse, limit, freezing)

@@ -18,7 +18,7 @@ import torch
 
 from .. import _torch_private
 from . import catalog
-from .harness import Row, benchmark_case, interleaved_order
+from .harness import Row, benchmark_case, fail, interleaved_order
 from .systems import SYSTEMS, CompileSettings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -137,7 +137,9 @@ def run(specs, batches, systems, settings, args, progress: bool) -> list[Row]:
 
 
 def _failed(model: str, batch: int, system: str, error: BaseException) -> Row:
-    return Row(model, batch, system, status="failed", error=f"{type(error).__name__}: {error}"[:500])
+    row = Row(model, batch, system)
+    fail(row, error)
+    return row
 
 
 class _Lines:

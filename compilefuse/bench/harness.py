@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import os
 import statistics
 import time
 import traceback
@@ -92,7 +93,7 @@ def benchmark_case(
             try:
                 samples[name].extend(_time(entry, settings.threads, min_run_time))
             except Exception as error:  # noqa: BLE001 - a failure is reported, the run goes on
-                _fail(entry.row, error)
+                fail(entry.row, error)
                 entry.call = None
     for name, values in samples.items():
         row = next(p.row for p in prepared if p.row.system == name)
@@ -124,7 +125,7 @@ def _prepare(model_name, model, example, system, settings, reference) -> Prepare
             for _ in range(WARMUP_CALLS):
                 call()
     except Exception as error:  # noqa: BLE001
-        _fail(row, error)
+        fail(row, error)
         return Prepared(row)
     row.peak_memory_mib = _peak_memory_mib(device, rss_before)
     if system.same_function:
@@ -162,7 +163,8 @@ def _add_ratios(rows: list[Row]) -> None:
             row.ratio_to_limit = row.latency_ms_median / limit.latency_ms_median
 
 
-def _fail(row: Row, error: BaseException) -> None:
+def fail(row: Row, error: BaseException) -> None:
+    """Mark ``row`` failed with a one-line account of ``error``."""
     row.status = "failed"
     lines = traceback.format_exception_only(type(error), error)
     row.error = " ".join(line.strip() for line in lines)[:500]
@@ -225,8 +227,6 @@ def _rss_mib() -> float | None:
             pages = int(f.read().split()[1])
     except OSError:
         return None
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 

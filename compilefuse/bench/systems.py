@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +36,13 @@ class System:
     call_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     #: Whether its output should equal the model's (the BN-free limit computes another function).
     same_function: bool = True
+    #: The optional package it needs, if any.
+    requires: str | None = None
 
     def available(self) -> str | None:
         """None when the system can run here, else why not."""
-        if self.name == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                return "onnxruntime is not installed (pip install onnxruntime onnx)"
+        if self.requires is not None and importlib.util.find_spec(self.requires) is None:
+            return f"{self.requires} is not installed (pip install 'compilefuse[bench]')"
         return None
 
 
@@ -110,6 +110,7 @@ SYSTEMS: dict[str, System] = {
         System("bnfuse", "torch.compile(backend='bnfuse')", _compiled("bnfuse")),
         System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
                _limit, same_function=False),
-        System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime),
+        System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime,
+               requires="onnxruntime"),
     )
 }

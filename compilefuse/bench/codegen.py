@@ -1,0 +1,31 @@
+"""What the compiled systems leave for run time, read off the code Inductor generates.
+
+A BN applied per call leaves a multiply per element in a pointwise kernel; a BN folded into the
+weights leaves none. Counting multiplies (and square roots: BN's rsqrt computed per call) in the
+generated code shows whether a system's BN costs anything at run time, with no timing noise.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .. import _torch_private as tp
+
+MULTIPLY = re.compile(r"mul\(|\* ")  # a multiply in Inductor's C++ or Triton kernels
+
+
+def generated_code(model: nn.Module, x: torch.Tensor, system: str) -> str:
+    """Inductor's code for ``model`` compiled as ``system`` ("bnfuse" or "inductor-freezing")."""
+    torch.compiler.reset()
+    if system == "inductor-freezing":
+        with torch.inference_mode(), tp.inductor_freezing():
+            return tp.generated_code(torch.compile(model, options={"freezing": True}), x)
+    with torch.inference_mode():
+        return tp.generated_code(torch.compile(model, backend="bnfuse"), x)
+
+
+def multiplications(code: str) -> int:
+    return len(MULTIPLY.findall(code))
