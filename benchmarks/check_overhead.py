@@ -10,10 +10,10 @@ import argparse
 
 import torch
 import torchvision
+from compilefuse.frozen_call import FrozenGraphCall
 from torch.utils.benchmark import Timer
 
-from compilefuse.frozen_call import FrozenGraphCall
-from compilefuse.models import randomize_bn
+from compilefuse.examples.models import randomize_bn
 
 
 def main() -> None:

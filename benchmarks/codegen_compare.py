@@ -15,7 +15,7 @@ import sys
 
 from compilefuse.bench.codegen import generated_code, multiplications
 from compilefuse.bench.systems import without_batch_norm
-from compilefuse.models import BUILTIN_MODELS, randomize_bn
+from compilefuse.examples.models import BUILTIN_MODELS, randomize_bn
 
 
 def main(names: list[str]) -> None:

@@ -15,8 +15,7 @@ import torch
 
 from .backend import RECORDS, bnfuse
 from .config import BnfuseConfig
-from .decisions import FoldDecision
-from .fold_pass import FoldRecord
+from .decisions import FoldDecision, FoldRecord
 from .report import FoldReport, collecting
 from .rules import RULE_IDS
 

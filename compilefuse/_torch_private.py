@@ -1,14 +1,15 @@
-"""Every use of torch's private compiler internals, in one place.
+"""A thin shim over torch's private compiler internals: the one file a torch upgrade should touch.
 
-``torch._dynamo``, ``torch._functorch`` and ``torch._inductor`` move between releases; when a torch
-upgrade breaks compilefuse, this is the file to read first. The rest of the package imports the
-pattern-matcher vocabulary and the compiler entry points from here, never from torch directly.
+``torch._dynamo``, ``torch._functorch`` and ``torch._inductor`` move between releases. Every access
+the backend makes to them goes through a small function here that does one thing and, where a
+layout has changed before, checks it instead of assuming it. No logic of bnfuse lives here.
+(The benchmark's own private helpers are in ``compilefuse/bench/_torch_private.py``.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.decomposition import select_decomp_table
-from torch._inductor.pattern_matcher import (  # noqa: F401  (re-exported for the rules)
+from torch._inductor.pattern_matcher import (  # noqa: F401  (re-exported for the rules and passes)
     MULTIPLE,
     CallFunction,
     KeywordArg,
@@ -31,21 +32,16 @@ from torch._inductor.pattern_matcher import (  # noqa: F401  (re-exported for th
     register_graph_pattern,
 )
 
+log = logging.getLogger("compilefuse")
 aten = torch.ops.aten
 
 #: The inference BatchNorm op that Inductor normally decomposes before any custom pass runs.
 BN_INFERENCE_OP = aten._native_batch_norm_legit_no_training.default
 
-__all__ = [
-    "BN_INFERENCE_OP",
-    "CustomGraphPass",
-    "compile_with_inductor",
-    "file_hash",
-    "frozen_placeholder_values",
-    "inductor_config_keys",
-    "inductor_mode_options",
-    "lift_module_state",
-]
+__all__ = ["BN_INFERENCE_OP", "CustomGraphPass", "Match", "PatternMatcherPass"]
+
+
+# --- Inductor: config, modes, the compile entry point ----------------------------------------------
 
 
 def inductor_mode_options(mode: str | None) -> dict[str, Any]:
@@ -73,12 +69,7 @@ class _DecompositionTable(dict):  # type: ignore[type-arg]
 
 
 def _decompositions_keeping_inference_bn() -> dict[Any, Callable[..., Any]]:
-    """Inductor's decomposition table minus inference BatchNorm.
-
-    Inductor decomposes BN into sub/mul/add before the joint-graph passes, after which its own
-    binary folding folds those into convolutions (wrongly for transposed ones). Keeping BN whole
-    lets the bnfuse pass see it as one op; the pass decomposes whatever it does not fold.
-    """
+    """Inductor's decomposition table minus inference BatchNorm, so the passes see BN as one op."""
     table = _DecompositionTable(select_decomp_table())
     for op in (BN_INFERENCE_OP, aten._batch_norm_no_update.default):
         table.pop(op, None)
@@ -92,98 +83,45 @@ def compile_with_inductor(
     *,
     keep_bn: bool,
 ) -> Callable[..., Any]:
-    """Run Inductor (AOTAutograd included) on a Dynamo graph."""
+    """Run Inductor (AOTAutograd included) on a Dynamo graph; ``keep_bn`` keeps inference BN whole."""
     decompositions = _decompositions_keeping_inference_bn() if keep_bn else None
     return compile_fx(
         gm, list(example_inputs), config_patches=config_patches, decompositions=decompositions
     )
 
 
+# --- Dynamo: graph inputs, sources, exceptions --------------------------------------------------
+
+
+def dynamo_source(node: torch.fx.Node) -> Any:
+    """The Dynamo source of a graph input (None when it has none)."""
+    return getattr(node, "_dynamo_source", None)
+
+
+def set_dynamo_source(node: torch.fx.Node, source: Any) -> None:
+    node._dynamo_source = source  # type: ignore[attr-defined]
+
+
+def source_name(source: Any) -> str:
+    """A Dynamo source's name, e.g. ``L['self'].layer1[0].bn1.weight``. ``Source.name`` is a method
+    up to torch 2.8 and a property after."""
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
 def is_module_state(node: torch.fx.Node) -> bool:
     """A placeholder that Dynamo lifted from a module's parameters or buffers."""
-    source = getattr(node, "_dynamo_source", None)
+    source = dynamo_source(node)
     return source is not None and is_from_unspecialized_param_buffer_source(source)
 
 
-def lift_module_state(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
-) -> tuple[torch.fx.GraphModule, list[int]]:
-    """Turn the module-state placeholders of a Dynamo graph into graph attributes.
-
-    Dynamo hands a custom backend parameters and buffers as graph inputs; Inductor's freezing only
-    freezes graph attributes. This returns a copy of ``gm`` in which every parameter and buffer is
-    an attribute (registered with its Dynamo source, as AOTAutograd requires), and the indices of
-    the inputs the copy still takes. The caller's graph is left untouched: Dynamo derives the
-    compiled call's arguments from it.
-    """
-    graph = torch.fx.Graph()
-    old_to_new: dict[torch.fx.Node, torch.fx.Node] = {}
-    output = graph.graph_copy(gm.graph, old_to_new)
-    graph.output(output)
-    for old, new in old_to_new.items():
-        if old.op == "placeholder":
-            new._dynamo_source = getattr(old, "_dynamo_source", None)  # type: ignore[attr-defined]
-    lifted = torch.fx.GraphModule(gm, graph)
-    lifted.meta = copy.copy(gm.meta)
-    lifted._param_name_to_source = dict(getattr(gm, "_param_name_to_source", {}))  # type: ignore[assignment]
-
-    kept: list[int] = []
-    placeholders = list(graph.find_nodes(op="placeholder"))
-    for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        if not (isinstance(value, torch.Tensor) and is_module_state(node)):
-            kept.append(index)
-            continue
-        name = f"_bnfuse_state_{index}"
-        if isinstance(value, torch.nn.Parameter):
-            lifted.register_parameter(name, value)
-        else:
-            lifted.register_buffer(name, value)
-        lifted._param_name_to_source[name] = node._dynamo_source  # type: ignore[index]
-        with graph.inserting_before(node):
-            attr = graph.get_attr(name)
-        attr.meta.update(node.meta)
-        node.replace_all_uses_with(attr)
-        graph.erase_node(node)
-    lifted.recompile()
-    return lifted, kept
+def param_sources(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """The ``attribute name -> Dynamo source`` map AOTAutograd reads off a Dynamo graph module."""
+    return dict(getattr(gm, "_param_name_to_source", None) or {})
 
 
-def frozen_placeholder_values(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.Tensor]:
-    """Real values of the placeholders that Inductor's freezing will turn into constants.
-
-    Valid inside a freezing compile, during the joint-graph passes: AOTAutograd puts the graph's
-    attributes first among the placeholders, and freezing keeps as inputs only those it mutates or
-    returns aliased. Everything else here is a compile-time constant.
-    """
-    context = torch._guards.TracingContext.try_get()
-    if context is None or context.params_flat is None or context.fw_metadata is None:
-        return {}
-    meta = context.fw_metadata
-    params = context.params_flat_unwrap_subclasses or context.params_flat
-    mutated = {
-        i
-        for i, info in enumerate(meta.input_info)
-        if info.mutation_type in (MutationType.MUTATED_IN_GRAPH, MutationType.MUTATED_OUT_GRAPH)
-    }
-    aliased = {out.base_idx for out in meta.output_info if out.base_idx is not None}
-    placeholders = graph.find_nodes(op="placeholder")
-    return {
-        node: value
-        for index, (node, value) in enumerate(zip(placeholders, params, strict=False))
-        if isinstance(value, torch.Tensor) and index not in mutated and index not in aliased
-    }
-
-
-def fake_tensor_of(node: torch.fx.Node, value: torch.Tensor) -> Any:
-    """A fake tensor for a new constant, in the fake mode of the graph around ``node``."""
-    fake = node.meta["val"]
-    return fake.fake_mode.from_tensor(value, static_shapes=True)
-
-
-def mark_frozen(value: torch.Tensor) -> None:
-    """Tag a folded constant as a frozen parameter: the FX graph cache then keys on its metadata
-    and reloads the value from the graph, as it does for Inductor's own frozen constants."""
-    value._is_frozen_param = True  # type: ignore[attr-defined]
+def set_param_sources(gm: torch.fx.GraphModule, sources: dict[str, Any]) -> None:
+    gm._param_name_to_source = sources  # type: ignore[assignment]
 
 
 def compile_time_error(message: str) -> Exception:
@@ -204,78 +142,9 @@ def compile_time_error(message: str) -> Exception:
     return BnfuseOptionError(message)
 
 
-def real_tensor_math() -> Any:
-    """Context for eager math on real tensors inside a pass that runs under a fake-tensor mode."""
-    return torch.utils._python_dispatch._disable_current_modes()
-
-
-def current_fake_mode() -> Any:
-    """The fake-tensor mode of the Dynamo compile in progress (None outside one)."""
-    context = torch._guards.TracingContext.try_get()
-    return None if context is None else context.fake_mode
-
-
-def recompile_context(fake_mode: Any, dynamic: bool) -> Any:
-    """Context for compiling a Dynamo graph again, after Dynamo is done with it.
-
-    AOTAutograd and freezing read the parameters from the tracing context. A dynamic graph's
-    symbolic sizes live in the shape environment of Dynamo's fake mode, so that mode is reused. A
-    static graph gets a fresh mode without one: in Dynamo's mode, tensors it has not seen (another
-    instance's weights) would get fresh symbolic sizes and the recompile would turn dynamic.
-    """
-    mode = fake_mode if dynamic else torch._subclasses.fake_tensor.FakeTensorMode()
-    return torch._guards.tracing(torch._guards.TracingContext(mode))
-
-
 def is_dynamo_control_flow(error: BaseException) -> bool:
     """Exceptions Dynamo uses to restart or redirect a compile: they must pass through a backend."""
     return isinstance(error, torch._dynamo.exc.TorchDynamoException)
-
-
-@contextlib.contextmanager
-def loaded_code_modules() -> Iterator[list[Any]]:
-    """Collect the generated-code modules Inductor loads inside the block."""
-    from torch._inductor.codecache import PyCodeCache
-
-    before = len(PyCodeCache.modules)
-    loaded: list[Any] = []
-    try:
-        yield loaded
-    finally:
-        loaded.extend(PyCodeCache.modules[before:])
-
-
-def release_code_modules(modules: Sequence[Any]) -> None:
-    """Drop Inductor's cache references to generated-code modules no longer used.
-
-    Inductor keeps every module it loads (in its cache and in ``sys.modules``) for the life of the
-    process, and a frozen graph's module holds the graph's constants: without this, each recompile of a frozen graph keeps the old
-    weights alive. Compiled callables hold their own module, so only dead graphs are freed.
-    """
-    from torch._inductor.codecache import PyCodeCache
-
-    dead = {id(m) for m in modules}
-    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in dead]
-    for key, module in list(PyCodeCache.modules_no_attr.items()):
-        if id(module) in dead:
-            del PyCodeCache.modules_no_attr[key]
-    for module in modules:  # Inductor also registers them in sys.modules
-        if sys.modules.get(module.__name__) is module:
-            del sys.modules[module.__name__]
-
-
-def inductor_freezing() -> contextlib.AbstractContextManager:
-    """Inductor's ``freezing=True`` for the calls under it (Dynamo reads it at trace time)."""
-    return inductor_config.patch(freezing=True)
-
-
-def many_recompiles_allowed() -> contextlib.AbstractContextManager:
-    """Raise Dynamo's recompile limits (for the benchmark, which compiles one model class many times:
-    past the limit Dynamo silently runs eager). Only the limits this torch has are touched."""
-    wanted = {"recompile_limit": 64, "cache_size_limit": 64, "accumulated_recompile_limit": 4096,
-              "accumulated_cache_size_limit": 4096}
-    present = {key: value for key, value in wanted.items() if hasattr(torch._dynamo.config, key)}
-    return torch._dynamo.config.patch(**present)
 
 
 def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
@@ -289,9 +158,115 @@ def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
-def generated_code(compiled: Callable[..., Any], *inputs: Any) -> str:
-    """Call a compiled callable and return the source Inductor generated for it."""
-    from torch._inductor.utils import run_and_get_code
+# --- The tracing context of a compile in progress -----------------------------------------------
 
-    _, code = run_and_get_code(compiled, *inputs)
-    return "\n".join(code)
+
+def current_fake_mode() -> Any:
+    """The fake-tensor mode of the Dynamo compile in progress (None outside one)."""
+    context = torch._guards.TracingContext.try_get()
+    return None if context is None else context.fake_mode
+
+
+def tracing(fake_mode: Any | None) -> contextlib.AbstractContextManager:
+    """A tracing context for compiling a Dynamo graph again, in ``fake_mode`` (None: a fresh mode)."""
+    mode = fake_mode if fake_mode is not None else torch._subclasses.fake_tensor.FakeTensorMode()
+    return torch._guards.tracing(torch._guards.TracingContext(mode))
+
+
+def aot_parameters() -> tuple[list[Any], set[int]] | None:
+    """Inside a freezing compile: the real values AOTAutograd lifted as the graph's leading inputs
+    (the graph module's attributes, in order), and the indices of those freezing will *not* turn
+    into constants (mutated in the graph, or returned aliased). None outside such a compile."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.params_flat is None or context.fw_metadata is None:
+        return None
+    meta = context.fw_metadata
+    params = list(context.params_flat_unwrap_subclasses or context.params_flat)
+    not_frozen = {
+        i
+        for i, info in enumerate(meta.input_info)
+        if info.mutation_type in (MutationType.MUTATED_IN_GRAPH, MutationType.MUTATED_OUT_GRAPH)
+    }
+    not_frozen |= {out.base_idx for out in meta.output_info if out.base_idx is not None}
+    return params, not_frozen
+
+
+def fake_tensor_of(node: torch.fx.Node, value: torch.Tensor) -> Any:
+    """A fake tensor for a new constant, in the fake mode of the graph around ``node``."""
+    fake = node.meta["val"]
+    return fake.fake_mode.from_tensor(value, static_shapes=True)
+
+
+def mark_frozen(value: torch.Tensor) -> None:
+    """Tag a folded constant as a frozen parameter: the FX graph cache then keys on its metadata
+    and reloads the value from the graph, as it does for Inductor's own frozen constants."""
+    value._is_frozen_param = True  # type: ignore[attr-defined]
+
+
+def real_tensor_math() -> Any:
+    """Context for eager math on real tensors inside a pass that runs under a fake-tensor mode."""
+    return torch.utils._python_dispatch._disable_current_modes()
+
+
+# --- Tensors ------------------------------------------------------------------------------------
+
+
+def version_counter(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for an inference tensor, which has none."""
+    if tensor.is_inference():
+        return None
+    return tensor._version
+
+
+# --- Generated code -----------------------------------------------------------------------------
+
+
+def _code_cache() -> Any | None:
+    """Inductor's ``PyCodeCache`` if its layout is the one ``release_code_modules`` knows."""
+    try:
+        from torch._inductor.codecache import PyCodeCache
+    except ImportError:
+        return None
+    if isinstance(getattr(PyCodeCache, "modules", None), list) and isinstance(
+        getattr(PyCodeCache, "modules_no_attr", None), dict
+    ):
+        return PyCodeCache
+    return None
+
+
+@contextlib.contextmanager
+def loaded_code_modules() -> Iterator[list[Any]]:
+    """Collect the generated-code modules Inductor loads inside the block (none if the code
+    cache's layout is unknown)."""
+    cache = _code_cache()
+    before = len(cache.modules) if cache is not None else 0
+    loaded: list[Any] = []
+    try:
+        yield loaded
+    finally:
+        if cache is not None:
+            loaded.extend(cache.modules[before:])
+
+
+def release_code_modules(modules: Sequence[Any]) -> None:
+    """Drop Inductor's cache references to generated-code modules no longer used.
+
+    Inductor keeps every module it loads (in its cache and in ``sys.modules``) for the life of the
+    process, and a frozen graph's module holds the graph's constants. Compiled callables hold their
+    own module, so only dead graphs are freed. With a cache layout this file does not know, nothing
+    is released and the garbage collector keeps what the cache keeps.
+    """
+    cache = _code_cache()
+    if cache is None:
+        if modules:
+            log.debug("bnfuse: unknown PyCodeCache layout; %d generated module(s) not released", len(modules))
+        return
+    dead = {id(m) for m in modules}
+    cache.modules[:] = [m for m in cache.modules if id(m) not in dead]
+    for key, module in list(cache.modules_no_attr.items()):
+        if id(module) in dead:
+            del cache.modules_no_attr[key]
+    for module in modules:  # Inductor also registers them in sys.modules
+        name = getattr(module, "__name__", None)
+        if name is not None and sys.modules.get(name) is module:
+            del sys.modules[name]

@@ -1,26 +1,25 @@
 """The ``bnfuse`` torch.compile backend: options in, an Inductor-compiled callable out.
 
 Inference graphs (grad disabled, or nothing requiring grad) are compiled with Inductor's freezing,
-module state lifted to frozen constants and the BN-folding pass installed. Graphs that need autograd
-go to plain Inductor untouched: BN in them is not folded, and bnfuse says so once.
+module state lifted to frozen constants and the BN passes installed; ``CompiledGraph`` owns the
+result's life. Graphs that need autograd go to plain Inductor untouched: BN in them is not folded,
+and bnfuse says so once.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from . import _torch_private as tp
+from . import compiled_graph, freezing
 from .config import BnfuseConfig
-from .decisions import module_path, source_path, traced_decisions
-from .fold_pass import BnFoldPass, BnLowerPass, FoldRecord
-from .frozen_call import FrozenGraphCall
+from .decisions import FoldRecord, module_path, source_path, traced_decisions
+from .passes import BnFoldPass, BnLowerPass
 from .report import FoldReport, publish
 
 log = logging.getLogger("compilefuse")
@@ -45,104 +44,83 @@ def bnfuse(
 ) -> Callable[..., Any]:
     """torch.compile backend folding inference BatchNorm into conv / conv-transpose / linear."""
     config = BnfuseConfig.from_options(options, mode)
+    compile_graph = GraphCompiler(gm, config)
     needing_grad = _first_requiring_grad(gm, example_inputs)
     if needing_grad is not None:
         _log_autograd_once(needing_grad)
-        compiled = tp.compile_with_inductor(gm, example_inputs, dict(config.inductor_patches), keep_bn=False)
-        _finish(FoldRecord(decisions=traced_decisions(gm, autograd=True)), gm, config)
-        return compiled
-    return _compile_inference(gm, example_inputs, config)
-
-
-#: Compiled inference graphs by what determines them, so that threads racing through their first call
-#: (Dynamo compiles once per thread that misses its cache) share one compile instead of a storm.
-_COMPILED: weakref.WeakValueDictionary[tuple[Any, ...], FrozenGraphCall] = weakref.WeakValueDictionary()
-_COMPILED_LOCK = threading.Lock()
-
-
-def _compile_inference(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig
-) -> Callable[..., Any]:
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    inputs_key = tuple(
-        _input_key(value, frozen=tp.is_module_state(node))
-        for node, value in zip(placeholders, example_inputs, strict=True)
-    )
-    key = (gm.code, repr(config), inputs_key)
-    with _COMPILED_LOCK:
-        compiled = _COMPILED.get(key)
-        if compiled is None:
-            compiled = _COMPILED[key] = _new_frozen_call(gm, example_inputs, config)
-        return compiled
-
-
-def _input_key(value: Any, frozen: bool) -> Any:
-    """What of an input the compiled graph depends on: the identity and version of a tensor it
-    freezes, the metadata of the others."""
-    if not isinstance(value, torch.Tensor):
-        return repr(value)
-    meta = (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
-    return (id(value), value._version, meta) if frozen else meta
-
-
-def _new_frozen_call(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig
-) -> FrozenGraphCall:
-    fake_mode, dynamic = tp.current_fake_mode(), tp.has_symbolic_shapes(gm)
-    return FrozenGraphCall(
-        lambda inputs: _compile_frozen(gm, inputs, config),
-        example_inputs,
-        recompile_context=lambda: tp.recompile_context(fake_mode, dynamic),
-        input_names=[source_path(node) for node in gm.graph.find_nodes(op="placeholder")],
-        fallback=None if config.strict else lambda inputs, error: _compile_plain(gm, inputs, config, error),
-    )
-
-
-def _compile_frozen(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig
-) -> tuple[Callable[..., Any], list[int]]:
-    """Compile with module state frozen; returns the compiled graph and the inputs it still takes.
-
-    If bnfuse's compile fails for any reason of its own, the graph is compiled by plain Inductor
-    instead (nothing frozen, nothing folded) and the cause is logged once; ``strict`` raises.
-    """
+        return compile_graph.plain(list(example_inputs), record=FoldRecord(traced_decisions(gm, autograd=True)))
     try:
-        return _compile_folding(gm, example_inputs, config)
-    except Exception as error:
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        key = (gm.code, repr(config), tuple(
+            compiled_graph.input_key(value, frozen=tp.is_module_state(node))
+            for node, value in zip(placeholders, example_inputs, strict=True)
+        ))
+        fake_mode, dynamic = tp.current_fake_mode(), tp.has_symbolic_shapes(gm)
+        return compiled_graph.shared(key, lambda: compiled_graph.CompiledGraph(
+            compile_graph,
+            example_inputs,
+            strict=config.strict,
+            # A dynamic graph's symbolic sizes live in Dynamo's fake mode, so a recompile reuses it.
+            # A static one gets a fresh mode: in Dynamo's, tensors it has not seen (another instance's
+            # weights) would get fresh symbolic sizes and the recompile would turn dynamic.
+            recompile_context=lambda: tp.tracing(fake_mode if dynamic else None),
+            input_names=[source_path(node) for node in placeholders],
+        ))
+    except Exception as error:  # setting up the frozen call failed: never the user's problem
         if config.strict or tp.is_dynamo_control_flow(error):
             raise
-        return _compile_plain(gm, example_inputs, config, error)
+        compiled_graph.warn_fallback_once(error)
+        return compile_graph(list(example_inputs), error).call
 
 
-def _compile_plain(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig, error: Exception
-) -> tuple[Callable[..., Any], list[int]]:
-    """bnfuse failed on this graph (compiling it, or running it the first time): plain Inductor."""
-    _warn_fallback_once(error)
-    compiled = tp.compile_with_inductor(gm, example_inputs, dict(config.inductor_patches), keep_bn=False)
-    reason = f"bnfuse failed, compiled by plain Inductor: {type(error).__name__}"
-    _finish(FoldRecord(decisions=traced_decisions(gm, autograd=False, reason=reason)), gm, config)
-    return compiled, list(range(len(example_inputs)))
+class GraphCompiler:
+    """How one Dynamo graph is compiled: folded (freezing + the BN passes) or, after a failure of
+    bnfuse, with plain Inductor. Each compile publishes its fold record."""
 
+    def __init__(self, gm: torch.fx.GraphModule, config: BnfuseConfig) -> None:
+        self.gm, self.config = gm, config
 
-def _compile_folding(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: BnfuseConfig
-) -> tuple[Callable[..., Any], list[int]]:
-    lifted, kept = tp.lift_module_state(gm, example_inputs)
-    record = FoldRecord(decisions=traced_decisions(gm, autograd=False))
-    patches = {
-        **_float64_cpu_patches(example_inputs),
-        **config.inductor_patches,
-        "freezing": True,
-        "joint_custom_pre_pass": BnFoldPass(config.rules, record),
-        "post_grad_custom_pre_pass": BnLowerPass(),
-    }
-    with torch.no_grad():
-        compiled = tp.compile_with_inductor(
-            lifted, [example_inputs[i] for i in kept], patches, keep_bn=True
-        )
-    _finish(record, gm, config)  # only now: Dynamo may restart a compile that raised midway
-    return compiled, kept
+    def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
+        if failure is None:
+            return self.folded(inputs)
+        reason = f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}"
+        record = FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason))
+        return compiled_graph.Compiled(self.plain(inputs, record), tuple(range(len(inputs))))
+
+    def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
+        lifted, kept = freezing.lift_module_state(self.gm, inputs)
+        record = FoldRecord(traced_decisions(self.gm, autograd=False))
+        patches = {
+            **_float64_cpu_patches(inputs),
+            **self.config.inductor_patches,
+            "freezing": True,
+            "joint_custom_pre_pass": BnFoldPass(self.config.rules, record),
+            "post_grad_custom_pre_pass": BnLowerPass(),
+        }
+        with torch.no_grad():
+            call = tp.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
+        # Published once the graph has answered: Dynamo may restart a compile that raised midway,
+        # and a graph that fails its first run falls back and is reported as that.
+        return compiled_graph.Compiled(call, tuple(kept), on_first_answer=lambda: self._publish(record))
+
+    def plain(self, inputs: list[Any], record: FoldRecord) -> Callable[..., Any]:
+        call = tp.compile_with_inductor(self.gm, inputs, dict(self.config.inductor_patches), keep_bn=False)
+        self._publish(record)
+        return call
+
+    def _publish(self, record: FoldRecord) -> None:
+        """Put the decisions in program order and publish the record of a compiled graph."""
+        order: dict[str, int] = {}
+        for index, node in enumerate(self.gm.graph.nodes):  # a BN's rows sort where its module first
+            if node.op.startswith("call_"):  # runs (placeholders carry their module's path too)
+                order.setdefault(module_path(node), index)
+        record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
+        RECORDS.append(record)
+        publish(record)
+        for decision in record.decisions:
+            log.debug("bnfuse: %s", decision)
+        if self.config.report:
+            log.info("bnfuse fold report:\n%s", FoldReport.from_records([record]))
 
 
 def _float64_cpu_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
@@ -155,21 +133,6 @@ def _float64_cpu_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
     return {}
 
 
-def _finish(record: FoldRecord, gm: torch.fx.GraphModule, config: BnfuseConfig) -> None:
-    """Put the decisions in program order and publish the record of a compiled graph."""
-    order: dict[str, int] = {}
-    for index, node in enumerate(gm.graph.nodes):  # a BN's rows sort where its module first runs
-        if node.op.startswith("call_"):  # (placeholders carry their module's path too)
-            order.setdefault(module_path(node), index)
-    record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
-    RECORDS.append(record)
-    publish(record)
-    for decision in record.decisions:
-        log.debug("bnfuse: %s", decision)
-    if config.report:
-        log.info("bnfuse fold report:\n%s", FoldReport.from_records([record]))
-
-
 def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
     if not torch.is_grad_enabled():
         return None
@@ -178,20 +141,6 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         if isinstance(value, torch.Tensor) and value.requires_grad:
             return node.target
     return None
-
-
-_fallback_warned = False
-
-
-def _warn_fallback_once(error: Exception) -> None:
-    global _fallback_warned
-    if not _fallback_warned:
-        _fallback_warned = True
-        log.warning(
-            "bnfuse: the folded graph failed to compile or to run (%s: %s); this graph is compiled by plain "
-            "Inductor instead, unfolded. options={'strict': True} raises instead.",
-            type(error).__name__, str(error).splitlines()[0] if str(error) else "",
-        )
 
 
 def _log_autograd_once(name: str) -> None:

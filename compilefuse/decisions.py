@@ -1,15 +1,19 @@
-"""What the folding pass decided for each BatchNorm it saw, in the user's own module names."""
+"""What bnfuse decided for each BatchNorm it saw, in the user's own module and op names."""
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 
 import torch
 import torch.fx
 
+from . import _torch_private as tp
+
 AUTOGRAD_REASON = "autograd enabled (run under torch.inference_mode() to fold)"
 _BN_ARG_POSITIONS = {"running_mean": 1, "training": 5}
+
 
 @dataclasses.dataclass(frozen=True)
 class FoldDecision:
@@ -32,6 +36,18 @@ class FoldDecision:
         return f"{self.bn}: kept ({self.reason})"
 
 
+@dataclasses.dataclass
+class FoldRecord:
+    """What bnfuse decided for one compiled graph, and how long its rules took."""
+
+    decisions: list[FoldDecision] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    #: Inference BN ops in the graph before and after the fold rules ran, counted on the graph
+    #: itself (independently of the decisions, so the two can be checked against each other).
+    bn_ops_before: int = 0
+    bn_ops_after: int = 0
+
+
 def module_path(node: torch.fx.Node) -> str:
     """The dotted path of the user's module that created ``node`` (e.g. ``layer1.0.bn1``).
 
@@ -50,8 +66,8 @@ def module_path(node: torch.fx.Node) -> str:
 
 def source_path(placeholder: torch.fx.Node) -> str:
     """The user's name for a Dynamo graph input, e.g. ``layer1.0.bn1.running_var``."""
-    source = getattr(placeholder, "_dynamo_source", None)
-    return _clean_dynamo_path(source.name) if source is not None else placeholder.name
+    source = tp.dynamo_source(placeholder)
+    return _clean_dynamo_path(tp.source_name(source)) if source is not None else placeholder.name
 
 
 def _clean_dynamo_path(path: str) -> str:
@@ -63,6 +79,26 @@ def _clean_dynamo_path(path: str) -> str:
     return path.strip(".") or "<root>"
 
 
+def op_name(node: object) -> str:
+    """The user's name for the op that made ``node``: the function or module class called in
+    ``forward`` (``relu``, ``MaxPool2d``, ``cat``), not the aten op it decomposed into, which
+    changes between torch releases."""
+    if isinstance(node, torch.fx.Node) and node.target is operator.getitem:
+        node = node.args[0]  # an output of a multi-output op
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return "a graph input"
+    source_fn = node.meta.get("source_fn_stack")
+    if source_fn:
+        target = source_fn[-1][1]
+        return target.__name__ if isinstance(target, type) else getattr(target, "__name__", str(target))
+    return str(node.target).removesuffix(".default")
+
+
+def neighbours_description(bn: torch.fx.Node) -> str:
+    """Why no rule matched a kept BN (``bn`` is its output): what made its input, what reads it."""
+    users = list(bn.users)
+    readers = sorted({"the graph output" if user.op == "output" else op_name(user) for user in users})
+    return f"no conv or linear next to it (input from {op_name(bn.args[0].args[0])}, output to {', '.join(readers) or 'nothing'})"
 
 
 def _bn_arg(node: torch.fx.Node, name: str) -> object:

@@ -8,8 +8,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .decisions import FoldDecision
-from .fold_pass import FoldRecord
+from .decisions import FoldDecision, FoldRecord
 
 _COLUMNS = ("batchnorm", "status", "folded into", "rule / reason")
 

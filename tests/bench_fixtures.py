@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compilefuse.models import randomize_bn
+from compilefuse.examples.models import randomize_bn
 
 
 def tiny():

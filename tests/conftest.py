@@ -1,26 +1,13 @@
-"""Shared test helpers: float64 references, BN randomisation, and compiling with bnfuse."""
+"""Suite-wide settings and fixtures (the helpers the tests import are in ``helpers.py``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Sequence
 
 import pytest
 import torch
-from torch import nn
 
 import compilefuse
-from compilefuse.models import randomize_bn  # noqa: F401  (re-exported for the tests)
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
-    ),
-]
-
 
 # The suite runs strict: a folding failure raises instead of falling back to plain Inductor.
 os.environ["COMPILEFUSE_STRICT"] = "1"
@@ -38,109 +25,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@dataclasses.dataclass
-class Compiled:
-    outputs: object
-    records: list[compilefuse.FoldRecord]
-
-    @property
-    def decisions(self) -> list[compilefuse.FoldDecision]:
-        return [d for record in self.records for d in record.decisions]
-
-    @property
-    def folded(self) -> list[compilefuse.FoldDecision]:
-        return [d for d in self.decisions if d.folded]
-
-    @property
-    def kept(self) -> list[compilefuse.FoldDecision]:
-        return [d for d in self.decisions if not d.folded]
-
-
-def run_bnfuse(model: nn.Module, *inputs: torch.Tensor, calls: int = 1, **compile_kwargs) -> Compiled:
-    """Compile ``model`` with bnfuse, call it under inference_mode, and collect its fold records."""
-    compiled = torch.compile(model, backend="bnfuse", **compile_kwargs)
-    with compilefuse.report.collecting() as records, torch.inference_mode():
-        for _ in range(calls):
-            outputs = compiled(*inputs)
-    return Compiled(outputs, records)
-
-
-def float64_reference(model: nn.Module, *inputs: torch.Tensor):
-    """The model's output computed in float64 on a copy (the model itself is not touched)."""
-    import copy
-
-    reference = copy.deepcopy(model).double()
-    with torch.inference_mode():
-        return reference(*(x.double() for x in inputs))
-
-
-def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |actual - reference| / max |reference|, in float64."""
-    reference = reference.double()
-    return ((actual.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
-
-
-def rms_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    return (actual.double() - reference.double()).pow(2).mean().sqrt().item()
-
-
-def assert_matches_reference(
-    outputs: Sequence[torch.Tensor] | torch.Tensor,
-    eager: Sequence[torch.Tensor] | torch.Tensor,
-    reference: Sequence[torch.Tensor] | torch.Tensor,
-    tol: float = 1e-5,
-) -> None:
-    """Each output is within ``tol`` (relative) of the float64 reference, like eager's output."""
-    if isinstance(outputs, torch.Tensor):
-        outputs, eager, reference = [outputs], [eager], [reference]
-    for i, (out, eag, ref) in enumerate(zip(outputs, eager, reference, strict=True)):
-        assert out.shape == ref.shape and out.dtype == eag.dtype, f"output {i}"
-        assert relative_error(eag, ref) < tol, f"eager output {i} is itself off: test setup bug"
-        assert relative_error(out, ref) < tol, f"output {i}: {relative_error(out, ref):.3g} vs float64"
-
-
-class Branches(nn.Module):
-    """Parallel ``op -> BN`` branches on one input: one compile covers many configurations."""
-
-    def __init__(self, branches: list[nn.Module]) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(branches)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [branch(x) for branch in self.branches]
-
-
-BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
-def op_bn_branches(op: type[nn.Module], dims: int, configs: list[tuple[dict, dict]]) -> Branches:
-    """One ``op(**op_kwargs) -> BatchNorm{dims}d(**bn_kwargs)`` branch per configuration."""
-    bn = BATCH_NORM[dims]
-    return Branches([nn.Sequential(op(**c), bn(c["out_channels"], **b)) for c, b in configs])
-
-
-def bn_op_branches(op: type[nn.Module], dims: int, configs: list[tuple[dict, dict]]) -> Branches:
-    """One ``BatchNorm{dims}d(**bn_kwargs) -> op(**op_kwargs)`` branch per configuration."""
-    bn = BATCH_NORM[dims]
-    return Branches([nn.Sequential(bn(c["in_channels"], **b), op(**c)) for c, b in configs])
-
-
-def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-5) -> Compiled:
-    """Compile a Branches model; every branch must fold with ``rule`` and match float64."""
-    model = randomize_bn(model.eval())
-    with torch.inference_mode():
-        eager = model(x)
-    result = run_bnfuse(model, x)
-    assert_matches_reference(result.outputs, eager, float64_reference(model, x), tol)
-    assert [d.rule for d in result.folded] == [rule] * len(model.branches), result.decisions
-    assert not result.kept, result.kept
-    return result
-
-
-def assert_counts_agree_with_graph(report: compilefuse.FoldReport, records, not_inference: int = 0) -> None:
-    """Folded rows == BN ops the rules removed from the graph; kept rows == BN ops left, plus the
-    BNs that never were inference BN ops (training mode, no running statistics)."""
-    removed = sum(r.bn_ops_before - r.bn_ops_after for r in records)
-    left = sum(r.bn_ops_after for r in records)
-    assert report.folded == removed
-    assert report.total - report.folded == left + not_inference
+@pytest.fixture
+def restore_records():
+    """Tests that fill bnfuse's process-wide record deque leave it as they found it."""
+    saved = list(compilefuse.RECORDS)
+    yield compilefuse.RECORDS
+    compilefuse.RECORDS.clear()
+    compilefuse.RECORDS.extend(saved)

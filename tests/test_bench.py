@@ -104,7 +104,7 @@ def test_systems_are_timed_interleaved_in_rotated_order_with_the_thread_count_se
     benchmark_case("m", model, torch.randn(2, 4), systems, CompileSettings(threads=3), rounds=3, min_run_time=0.01)
     # Collapse each run of one system's calls: the first call + warm-ups of each, then the rounds.
     sequence = [name for i, (name, _) in enumerate(calls) if i == 0 or calls[i - 1][0] != name]
-    assert sequence == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert sequence == ["a", "b", "c", *("a", "b", "c", "b", "c", "a", "c", "a", "b")]  # warm-up, then rotated rounds
     assert interleaved_order("abc", 3) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     timed_threads = {threads for name, threads in calls[3 * 3:]}
     assert timed_threads == {3}

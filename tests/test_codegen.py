@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICES, randomize_bn
+from helpers import DEVICES, randomize_bn
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
@@ -15,7 +15,7 @@ import compilefuse
 from compilefuse.bench.codegen import generated_code as generated_code_as
 from compilefuse.bench.codegen import multiplications
 from compilefuse.bench.systems import without_batch_norm
-from compilefuse.models import BUILTIN_MODELS
+from compilefuse.examples.models import BUILTIN_MODELS
 
 
 def generated_code(model: nn.Module, x: torch.Tensor, **options) -> str:
@@ -58,13 +58,13 @@ def test_kept_bn_math_is_visible_in_generated_code(device):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dcgan_generator", "pointnet_head", "preact_cnn"])
-def test_folded_code_is_the_bn_free_code_where_inductor_freezing_applies_bn_per_call(name):
+def test_folded_code_multiplies_as_often_as_the_bn_free_code(name):
     """Zero run-time cost, shown on the code: bnfuse's kernels multiply exactly as often as those of
-    the same model without any BN, while Inductor with freezing still scales per call (it folds
-    Conv2d + BN, not ConvTranspose, Linear + BN1d or BN before a conv)."""
+    the same model without any BN. (Inductor with freezing still scales per call on these models:
+    ``benchmarks/codegen_compare.py`` and docs/benchmarks.md compare it; an upstream fix must not
+    fail this suite.)"""
     spec = BUILTIN_MODELS[name]
     model, x = randomize_bn(spec.build().eval()), spec.example(4)
     bnfuse = multiplications(generated_code_as(copy.deepcopy(model), x, "bnfuse"))
     limit = multiplications(generated_code_as(without_batch_norm(model), x, "bnfuse"))
-    freezing = multiplications(generated_code_as(copy.deepcopy(model), x, "inductor-freezing"))
-    assert bnfuse == limit < freezing, (bnfuse, limit, freezing)
+    assert bnfuse == limit, (bnfuse, limit)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
-from conftest import float64_reference, randomize_bn, relative_error, run_bnfuse
-from hypothesis import HealthCheck, given, settings
+from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -60,6 +60,15 @@ def conv_bn_cases(draw):
     )
 
 
+def output_size(case) -> int:
+    """The conv's output length per spatial dimension (< 1: the configuration is invalid)."""
+    kw, size = case["conv_kwargs"], case["size"]
+    reach = kw["dilation"] * (kw["kernel_size"] - 1)
+    if case["transposed"]:
+        return (size - 1) * kw["stride"] - 2 * kw["padding"] + reach + kw["output_padding"] + 1
+    return (size + 2 * kw["padding"] - reach - 1) // kw["stride"] + 1
+
+
 def build(case) -> tuple[nn.Module, torch.Tensor]:
     conv = CONV[case["dims"], case["transposed"]](case["in_channels"], case["out_channels"], **case["conv_kwargs"])
     if case["bn_before"]:
@@ -76,12 +85,10 @@ def build(case) -> tuple[nn.Module, torch.Tensor]:
 
 @given(conv_bn_cases())
 def test_bnfuse_matches_eager_on_random_conv_bn(case):
+    assume(output_size(case) >= 1)  # hypothesis counts these, and fails the run if there are too many
     model, x = build(case)
-    try:
-        with torch.inference_mode():
-            eager = model(x)
-    except RuntimeError:  # an invalid configuration (output size < 1): nothing to compare
-        return
+    with torch.inference_mode():
+        eager = model(x)
     torch._dynamo.reset()
     result = run_bnfuse(model, x)
     reference = float64_reference(model, x)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import float64_reference, randomize_bn, relative_error, run_bnfuse
+from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
 
 import compilefuse
-from compilefuse.models import BUILTIN_MODELS
+from compilefuse.examples.models import BUILTIN_MODELS
 
 
 @pytest.mark.parametrize("batch", [1, 4])

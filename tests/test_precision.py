@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICES, float64_reference, rms_error, run_bnfuse
+from helpers import DEVICES, float64_reference, rms_error, run_bnfuse
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 

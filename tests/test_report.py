@@ -11,11 +11,11 @@ import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_counts_agree_with_graph, randomize_bn
+from helpers import assert_counts_agree_with_graph, randomize_bn
 from torch import nn
 
 import compilefuse
-from compilefuse.models import SmallCNN
+from compilefuse.examples.models import SmallCNN
 
 
 class EveryReason(nn.Module):
@@ -78,8 +78,8 @@ batchnorm     status  folded into          rule / reason
 bn            folded  conv2d conv          conv_bn
 up_bn         folded  conv_transpose2d up  conv_transpose_bn
 shared_bn     kept                         output also used by add
-relu_bn       kept                         no conv or linear next to it (input from aten.relu, output to prims._low_memory_max_pool_with_offsets)
-pool_bn       kept                         no conv or linear next to it (input from prims._low_memory_max_pool_with_offsets, output to aten.sub.Tensor, aten.var_mean.correction)
+relu_bn       kept                         no conv or linear next to it (input from relu, output to max_pool2d)
+pool_bn       kept                         no conv or linear next to it (input from max_pool2d, output to BatchNorm2d)
 train_bn      kept                         training mode
 untracked_bn  kept                         no running statistics (track_running_stats=False)
 head_bn       folded  linear head          linear_bn
@@ -166,10 +166,10 @@ def test_report_to_dict_and_json():
     assert {type(row) for row in report.rows} == {compilefuse.FoldDecision}
 
 
-def test_collecting_sees_new_records_when_the_recent_records_are_full():
+def test_collecting_sees_new_records_when_the_recent_records_are_full(restore_records):
     """Found by the fuzz test: counting new records by the length of the bounded RECORDS deque
     stops working once it is full (64 graphs); collecting() does not."""
-    for _ in range(compilefuse.RECORDS.maxlen):
-        compilefuse.RECORDS.append(compilefuse.FoldRecord())
+    for _ in range(restore_records.maxlen):
+        restore_records.append(compilefuse.FoldRecord())
     report = compilefuse.explain(randomize_bn(SmallCNN().eval()), torch.randn(2, 3, 16, 16))
     assert report.total == 5

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import float64_reference, randomize_bn, relative_error
+from helpers import float64_reference, randomize_bn, relative_error
 from torch import nn
 
 import compilefuse
@@ -142,9 +142,9 @@ def test_instances_of_one_architecture_get_a_variant_each_instead_of_refolding_e
 
 
 def test_variants_are_bounded_and_stay_correct(monkeypatch):
-    from compilefuse import frozen_call
+    from compilefuse import compiled_graph
 
-    monkeypatch.setattr(frozen_call, "MAX_VARIANTS", 2)
+    monkeypatch.setattr(compiled_graph, "MAX_VARIANTS", 2)
     models = [conv_bn_model() for _ in range(3)]
     x = torch.randn(2, 3, 6, 6)
     compiled = [torch.compile(m, backend="bnfuse") for m in models]
@@ -167,28 +167,3 @@ def test_second_instance_of_convnext_compiles_static_and_runs():
         compiled = torch.compile(model, backend="bnfuse")
         with torch.inference_mode():
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_graph_that_inductor_miscompiles_falls_back_at_its_first_call():
-    """Inductor's CPU freezing miscompiles dynamic-shape convnext once its oneDNN prepacking is set up
-    in the process (an earlier frozen compile): the generated code asserts a layout the prepacked
-    conv does not return, at the first call ("expected size 96==96, stride 256==1"; Inductor's own
-    freezing=True alike, torch 2.14.1). Not strict, bnfuse answers with plain Inductor and warns;
-    strict, it raises."""
-    import torchvision
-
-    conv_bn = conv_bn_model()
-    with torch.inference_mode():
-        torch.compile(conv_bn, backend="bnfuse")(torch.randn(1, 3, 6, 6))  # sets up the prepacking
-    model = randomize_bn(torchvision.models.convnext_tiny().eval())
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode():
-        expected = model(x)
-        strict = torch.compile(model, backend="bnfuse", dynamic=True, options={"strict": True})
-        with pytest.raises(AssertionError, match="expected size"):
-            strict(x)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="bnfuse", dynamic=True, options={"strict": False})
-        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
-        assert compiled(torch.randn(2, 3, 64, 64)).shape == (2, 1000)  # and it stays dynamic

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import assert_counts_agree_with_graph, float64_reference, randomize_bn, relative_error, run_bnfuse
+from helpers import assert_counts_agree_with_graph, float64_reference, randomize_bn, relative_error, run_bnfuse
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..models import BUILTIN_MODELS, randomize_bn
+from ..examples.models import BUILTIN_MODELS, randomize_bn
 
 #: torchvision models the documentation's tables use (convnext_tiny has no BN: it must not regress).
 TORCHVISION_SET = (

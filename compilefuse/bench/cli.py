@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import _torch_private
-from . import catalog
+from . import _torch_private, catalog
 from .harness import Row, benchmark_case, fail, interleaved_order
 from .systems import SYSTEMS, CompileSettings
 
@@ -89,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_catalog() -> None:
-    from ..models import BUILTIN_MODELS
+    from ..examples.models import BUILTIN_MODELS
 
     print("built-in models (no download):")
     for name, spec in BUILTIN_MODELS.items():

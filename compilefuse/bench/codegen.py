@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from .. import _torch_private as tp
+from . import _torch_private as tp
 
 MULTIPLY = re.compile(r"mul\(|\* ")  # a multiply in Inductor's C++ or Triton kernels
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from .. import report as fold_report
+from ..examples.reference import float64_reference, relative_error
 from .systems import CompileSettings, System
 
 WARMUP_CALLS = 2
@@ -172,10 +173,7 @@ def fail(row: Row, error: BaseException) -> None:
 
 
 def _float64_reference(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
-    reference = copy.deepcopy(model).double()
-    with torch.inference_mode():
-        out = reference(example.double())
-    del reference
+    out = float64_reference(model, example)
     gc.collect()
     return out
 
@@ -186,10 +184,7 @@ def _relative_error(output: Any, reference: Any) -> float:
     refs = _tensors(reference)
     if len(outs) != len(refs):
         return float("nan")
-    errors = []
-    for out, ref in zip(outs, refs, strict=True):
-        ref = ref.double()
-        errors.append(((out.double().to(ref.device) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    errors = [relative_error(out, ref) for out, ref in zip(outs, refs, strict=True)]
     return max(errors) if errors else float("nan")
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _torch_private
+from ..examples.models import is_batch_norm
+from . import _torch_private
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,7 @@ def without_batch_norm(model: nn.Module) -> nn.Module:
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return True
-    return type(module).__name__ == "FrozenBatchNorm2d"
+    return is_batch_norm(module) or type(module).__name__ == "FrozenBatchNorm2d"
 
 
 def _limit(model: nn.Module, example: torch.Tensor, settings: CompileSettings):

@@ -1,17 +1,16 @@
-"""The folding rules. One rule id names a rule everywhere: options, logs, decisions, tests and docs.
+"""The folding rules, in the order the pass tries them. One rule id names a rule everywhere:
+options, logs, the report, tests and docs.
 
-Rules that fold a BN into the op *before* it (conv_bn, ...) and rules that fold it into the op
-*after* it (bn_conv, bn_linear) run in turn until nothing more folds (see ``fold_pass``); a BN that
-one rule refuses may still be folded by another.
+A rule is ``FoldRule(id, producer, side)`` (``rule.py``): rules with the BN on the output side
+(``op -> BN``) and on the input side (``BN -> op``) run in turn until nothing more folds (see
+``compilefuse/passes/fold.py``); a BN that one rule refuses may still be folded by another.
 """
 
-from ._base import FoldRule
-from .bn_conv import BnConvRule
-from .conv_bn import ConvBnRule
-from .conv_transpose_bn import ConvTransposeBnRule
-from .linear_bn import BnLinearRule, LinearBnRule
+from .convolution import BN_CONV, CONV_BN, CONV_TRANSPOSE_BN
+from .linear import BN_LINEAR, LINEAR_BN
+from .rule import FoldRule, Side
 
-RULES: tuple[FoldRule, ...] = (ConvBnRule(), ConvTransposeBnRule(), LinearBnRule(), BnConvRule(), BnLinearRule())
+RULES: tuple[FoldRule, ...] = (CONV_BN, CONV_TRANSPOSE_BN, LINEAR_BN, BN_CONV, BN_LINEAR)
 RULE_IDS: tuple[str, ...] = tuple(rule.id for rule in RULES)
 
-__all__ = ["RULES", "RULE_IDS", "FoldRule"]
+__all__ = ["RULES", "RULE_IDS", "FoldRule", "Side"]

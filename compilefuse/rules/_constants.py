@@ -113,9 +113,10 @@ def is_per_channel(shape: Sequence[int], output_shape: Sequence[int]) -> bool:
     return all(size == 1 for dim, size in enumerate(padded) if dim != 1) and padded[1] in (1, output_shape[1])
 
 
-def per_channel(value: Any, output: torch.Tensor) -> torch.Tensor | None:
-    """``value`` as one float64 number per channel of ``output`` (None if it is not per channel)."""
+def per_channel(value: Any, output: torch.Tensor) -> torch.Tensor:
+    """``value`` as one float64 number per channel of ``output`` (its shape was checked per channel
+    when the site was recognised)."""
     value = torch.as_tensor(value, dtype=FOLD_DTYPE)
     if not is_per_channel(value.shape, output.shape):
-        return None
+        raise ValueError(f"bnfuse: shape {tuple(value.shape)} is not per channel of {tuple(output.shape)}")
     return value.reshape(-1).expand(output.shape[1]).clone()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, Branches, check_branches, float64_reference, randomize_bn, relative_error, run_bnfuse
+from helpers import DEVICES, Branches, check_branches, float64_reference, randomize_bn, relative_error, run_bnfuse
 from torch import nn
 
 

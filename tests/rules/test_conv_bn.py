@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, Branches, check_branches, op_bn_branches, float64_reference, randomize_bn, run_bnfuse
+from helpers import DEVICES, Branches, check_branches, float64_reference, op_bn_branches, randomize_bn, run_bnfuse
 from torch import nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -34,7 +34,9 @@ def test_conv_bn_folds_every_configuration(dims, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv_bn_folds_channels_last(device):
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8))
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8)
+    )
     model = randomize_bn(model.eval()).to(device, memory_format=torch.channels_last)
     x = torch.randn(2, 4, 10, 10, device=device).to(memory_format=torch.channels_last)
     with torch.inference_mode():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, Branches, check_branches, op_bn_branches
+from helpers import DEVICES, Branches, check_branches, op_bn_branches
 from torch import nn
 
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, Branches, check_branches
+from helpers import DEVICES, Branches, check_branches
 from torch import nn
 
 

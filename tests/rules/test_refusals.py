@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, float64_reference, randomize_bn, relative_error, run_bnfuse
+from helpers import DEVICES, float64_reference, randomize_bn, relative_error, run_bnfuse
 from torch import nn
 
 

@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 
+def is_batch_norm(module: nn.Module) -> bool:
+    """torch's BatchNorm modules (1d, 2d, 3d, synchronised, lazy), by their public classes."""
+    return isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                               nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d))
+
+
 def randomize_bn(model: nn.Module, var_range: tuple[float, float] = (0.2, 3.0)) -> nn.Module:
     """Give every BatchNorm (torchvision's FrozenBatchNorm2d too) statistics and affine parameters far
     from identity, so folding matters
@@ -21,7 +27,7 @@ def randomize_bn(model: nn.Module, var_range: tuple[float, float] = (0.2, 3.0)) 
                 module.running_var.uniform_(*var_range)
                 module.weight.uniform_(0.5, 2.0)
                 module.bias.uniform_(-1.0, 1.0)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            elif is_batch_norm(module):
                 if module.running_mean is not None:
                     module.running_mean.uniform_(-1.0, 1.0)
                     module.running_var.uniform_(*var_range)
@@ -66,7 +72,9 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups:
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn_relu(cin, cout, 3, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.body = nn.Sequential(
+            *_conv_bn_relu(cin, cout, 3, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        )
         self.shortcut = (
             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
             if stride != 1 or cin != cout else nn.Identity()
@@ -157,6 +165,45 @@ def preact_cnn(width: int = 32, classes: int = 10) -> nn.Module:
     )
 
 
+class _DenseLayer(nn.Module):
+    """DenseNet's layer: BN -> ReLU -> conv 1x1 -> BN -> ReLU -> conv 3x3 on the concatenation of
+    all earlier features. The first BN follows a concatenation and precedes a ReLU: no exact fold."""
+
+    def __init__(self, channels: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, 2 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(2 * growth), nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, 1)
+        return self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
+
+
+class DenseNetStyle(nn.Module):
+    """A small DenseNet: stem conv + BN, two dense layers, a pre-activation transition, a final BN.
+
+    7 BNs, 3 foldable: the stem BN and each layer's ``norm2`` follow a conv. Each layer's ``norm1``
+    (after a concatenation, before a ReLU), the transition's BN (likewise) and the final BN (after
+    pooling, before a ReLU) have no exact fold: the counting tests see a fold that should not happen.
+    """
+
+    def __init__(self, width: int = 16, growth: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.layers = nn.ModuleList([_DenseLayer(width, growth), _DenseLayer(width + growth, growth)])
+        channels = width + 2 * growth
+        self.transition = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, width, 1), nn.AvgPool2d(2))
+        self.norm = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        y = torch.relu(self.norm(self.transition(torch.cat(features, 1))))
+        return self.head(y.mean((2, 3)))
+
+
 @dataclasses.dataclass(frozen=True)
 class BuiltinModel:
     """A built-in model (no download), its example input shape at batch 1, and how many of its
@@ -178,4 +225,5 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "pointnet_head": BuiltinModel(pointnet_head, (1, 3, 1024), 7, 7),
     "audio_cnn": BuiltinModel(audio_cnn, (1, 1, 8000), 4, 4),
     "preact_cnn": BuiltinModel(preact_cnn, (1, 3, 32, 32), 6, 6),
+    "densenet_style": BuiltinModel(DenseNetStyle, (1, 3, 16, 16), 3, 7),
 }

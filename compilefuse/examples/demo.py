@@ -1,17 +1,16 @@
 """The README's first command: compile a small CNN with bnfuse, show what was folded and how far
 the result is from eager and from a float64 reference.
 
-    python -m compilefuse.demo
+    python -m compilefuse.examples.demo
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import compilefuse
-from compilefuse.models import SmallCNN, randomize_bn
+from compilefuse.examples.models import SmallCNN, randomize_bn
+from compilefuse.examples.reference import float64_reference, relative_error
 
 
 def main() -> None:
@@ -23,14 +22,13 @@ def main() -> None:
     with torch.inference_mode():
         out = compiled(x)
         eager = model(x)
-        reference = copy.deepcopy(model).double()(x.double())
+    reference = float64_reference(model, x)
 
     print(compilefuse.last_report())
     print()
-    scale = reference.abs().max().item()
     print(f"max |bnfuse - eager|   = {(out - eager).abs().max().item():.3e}")
-    print(f"max rel. error vs fp64: bnfuse {(out.double() - reference).abs().max().item() / scale:.3e}, "
-          f"eager {(eager.double() - reference).abs().max().item() / scale:.3e}")
+    print(f"max rel. error vs fp64: bnfuse {relative_error(out, reference):.3e}, "
+          f"eager {relative_error(eager, reference):.3e}")
 
 
 if __name__ == "__main__":

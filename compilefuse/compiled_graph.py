@@ -1,0 +1,270 @@
+"""The life of one graph bnfuse compiles for inference: shared, fresh, and never the reason a model fails.
+
+Freezing bakes parameter and buffer values into the compiled code, yet Dynamo still passes those
+tensors on every call. ``CompiledGraph`` owns everything that follows from that, in one place:
+
+- **Sharing.** Threads racing through their first call make Dynamo compile once per thread;
+  ``shared`` hands them all one ``CompiledGraph`` for the same graph, options and inputs.
+- **Freshness.** Each call checks that every frozen tensor is the object it was at compile time,
+  unchanged (see ``FrozenTensors``). A change refolds: the graph is compiled again with the current
+  tensors before the call is answered, and the old code and constants are released.
+- **Variants.** Dynamo shares one graph between instances of a model class (their parameters are
+  its inputs), so each set of frozen tensors gets its own compiled *variant*: kept while its
+  tensors live, at most ``MAX_VARIANTS``, least recently used dropped.
+- **Fallback.** Any exception from bnfuse's own work (compiling, the first run of a fresh compile,
+  the per-call check) makes the graph plain Inductor instead, with one warning naming the cause;
+  ``strict`` raises instead.
+
+How a graph is compiled is not this module's business: ``compile(inputs, failure)`` does it,
+folding when ``failure`` is None and with plain Inductor (recording the failure) otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from . import _torch_private as tp
+
+log = logging.getLogger("compilefuse")
+
+#: Weight sets (e.g. model instances of one architecture) compiled side by side per graph.
+MAX_VARIANTS = 8
+
+
+@dataclasses.dataclass
+class Compiled:
+    """A compiled graph and the indices of the inputs it takes; every other tensor input is frozen."""
+
+    call: Callable[..., Any]
+    kept: tuple[int, ...]
+    #: Called once the graph has answered its first call (a graph that fails then is never reported).
+    on_first_answer: Callable[[], None] = lambda: None
+
+
+class Compile(Protocol):
+    def __call__(self, inputs: list[Any], failure: Exception | None) -> Compiled: ...
+
+
+class FrozenTensors:
+    """The frozen inputs of one variant: which tensors they were, and their state at compile time.
+
+    A tensor's state is its version counter, which every in-place op bumps (``load_state_dict``,
+    an optimizer step, a BN statistics update), with its data pointer, which ``param.data = x``
+    changes. Identity is checked through weak references: a variant never keeps old weights alive.
+    """
+
+    def __init__(self, indices: Sequence[int], inputs: Sequence[Any]) -> None:
+        self.indices = tuple(indices)
+        self.refs = tuple(weakref.ref(inputs[i]) for i in self.indices)
+        self.states = tuple(_state(inputs[i]) for i in self.indices)
+
+    def match(self, args: Sequence[Any]) -> bool:
+        return all(
+            args[i] is ref() and _state(args[i]) == state
+            for i, ref, state in zip(self.indices, self.refs, self.states, strict=True)
+        )
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.refs)
+
+    def shares_any(self, args: Sequence[Any]) -> bool:
+        return any(args[i] is ref() for i, ref in zip(self.indices, self.refs, strict=True))
+
+    def changes(self, args: Sequence[Any], names: Sequence[str]) -> list[str]:
+        changes = []
+        for i, ref, state in zip(self.indices, self.refs, self.states, strict=True):
+            if args[i] is not ref():
+                changes.append(f"{names[i]} replaced")
+            elif _state(args[i]) != state:
+                changes.append(f"{names[i]} modified in place")
+        return changes
+
+
+def _state(tensor: torch.Tensor) -> tuple[int | None, int]:
+    return tp.version_counter(tensor), tensor.data_ptr()
+
+
+@dataclasses.dataclass
+class _Variant:
+    compiled: Compiled
+    frozen: FrozenTensors
+    modules: list[Any]  # the generated-code modules holding this variant's constants
+    proven: bool = False  # whether it has answered a call yet
+
+
+class CompiledGraph:
+    def __init__(
+        self,
+        compile: Compile,
+        example_inputs: Sequence[Any],
+        *,
+        strict: bool,
+        recompile_context: Callable[[], Any],
+        input_names: Sequence[str],
+    ) -> None:
+        self._compile_fn = compile
+        self._strict = strict
+        self._recompile_context = recompile_context
+        self._input_names = list(input_names)
+        #: Refolds run at call time, outside Dynamo's compile lock, possibly in several threads.
+        self._lock = threading.Lock()
+        self._plain: Compiled | None = None  # set once bnfuse has failed on this graph
+        inputs = list(example_inputs)
+        first = self._compile(inputs)
+        self._frozen_indices = first.frozen.indices
+        # Keep only the graph's other example inputs: holding the frozen ones would keep old weights alive.
+        frozen = set(self._frozen_indices)
+        self._example_inputs = [None if i in frozen else v for i, v in enumerate(inputs)]
+        self._variants: collections.OrderedDict[tuple[int, ...], _Variant] = collections.OrderedDict(
+            [(self._ids(inputs), first)]
+        )
+        self._last = first
+
+    # -- compiling -------------------------------------------------------------------------------
+
+    def _compile(self, inputs: list[Any]) -> _Variant:
+        """A folded compile of ``inputs``; plain Inductor if bnfuse fails (strict: raise)."""
+        try:
+            with tp.loaded_code_modules() as modules:
+                compiled = self._compile_fn(inputs, None)
+        except Exception as error:  # noqa: BLE001 - any failure of bnfuse falls back (or raises, strict)
+            self._give_up_or_raise(error)
+            compiled, modules = self._compile_fn(inputs, error), []
+        kept = set(compiled.kept)
+        frozen = [i for i, v in enumerate(inputs) if i not in kept and isinstance(v, torch.Tensor)]
+        return _Variant(compiled, FrozenTensors(frozen, inputs), modules)
+
+    def _give_up_or_raise(self, error: Exception) -> None:
+        if self._strict or tp.is_dynamo_control_flow(error):
+            raise error
+        warn_fallback_once(error)
+
+    def _fall_back(self, args: Sequence[Any], error: Exception) -> Compiled:
+        """From now on this graph is plain Inductor: it takes every input, so nothing can go stale."""
+        self._give_up_or_raise(error)
+        with self._lock, self._recompile_context():
+            if self._plain is None:
+                self._plain = self._compile_fn(list(args), error)
+            for key in list(self._variants):
+                self._drop(key)
+        return self._plain
+
+    # -- calling ---------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any) -> Any:
+        if self._plain is not None:
+            return self._plain.call(*args)
+        try:
+            variant = self._last
+            if not variant.frozen.match(args):
+                variant = self._variant_for(args)
+        except Exception as error:  # noqa: BLE001 - the check or a refold failed: fall back, never crash
+            return self._fall_back(args, error).call(*args)
+        if not variant.proven:
+            return self._first_call(variant, args)
+        return variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+
+    def _first_call(self, variant: _Variant, args: Sequence[Any]) -> Any:
+        """A fresh compile's first run. Inductor can miscompile in a way only running shows (a
+        layout assertion in the generated code, say); then the graph falls back."""
+        try:
+            out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+        except Exception as error:  # noqa: BLE001 - a miscompile shows at the first run: fall back
+            return self._fall_back(args, error).call(*args)
+        variant.proven = True
+        variant.compiled.on_first_answer()
+        return out
+
+    def _ids(self, args: Sequence[Any]) -> tuple[int, ...]:
+        return tuple(id(args[i]) for i in self._frozen_indices)
+
+    def _variant_for(self, args: Sequence[Any]) -> _Variant:
+        with self._lock:  # one thread compiles; the others then find the new variant
+            key = self._ids(args)
+            variant = self._variants.get(key)
+            if variant is not None and variant.frozen.match(args):
+                self._variants.move_to_end(key)
+                self._last = variant
+                return variant
+            stale = [k for k, v in self._variants.items() if not v.frozen.alive()]
+            changed_key = key if variant is not None else next(  # some tensors replaced: the variant
+                (k for k, v in self._variants.items() if v.frozen.alive() and v.frozen.shares_any(args)), None
+            )  # sharing the others is the one that changed
+            if changed_key is not None:
+                changes = self._variants[changed_key].frozen.changes(args, self._input_names)
+                log.warning(
+                    "bnfuse: %d frozen tensor(s) changed since compilation (%s); refolding and recompiling",
+                    len(changes), ", ".join(changes[:3]) + (", ..." if len(changes) > 3 else ""),
+                )
+                stale.append(changed_key)
+            else:  # no tensor in common with any variant: another instance of the architecture
+                log.info(
+                    "bnfuse: a new set of frozen tensors (%s, ...: another model instance, or replaced "
+                    "parameters); folding them into variant %d of this graph",
+                    self._input_names[self._frozen_indices[0]] if self._frozen_indices else "none",
+                    len(self._variants) + 1,
+                )
+            inputs = list(self._example_inputs)
+            for i in self._frozen_indices:
+                inputs[i] = args[i]
+            with self._recompile_context():
+                variant = self._compile(inputs)
+            for old in stale:
+                self._drop(old)
+            self._variants[key] = variant
+            while len(self._variants) > MAX_VARIANTS:
+                self._drop(next(iter(self._variants)))
+            self._last = variant
+            return variant
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        old = self._variants.pop(key, None)
+        if old is not None:
+            try:
+                tp.release_code_modules(old.modules)  # its constants go with its graph
+            except Exception as error:  # noqa: BLE001 - releasing is an optimisation, never a reason to fail
+                log.debug("bnfuse: could not release generated code: %r", error)
+
+
+#: Compiled graphs by what determines them. No lock: Dynamo calls backends under its own
+#: process-wide compile lock, so only refolds (at call time, ``CompiledGraph._lock``) need one.
+_SHARED: weakref.WeakValueDictionary[Hashable, CompiledGraph] = weakref.WeakValueDictionary()
+
+
+def shared(key: Hashable, create: Callable[[], CompiledGraph]) -> CompiledGraph:
+    """The ``CompiledGraph`` for ``key``, created on first use."""
+    graph = _SHARED.get(key)
+    if graph is None:
+        graph = _SHARED[key] = create()
+    return graph
+
+
+def input_key(value: Any, frozen: bool) -> Hashable:
+    """What of an input a compiled graph depends on: the identity and state of a tensor it
+    freezes, the metadata of the others."""
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    meta = (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
+    return (id(value), _state(value), meta) if frozen else meta
+
+
+_fallback_warned = False
+
+
+def warn_fallback_once(error: Exception) -> None:
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        log.warning(
+            "bnfuse: the folded graph failed to compile or to run (%s: %s); this graph is compiled by plain "
+            "Inductor instead, unfolded. options={'strict': True} raises instead.",
+            type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+        )

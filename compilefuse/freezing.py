@@ -1,0 +1,105 @@
+"""Module state as compile-time constants: lifting it for Inductor's freezing, and reading its values.
+
+Dynamo hands a custom backend parameters and buffers as graph inputs; Inductor's freezing only
+freezes graph attributes. ``lift_module_state`` turns one into the other. Inside the freezing
+compile, ``frozen_values`` pairs each placeholder freezing will turn into a constant with its real
+tensor, and checks the pairing before any rule reads a value from it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from . import _torch_private as tp
+
+
+class FrozenValuesMismatch(RuntimeError):
+    """The real values torch hands the pass do not line up with the graph's placeholders."""
+
+
+def lift_module_state(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+) -> tuple[torch.fx.GraphModule, list[int]]:
+    """A copy of ``gm`` in which every parameter and buffer is a graph attribute (registered with
+    its Dynamo source, as AOTAutograd requires), and the indices of the inputs the copy still
+    takes. The caller's graph is left untouched: Dynamo derives the compiled call's arguments from it.
+    """
+    graph = torch.fx.Graph()
+    old_to_new: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, old_to_new))
+    for old, new in old_to_new.items():
+        if old.op == "placeholder":
+            tp.set_dynamo_source(new, tp.dynamo_source(old))
+    lifted = torch.fx.GraphModule(gm, graph)
+    lifted.meta = copy.copy(gm.meta)
+    sources = tp.param_sources(gm)
+
+    kept: list[int] = []
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
+        if not (isinstance(value, torch.Tensor) and tp.is_module_state(node)):
+            kept.append(index)
+            continue
+        name = f"_bnfuse_state_{index}"
+        if isinstance(value, torch.nn.Parameter):
+            lifted.register_parameter(name, value)
+        else:
+            lifted.register_buffer(name, value)
+        sources[name] = tp.dynamo_source(node)
+        with graph.inserting_before(node):
+            attr = graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    tp.set_param_sources(lifted, sources)
+    lifted.recompile()
+    return lifted, kept
+
+
+def frozen_values(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.Tensor]:
+    """Real values of the placeholders that freezing will turn into constants (empty outside a
+    freezing compile).
+
+    AOTAutograd puts the graph's attributes first among the placeholders, in the order of
+    ``params``. Nothing checks that pairing upstream, so it is checked here: one value per leading
+    placeholder, each with its fake tensor's shape, dtype and device. A mismatch raises
+    ``FrozenValuesMismatch``: same-shaped statistics paired with the wrong node would fold silently
+    wrong, so the pass then folds nothing in the graph.
+    """
+    found = tp.aot_parameters()
+    if found is None:
+        return {}
+    params, not_frozen = found
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if len(params) > len(placeholders):
+        raise FrozenValuesMismatch(f"{len(params)} frozen values for {len(placeholders)} graph inputs")
+    values = {}
+    for index, (node, value) in enumerate(zip(placeholders, params, strict=False)):  # params lead
+        if not isinstance(value, torch.Tensor):
+            continue
+        mismatch = _mismatch(node, value)
+        if mismatch:
+            raise FrozenValuesMismatch(f"frozen value {index} does not match graph input {node.name}: {mismatch}")
+        if index not in not_frozen:
+            values[node] = value
+    return values
+
+
+def _mismatch(node: torch.fx.Node, value: torch.Tensor) -> str | None:
+    fake = node.meta.get("val")
+    if not isinstance(fake, torch.Tensor):
+        return "the graph input is not a tensor"
+    shape_differs = fake.dim() != value.dim() or any(
+        isinstance(e, int) and e != a for e, a in zip(fake.shape, value.shape, strict=True)  # symbolic sizes pass
+    )
+    if shape_differs:
+        return f"shape {tuple(value.shape)} where the graph has {tuple(fake.shape)}"
+    for what in ("dtype", "device"):
+        if getattr(fake, what) != getattr(value, what):
+            return f"{what} {getattr(value, what)} where the graph has {getattr(fake, what)}"
+    return None

@@ -1,0 +1,157 @@
+"""BnFoldPass: fold inference BatchNorm into the conv / conv-transpose / linear next to it.
+
+It runs inside Inductor's freezing compile as a joint-graph pass: after AOTAutograd, before
+freezing's constant folding and binary folding, on a graph whose module state is still
+placeholders. Each rule's patterns are registered with Inductor's pattern matcher, its producer's
+``claims`` as the ``extra_check``; for each match the rule's checks decide, and a fold computes the
+new weight and bias once, from the real frozen tensors, in float64, and rebuilds the op to read them
+as graph constants. The rules run until nothing more folds (conv -> BN -> BN folds completely), and
+a BN is reported as kept, with the first refusal, only if it is still in the graph at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from .. import _torch_private as tp
+from .. import freezing
+from ..decisions import FoldDecision, FoldRecord, module_path, neighbours_description
+from ..rules import RULES, FoldRule, Side
+from ..rules.rule import Folded, Frozen
+
+
+def fold_graph(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+    """Fold every BN of ``graph`` that the enabled rules allow, given the real values of its frozen
+    inputs, and add a decision for every BN to ``record``."""
+    run = _FoldRun(graph, frozen, enabled_rules, record)
+    record.bn_ops_before += _count_bn_ops(graph)
+    run.fold_to_fixed_point()
+    record.bn_ops_after += _count_bn_ops(graph)
+    run.record_kept()
+
+
+class _FoldRun:
+    """One application of the rules to one graph."""
+
+    def __init__(self, graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+        self.graph, self.frozen, self.enabled_rules, self.record = graph, frozen, enabled_rules, record
+        self.folded: set[torch.fx.Node] = set()
+        #: The first reason each BN was refused for; reported only if no rule folds it in the end.
+        self.refused: dict[torch.fx.Node, FoldDecision] = {}
+        self.passes = {side: tp.PatternMatcherPass() for side in Side}
+        for rule in RULES:
+            for pattern in rule.patterns:
+                tp.register_graph_pattern(pattern, extra_check=rule.claims, pass_dict=self.passes[rule.side])(
+                    functools.partial(self.apply, rule)
+                )
+
+    def fold_to_fixed_point(self) -> None:
+        """A fold can make another site foldable (conv -> BN -> BN: the second BN follows a conv
+        only once the first is folded into it), so apply the rules until nothing more folds."""
+        while True:
+            folded = len(self.folded)
+            for side in (Side.OUTPUT, Side.INPUT):
+                self.passes[side].apply(self.graph)
+            if len(self.folded) == folded:
+                return
+
+    def apply(self, rule: FoldRule, match: tp.Match, *_matched_args: object, **_matched_kwargs: object) -> None:
+        """The pattern matcher's handler: fold the site ``match`` describes, or remember why not."""
+        site = rule.site(match)
+        if site is None or not site.recognised(self.frozen):
+            return
+        if rule.id not in self.enabled_rules:
+            self.refused.setdefault(site.bn, rule.decision(site, f"rule {rule.id} disabled by options"))
+            return
+        with tp.real_tensor_math():
+            result = rule.fold(site, self.frozen)
+        if not isinstance(result, Folded):
+            self.refused.setdefault(site.bn, rule.decision(site, result.reason))
+            return
+        weight, bias = (self._add_constant(value, like=site.producer) for value in (result.weight, result.bias))
+        data = site.input
+        if site.side is Side.INPUT:  # the op now reads what the BN normalised, moved the same way
+            site.bn.replace_all_uses_with(site.bn_input)
+            data = site.bn_input if data is site.bn else data
+        match.replace_by_example(rule.producer.rebuild(site), [data, weight, bias])
+        if site.side is Side.INPUT:
+            _erase_if_unused(site.bn)
+        self.folded.add(site.bn)
+        self.record.decisions.append(rule.decision(site))
+
+    def _add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
+        gm = self.graph.owning_module
+        name = next(f"_bnfuse_folded{i}" for i in itertools.count() if not hasattr(gm, f"_bnfuse_folded{i}"))
+        tp.mark_frozen(value)
+        gm.register_buffer(name, value)
+        with self.graph.inserting_before(like):
+            node = self.graph.get_attr(name)
+        node.meta["val"] = tp.fake_tensor_of(like, value)
+        self.frozen[node] = value  # a folded op can fold again (conv -> BN -> BN)
+        return node
+
+    def record_kept(self) -> None:
+        """Every BN left in the graph is kept: for the first reason a rule refused it, or, if no
+        rule matched it, because no conv or linear is next to it (naming the ops that are)."""
+        for bn, decision in self.refused.items():
+            if bn not in self.folded:
+                self.record.decisions.append(decision)
+        for bn in _bn_outputs(self.graph):
+            if bn not in self.refused and bn not in self.folded:
+                self.record.decisions.append(FoldDecision(bn=module_path(bn), folded=False, reason=neighbours_description(bn)))
+
+
+def _erase_if_unused(bn: torch.fx.Node) -> None:
+    """Remove a BN folded into the op after it (its output and the BN op itself)."""
+    bn_op = bn.args[0]
+    bn.graph.erase_node(bn)
+    if not bn_op.users:
+        bn_op.graph.erase_node(bn_op)
+
+
+def _count_bn_ops(graph: torch.fx.Graph) -> int:
+    return len(graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
+
+
+def _bn_outputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The normalised output (``getitem 0``) of each inference BN op in the graph."""
+    return [next(iter(op.users)) for op in graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP) if op.users]
+
+
+def _source_hash(extra: str) -> bytes:
+    """A hash of the files that decide what the pass does to a graph (its cache identity)."""
+    package = Path(__file__).parent.parent
+    sources = [Path(__file__), package / "fold_math.py", package / "freezing.py", *sorted((package / "rules").glob("*.py"))]
+    return tp.file_hash([str(p) for p in sources], extra=extra)
+
+
+class BnFoldPass(tp.CustomGraphPass):
+    """Joint-graph pass folding inference BatchNorm; its uuid keys Inductor's caches."""
+
+    def __init__(self, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+        self.enabled_rules = enabled_rules
+        self.record = record
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        start = time.perf_counter()
+        try:
+            frozen = freezing.frozen_values(graph)
+        except freezing.FrozenValuesMismatch as mismatch:  # fold nothing rather than fold wrong
+            bns = _bn_outputs(graph)
+            self.record.bn_ops_before += len(bns)
+            self.record.bn_ops_after += len(bns)
+            self.record.decisions += [FoldDecision(module_path(bn), folded=False, reason=f"not folded: {mismatch}") for bn in bns]
+            return
+        try:
+            fold_graph(graph, frozen, self.enabled_rules, self.record)
+        finally:
+            self.record.seconds += time.perf_counter() - start
+
+    def uuid(self) -> bytes:
+        return _source_hash(extra=",".join(sorted(self.enabled_rules)))

@@ -1,0 +1,43 @@
+"""BnLowerPass: decompose every inference BatchNorm the fold pass kept, exactly as Inductor would.
+
+bnfuse keeps BN whole through AOTAutograd and freezing so the rules can see it as one op. This pass
+runs after freezing on purpose: a kept BN decomposed earlier would be picked up by Inductor's
+binary folding, which folds it anyway, in low precision, and wrongly for transposed convolutions,
+which is what the refusal was there to prevent. An unfolded BN then costs what it costs today.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from .. import _torch_private as tp
+from ..rules.rule import BN_TENSORS, bn_of
+
+PATTERN = bn_of(tp.KeywordArg("input"))
+
+
+def _lower(match: tp.Match, *_matched_args: object, **_matched_kwargs: object) -> None:
+    kw = match.kwargs
+    present = [name for name in BN_TENSORS if kw[name] is not None]
+    momentum, eps = kw["momentum"], kw["eps"]
+
+    def bn(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        given = dict(zip(present, tensors, strict=True))
+        return tp.BN_INFERENCE_OP(x, *(given.get(name) for name in BN_TENSORS), momentum, eps)[0]
+
+    match.replace_by_example(bn, [kw["input"], *(kw[name] for name in present)])
+
+
+class BnLowerPass(tp.CustomGraphPass):
+    """Post-grad pass: the kept BNs, decomposed."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        lower = tp.PatternMatcherPass()
+        tp.register_graph_pattern(PATTERN, pass_dict=lower)(_lower)
+        lower.apply(graph)
+
+    def uuid(self) -> bytes:
+        return tp.file_hash([__file__, str(Path(__file__).parent.parent / "rules" / "rule.py")], extra="lower")
