@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -54,42 +55,116 @@ class Compile(Protocol):
 
 
 class FrozenTensors:
-    """The frozen inputs of one variant: which tensors they were, and their state at compile time.
+    """The frozen inputs of one variant, and how to tell on each call that they are unchanged.
 
-    A tensor's state is its version counter, which every in-place op bumps (``load_state_dict``,
-    an optimizer step, a BN statistics update), with its data pointer, which ``param.data = x``
-    changes. Identity is checked through weak references: a variant never keeps old weights alive.
+    Checked on every call, in C-level passes over the tensors (no Python loop on the common path):
+
+    - identity: each argument is the tensor compiled from (``id``, valid because a weak reference
+      to each marks the set dead the moment one of them is freed, so an id cannot be reused unseen);
+    - the version counter, which every tracked in-place op bumps (``load_state_dict``, an optimizer
+      step, a BN statistics update, ``copy_`` under ``no_grad``);
+    - the data pointer, which ``param.data = x`` changes without a version bump.
+
+    Inference tensors have no version counter. For them a ``load_state_dict`` on any module that
+    owns one is watched with a public load-state-dict post hook (registered on those modules, removed
+    with the variant); identity and data pointer are checked as for any tensor.
     """
 
     def __init__(self, indices: Sequence[int], inputs: Sequence[Any]) -> None:
         self.indices = tuple(indices)
-        self.refs = tuple(weakref.ref(inputs[i]) for i in self.indices)
-        self.states = tuple(_state(inputs[i]) for i in self.indices)
+        self.dead = False
+        self._refs = tuple(weakref.ref(inputs[i], self._on_free) for i in self.indices)
+        tensors = [inputs[i] for i in self.indices]
+        self._versioned = tuple(i for i, t in zip(self.indices, tensors, strict=True) if not t.is_inference())
+        self._select, self._select_versioned = _selector(self.indices), _selector(self._versioned)
+        self._ids = tuple(map(id, tensors))
+        self._versions = tuple(map(tp.version_of, self._select_versioned(inputs)))
+        self._pointers = tuple(map(_DATA_PTR, tensors))
+        self._reloads = _ReloadWatch([t for t in tensors if t.is_inference()])
+
+    def _on_free(self, _ref: weakref.ref) -> None:
+        self.dead = True
 
     def match(self, args: Sequence[Any]) -> bool:
-        return all(
-            args[i] is ref() and _state(args[i]) == state
-            for i, ref, state in zip(self.indices, self.refs, self.states, strict=True)
+        tensors = self._select(args)
+        return (
+            not self.dead
+            and tuple(map(id, tensors)) == self._ids
+            and tuple(map(tp.version_of, self._select_versioned(args))) == self._versions
+            and tuple(map(_DATA_PTR, tensors)) == self._pointers
+            and not self._reloads.seen
         )
 
-    def alive(self) -> bool:
-        return all(ref() is not None for ref in self.refs)
+    def probably_for(self, args: Sequence[Any]) -> bool:
+        """Whether ``args`` are likely this variant's (its first frozen tensor is there): a cheap
+        guess that picks the variant to run before the full check."""
+        return not self.indices or args[self.indices[0]] is self._refs[0]()
 
     def shares_any(self, args: Sequence[Any]) -> bool:
-        return any(args[i] is ref() for i, ref in zip(self.indices, self.refs, strict=True))
+        return any(args[i] is ref() for i, ref in zip(self.indices, self._refs, strict=True))
 
     def changes(self, args: Sequence[Any], names: Sequence[str]) -> list[str]:
+        """What changed, in the user's names (for the refold warning)."""
+        if self._reloads.seen:
+            return ["load_state_dict on " + ", ".join(self._reloads.seen)]
         changes = []
-        for i, ref, state in zip(self.indices, self.refs, self.states, strict=True):
+        versions = dict(zip(self._versioned, self._versions, strict=True))
+        for i, ref, pointer in zip(self.indices, self._refs, self._pointers, strict=True):
             if args[i] is not ref():
                 changes.append(f"{names[i]} replaced")
-            elif _state(args[i]) != state:
+            elif (i in versions and tp.version_of(args[i]) != versions[i]) or args[i].data_ptr() != pointer:
                 changes.append(f"{names[i]} modified in place")
         return changes
 
+    def release(self) -> None:
+        self._reloads.remove()
 
-def _state(tensor: torch.Tensor) -> tuple[int | None, int]:
-    return tp.version_counter(tensor), tensor.data_ptr()
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _selector(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``args -> tuple(args[i] for i in indices)``, in C."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    if len(indices) == 1:
+        (index,) = indices
+        return lambda args: (args[index],)
+    return lambda args: ()
+
+
+class _ReloadWatch:
+    """``load_state_dict`` on the modules that own some inference tensors (which have no version
+    counter): a post hook on each owner records it. Owners are found once, by a scan of the objects
+    the garbage collector tracks, and only when a graph freezes inference tensors."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.seen: list[str] = []
+        self._handles: list[Any] = []
+        if not tensors:
+            return
+        wanted = {id(t) for t in tensors}
+        for module in _modules_owning(wanted):
+            self._handles.append(module.register_load_state_dict_post_hook(self._loaded))
+
+    def _loaded(self, module: torch.nn.Module, _incompatible_keys: Any) -> None:
+        self.seen.append(type(module).__name__)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _modules_owning(tensor_ids: set[int]) -> list[torch.nn.Module]:
+    import gc
+
+    return [
+        obj
+        for obj in gc.get_objects()
+        if issubclass(type(obj), torch.nn.Module)  # type(), not isinstance: no proxy is asked
+        and any(id(t) in tensor_ids for t in (*obj.parameters(recurse=False), *obj.buffers(recurse=False)))
+    ]
 
 
 @dataclasses.dataclass
@@ -164,13 +239,20 @@ class CompiledGraph:
             return self._plain.call(*args)
         try:
             variant = self._last
-            if not variant.frozen.match(args):
+            if not variant.frozen.probably_for(args):  # another instance's weights: find its variant
+                variant = self._variant_for(args)
+            if variant.proven:
+                # Launch first, check after: on CUDA the check then runs while the kernels do. A
+                # stale answer is never returned: on a change the call is answered again, refolded.
+                out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+                if variant.frozen.match(args):
+                    return out
+                variant = self._variant_for(args)
+            elif not variant.frozen.match(args):
                 variant = self._variant_for(args)
         except Exception as error:  # noqa: BLE001 - the check or a refold failed: fall back, never crash
             return self._fall_back(args, error).call(*args)
-        if not variant.proven:
-            return self._first_call(variant, args)
-        return variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+        return self._first_call(variant, args)
 
     def _first_call(self, variant: _Variant, args: Sequence[Any]) -> Any:
         """A fresh compile's first run. Inductor can miscompile in a way only running shows (a
@@ -194,15 +276,15 @@ class CompiledGraph:
                 self._variants.move_to_end(key)
                 self._last = variant
                 return variant
-            stale = [k for k, v in self._variants.items() if not v.frozen.alive()]
+            stale = [k for k, v in self._variants.items() if v.frozen.dead]
             changed_key = key if variant is not None else next(  # some tensors replaced: the variant
-                (k for k, v in self._variants.items() if v.frozen.alive() and v.frozen.shares_any(args)), None
+                (k for k, v in self._variants.items() if not v.frozen.dead and v.frozen.shares_any(args)), None
             )  # sharing the others is the one that changed
             if changed_key is not None:
                 changes = self._variants[changed_key].frozen.changes(args, self._input_names)
                 log.warning(
-                    "bnfuse: %d frozen tensor(s) changed since compilation (%s); refolding and recompiling",
-                    len(changes), ", ".join(changes[:3]) + (", ..." if len(changes) > 3 else ""),
+                    "bnfuse: frozen tensors changed since compilation (%s); refolding and recompiling",
+                    ", ".join(changes[:3]) + (f", ... ({len(changes)} in all)" if len(changes) > 3 else ""),
                 )
                 stale.append(changed_key)
             else:  # no tensor in common with any variant: another instance of the architecture
@@ -228,6 +310,7 @@ class CompiledGraph:
     def _drop(self, key: tuple[int, ...]) -> None:
         old = self._variants.pop(key, None)
         if old is not None:
+            old.frozen.release()
             try:
                 tp.release_code_modules(old.modules)  # its constants go with its graph
             except Exception as error:  # noqa: BLE001 - releasing is an optimisation, never a reason to fail
@@ -253,7 +336,7 @@ def input_key(value: Any, frozen: bool) -> Hashable:
     if not isinstance(value, torch.Tensor):
         return repr(value)
     meta = (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
-    return (id(value), _state(value), meta) if frozen else meta
+    return (id(value), tp.version_counter(value), value.data_ptr(), meta) if frozen else meta
 
 
 _fallback_warned = False

@@ -165,3 +165,14 @@ def test_dtype_mode_and_dynamic_reach_the_compiled_systems(tmp_path):
     assert all(r["status"] == "ok" for r in rows), rows
     bnfuse = [r for r in rows if r["system"] == "bnfuse"]
     assert all(r["bn_folded"] == 1 and r["max_rel_error"] < 2e-2 for r in bnfuse), bnfuse
+
+
+@pytest.mark.parametrize(("dtype", "status"), [("float16", "failed"), ("float32", "ok")])
+def test_non_finite_output_fails_its_row_instead_of_being_timed(tmp_path, dtype, status):
+    json_path = tmp_path / "out.json"
+    cli.main(["--model", "bench_fixtures:overflowing", "--systems", "eager", "--dtype", dtype, "--json", str(json_path),
+              *QUICK])
+    [row] = json.loads(json_path.read_text())["results"]
+    assert row["status"] == status, row
+    if status == "failed":
+        assert "non-finite output" in row["error"] and row["latency_ms_median"] is None

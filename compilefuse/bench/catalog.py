@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..examples.models import BUILTIN_MODELS, randomize_bn
+from ..examples.models import BUILTIN_MODELS, calibrate_bn
 
 #: torchvision models the documentation's tables use (convnext_tiny has no BN: it must not regress).
 TORCHVISION_SET = (
@@ -25,8 +25,9 @@ class UnknownModel(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A model to benchmark: how to build it (BN statistics randomised, so folding matters) and an
-    input for a batch size."""
+    """A model to benchmark: how to build it (BN statistics calibrated on a batch of random inputs
+    after random affine parameters: far from identity, so folding matters, and in range in every
+    dtype) and an input for a batch size."""
 
     name: str
     build: Callable[[], nn.Module]
@@ -52,7 +53,7 @@ def resolve(name: str, image_size: int = 224) -> ModelSpec:
         return _from_factory(name)
     if name in BUILTIN_MODELS:
         spec = BUILTIN_MODELS[name]
-        return ModelSpec(name, lambda: randomize_bn(spec.build().eval()), spec.example)
+        return ModelSpec(name, lambda: _calibrated(spec.build(), spec.example(8)), spec.example)
     if name in torchvision_names():
         return _torchvision(name, image_size)
     hint = "" if torchvision_names() else " (torchvision is not installed: pip install torchvision for its models)"
@@ -69,10 +70,14 @@ def _torchvision(name: str, image_size: int) -> ModelSpec:
     shape = (3, 16, 112, 112) if video else (3, image_size, image_size)
 
     def build() -> nn.Module:
-        torch.manual_seed(0)
-        return randomize_bn(torchvision.models.get_model(name, weights=None).eval(), (0.5, 2.0))
+        return _calibrated(torchvision.models.get_model(name, weights=None), torch.randn(4, *shape))
 
     return ModelSpec(name, build, lambda batch: torch.randn(batch, *shape))
+
+
+def _calibrated(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    return calibrate_bn(model, example).eval()
 
 
 def _from_factory(path: str) -> ModelSpec:

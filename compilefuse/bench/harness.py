@@ -129,6 +129,10 @@ def _prepare(model_name, model, example, system, settings, reference) -> Prepare
         fail(row, error)
         return Prepared(row)
     row.peak_memory_mib = _peak_memory_mib(device, rss_before)
+    non_finite = [t for t in _tensors(output) if t.is_floating_point() and not torch.isfinite(t).all()]
+    if non_finite:  # timing NaNs would time garbage, and nothing could be checked
+        fail(row, FloatingPointError(f"non-finite output ({non_finite[0].dtype}): not timed"))
+        return Prepared(row)
     if system.same_function:
         row.max_rel_error = _relative_error(output, reference)
     if system.name in ("bnfuse", "limit") and records:

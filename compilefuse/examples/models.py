@@ -37,6 +37,31 @@ def randomize_bn(model: nn.Module, var_range: tuple[float, float] = (0.2, 3.0)) 
     return model
 
 
+def calibrate_bn(model: nn.Module, example: torch.Tensor, affine_range: tuple[float, float] = (0.5, 2.0)) -> nn.Module:
+    """Give every BatchNorm statistics a trained model could have: random affine parameters, then
+    running statistics measured on ``example`` (one forward pass in training mode, cumulative average).
+
+    Random statistics far from a layer's real input scale compound through a deep network and
+    overflow float16 (resnet50: NaN outputs); calibrated ones keep every activation in range, in
+    every dtype, while the scales and shifts stay far from identity, so folding still matters.
+    """
+    norms = [m for m in model.modules() if is_batch_norm(m) and m.track_running_stats]
+    saved = [(m.training, m.momentum) for m in norms]
+    with torch.no_grad():
+        for m in norms:
+            if m.affine:
+                m.weight.uniform_(*affine_range)
+                m.bias.uniform_(-0.5, 0.5)
+            m.reset_running_stats()
+            m.train()
+            m.momentum = None  # a cumulative average: after one batch, that batch's statistics
+        model(example)
+        for m, (training, momentum) in zip(norms, saved, strict=True):
+            m.train(training)
+            m.momentum = momentum
+    return model
+
+
 class SmallCNN(nn.Module):
     """Conv+BN, depthwise Conv+BN, ConvTranspose+BN, Linear+BN1d, and one BN that cannot fold."""
 

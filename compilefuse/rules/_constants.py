@@ -5,8 +5,10 @@ Three shapes of constant reach a folding rule:
 - a frozen parameter or buffer (a placeholder freezing will turn into a constant);
 - a frozen tensor cast to another dtype, as ``torch.autocast`` casts conv and linear weights:
   the fold then starts from the full-precision master and rounds once, to the dtype the op uses;
-- an expression of frozen tensors, as torchvision's ``FrozenBatchNorm2d`` computes its scale and
-  shift in ``forward``: evaluated here in float64 from the frozen leaves, never in the model's dtype.
+- an expression of frozen tensors: torchvision's ``FrozenBatchNorm2d`` computes its scale and shift
+  in ``forward``, and a parametrised weight (``weight_norm``: ``g * v / ||v||``; ``spectral_norm``
+  in eval: ``W / (u . W v)``) is computed on every call. Evaluated here once, in float64 from the
+  frozen leaves, never in the model's dtype.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ aten, prims = torch.ops.aten, torch.ops.prims
 #: Casts that autocast (or the user) puts between a frozen tensor and the op reading it.
 CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 
-#: Ops an affine expression may use: shape changes and elementwise arithmetic, nothing random or
-#: data dependent. Casts are evaluated as the identity: the expression is computed in float64.
+#: Ops a constant expression may use: shape changes, elementwise arithmetic and the reductions and
+#: products weight parametrisations use; nothing random, nothing that reads a run-time input. Casts
+#: are evaluated as the identity: the expression is computed in float64.
 EXPRESSION_OPS = frozenset(
     {
         aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
         aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.clone.default,
+        aten.permute.default, aten.t.default, aten.transpose.int,
         aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
         aten.div.Tensor, aten.div.Scalar, aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default,
-        aten.neg.default, *CASTS,
+        aten.neg.default, aten.abs.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
+        aten.sum.default, aten.sum.dim_IntList, aten.mean.dim, aten.linalg_vector_norm.default,
+        aten.norm.ScalarOpt_dim, aten.mv.default, aten.dot.default, aten.mm.default, aten.clamp_min.default,
+        *CASTS,
     }
 )
 
@@ -47,11 +54,15 @@ class FrozenOperand:
 
 
 def frozen_operand(node: torch.fx.Node, frozen: dict[torch.fx.Node, torch.Tensor]) -> FrozenOperand | None:
-    """``node`` as a frozen tensor, possibly behind one dtype cast; None when it is not one."""
+    """``node`` as a frozen tensor, possibly behind one dtype cast, or computed from frozen tensors
+    alone (its float64 value); None when it reads anything else."""
     if node in frozen:
         return FrozenOperand(frozen[node], frozen[node].dtype)
     if _is_plain_cast(node) and node.args[0] in frozen:
         return FrozenOperand(frozen[node.args[0]], node.meta["val"].dtype)
+    leaves = expression_leaves(node, frozen)
+    if leaves and all(frozen[leaf].device == node.meta["val"].device for leaf in leaves):
+        return FrozenOperand(evaluate_float64(node, frozen), node.meta["val"].dtype)
     return None
 
 
