@@ -62,7 +62,8 @@ def main() -> None:
     raw_s = timed(f"raw(*kept); {sync}", 3)
     print(f"{args.model} batch {args.batch_size} on {args.device}, {args.threads} threads, torch {torch.__version__}")
     print(f"frozen tensors checked per call: {len(frozen.indices)}")
-    print(f"check: {check_s * 1e6:.1f} us per call (the former Python loop: {old_s * 1e6:.1f} us); compiled model: {model_s * 1e3:.3f} ms "
+    print(f"check: {check_s * 1e6:.1f} us per call (the former Python loop: {old_s * 1e6:.1f} us); "
+          f"compiled model: {model_s * 1e3:.3f} ms "
           f"(check = {100 * check_s / model_s:.3f} % of it); the compiled graph alone, no Dynamo guards "
           f"and no check: {raw_s * 1e3:.3f} ms (bnfuse's call with Dynamo: {100 * (model_s / raw_s - 1):+.2f} %)")
 

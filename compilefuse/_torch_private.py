@@ -45,8 +45,13 @@ __all__ = ["BN_INFERENCE_OP", "CustomGraphPass", "Match", "PatternMatcherPass"]
 
 
 def inductor_mode_options(mode: str | None) -> dict[str, Any]:
-    """Inductor config patches for a ``torch.compile`` mode (raises for an unknown mode)."""
-    return dict(list_mode_options(mode)) if mode else {}
+    """Inductor config patches for a ``torch.compile`` mode (``RuntimeError`` for an unknown mode;
+    torch up to about 2.7 raised ``KeyError``)."""
+    try:
+        return dict(list_mode_options(mode)) if mode else {}
+    except KeyError:
+        raise RuntimeError(f"Unrecognized mode={mode}, should be one of: default, reduce-overhead, "
+                           "max-autotune, max-autotune-no-cudagraphs") from None
 
 
 def inductor_config_keys() -> frozenset[str]:
@@ -227,16 +232,17 @@ def version_counter(tensor: torch.Tensor) -> int | None:
 
 
 def _code_cache() -> Any | None:
-    """Inductor's ``PyCodeCache`` if its layout is the one ``release_code_modules`` knows."""
+    """Inductor's ``PyCodeCache`` if its layout is one ``release_code_modules`` knows: a ``modules``
+    list (torch 2.6 on), and, from about 2.8, a ``modules_no_attr`` dict beside it."""
     try:
         from torch._inductor.codecache import PyCodeCache
     except ImportError:
         return None
-    if isinstance(getattr(PyCodeCache, "modules", None), list) and isinstance(
-        getattr(PyCodeCache, "modules_no_attr", None), dict
-    ):
-        return PyCodeCache
-    return None
+    if not isinstance(getattr(PyCodeCache, "modules", None), list):
+        return None
+    if not isinstance(getattr(PyCodeCache, "modules_no_attr", {}), dict):
+        return None
+    return PyCodeCache
 
 
 @contextlib.contextmanager
@@ -268,9 +274,10 @@ def release_code_modules(modules: Sequence[Any]) -> None:
         return
     dead = {id(m) for m in modules}
     cache.modules[:] = [m for m in cache.modules if id(m) not in dead]
-    for key, module in list(cache.modules_no_attr.items()):
+    by_key = getattr(cache, "modules_no_attr", {})
+    for key, module in list(by_key.items()):
         if id(module) in dead:
-            del cache.modules_no_attr[key]
+            del by_key[key]
     for module in modules:  # Inductor also registers them in sys.modules
         name = getattr(module, "__name__", None)
         if name is not None and sys.modules.get(name) is module:

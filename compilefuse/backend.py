@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import _torch_private as tp
-from . import compiled_graph, freezing
+from . import compiled_graph, freezing, versions
 from .config import BnfuseConfig
 from .decisions import FoldRecord, module_path, source_path, traced_decisions
 from .passes import BnFoldPass, BnLowerPass
@@ -43,13 +43,14 @@ def bnfuse(
     options: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """torch.compile backend folding inference BatchNorm into conv / conv-transpose / linear."""
-    config = BnfuseConfig.from_options(options, mode)
+    config = BnfuseConfig.from_options(options, mode)  # the user's errors: raised, never swallowed
     compile_graph = GraphCompiler(gm, config)
-    needing_grad = _first_requiring_grad(gm, example_inputs)
-    if needing_grad is not None:
-        _log_autograd_once(needing_grad)
-        return compile_graph.plain(list(example_inputs), record=FoldRecord(traced_decisions(gm, autograd=True)))
     try:
+        versions.warn_once_if_untested()
+        needing_grad = _first_requiring_grad(gm, example_inputs)
+        if needing_grad is not None:
+            _log_autograd_once(needing_grad)
+            return compile_graph.plain(list(example_inputs), lambda: FoldRecord(traced_decisions(gm, autograd=True)))
         placeholders = gm.graph.find_nodes(op="placeholder")
         key = (gm.code, repr(config), tuple(
             compiled_graph.input_key(value, frozen=tp.is_module_state(node))
@@ -66,7 +67,7 @@ def bnfuse(
             recompile_context=lambda: tp.tracing(fake_mode if dynamic else None),
             input_names=[source_path(node) for node in placeholders],
         ))
-    except Exception as error:  # setting up the frozen call failed: never the user's problem
+    except Exception as error:  # bnfuse's own set-up failed: never the user's problem
         if config.strict or tp.is_dynamo_control_flow(error):
             raise
         compiled_graph.warn_fallback_once(error)
@@ -84,7 +85,7 @@ class GraphCompiler:
         if failure is None:
             return self.folded(inputs)
         reason = f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}"
-        record = FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason))
+        record = lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason))  # noqa: E731
         return compiled_graph.Compiled(self.plain(inputs, record), tuple(range(len(inputs))))
 
     def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
@@ -94,7 +95,7 @@ class GraphCompiler:
             **_float64_cpu_patches(inputs),
             **self.config.inductor_patches,
             "freezing": True,
-            "joint_custom_pre_pass": BnFoldPass(self.config.rules, record),
+            "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted)),
             "post_grad_custom_pre_pass": BnLowerPass(),
         }
         with torch.no_grad():
@@ -103,9 +104,14 @@ class GraphCompiler:
         # and a graph that fails its first run falls back and is reported as that.
         return compiled_graph.Compiled(call, tuple(kept), on_first_answer=lambda: self._publish(record))
 
-    def plain(self, inputs: list[Any], record: FoldRecord) -> Callable[..., Any]:
+    def plain(self, inputs: list[Any], record: Callable[[], FoldRecord]) -> Callable[..., Any]:
+        """Plain Inductor, nothing frozen or folded; ``record()`` says why. This is the fallback, so
+        a failure to report never fails it (the report then lacks this graph, and the log says so)."""
         call = tp.compile_with_inductor(self.gm, inputs, dict(self.config.inductor_patches), keep_bn=False)
-        self._publish(record)
+        try:
+            self._publish(record())
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log.debug("bnfuse: could not report a graph compiled by plain Inductor (%s: %s)", type(error).__name__, error)
         return call
 
     def _publish(self, record: FoldRecord) -> None:
@@ -115,6 +121,7 @@ class GraphCompiler:
             if node.op.startswith("call_"):  # runs (placeholders carry their module's path too)
                 order.setdefault(module_path(node), index)
         record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
+        record.merges.sort(key=lambda m: order.get(m.into, len(order)))
         RECORDS.append(record)
         publish(record)
         for decision in record.decisions:

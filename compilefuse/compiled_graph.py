@@ -259,10 +259,10 @@ class CompiledGraph:
         layout assertion in the generated code, say); then the graph falls back."""
         try:
             out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+            variant.compiled.on_first_answer()
         except Exception as error:  # noqa: BLE001 - a miscompile shows at the first run: fall back
             return self._fall_back(args, error).call(*args)
         variant.proven = True
-        variant.compiled.on_first_answer()
         return out
 
     def _ids(self, args: Sequence[Any]) -> tuple[int, ...]:
@@ -347,7 +347,7 @@ def warn_fallback_once(error: Exception) -> None:
     if not _fallback_warned:
         _fallback_warned = True
         log.warning(
-            "bnfuse: the folded graph failed to compile or to run (%s: %s); this graph is compiled by plain "
-            "Inductor instead, unfolded. options={'strict': True} raises instead.",
+            "bnfuse failed on a graph (%s: %s); it is compiled by plain Inductor instead, unfolded. "
+            "options={'strict': True} raises instead.",
             type(error).__name__, str(error).splitlines()[0] if str(error) else "",
         )

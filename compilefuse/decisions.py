@@ -36,11 +36,26 @@ class FoldDecision:
         return f"{self.bn}: kept ({self.reason})"
 
 
+@dataclasses.dataclass(frozen=True)
+class MergeDecision:
+    """Parallel branches on one input merged into one convolution (structural re-parameterisation)."""
+
+    branches: tuple[str, ...]  # the user's module paths of the merged terms, in graph order
+    into: str  # the module path the merged conv is named after (its largest branch)
+    producer_kind: str
+    rule: str
+
+    def __str__(self) -> str:
+        branches = ", ".join(self.branches)
+        return f"merged {len(self.branches)} branches ({branches}) into {self.producer_kind} {self.into} ({self.rule})"
+
+
 @dataclasses.dataclass
 class FoldRecord:
     """What bnfuse decided for one compiled graph, and how long its rules took."""
 
     decisions: list[FoldDecision] = dataclasses.field(default_factory=list)
+    merges: list[MergeDecision] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     #: Inference BN ops in the graph before and after the fold rules ran, counted on the graph
     #: itself (independently of the decisions, so the two can be checked against each other).

@@ -61,23 +61,37 @@ def lift_module_state(
     return lifted, kept
 
 
-def frozen_values(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.Tensor]:
+def state_in_aot_order(lifted: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """The lifted module's state in the order AOTAutograd lifts it: parameters, then buffers."""
+    return [
+        *dict(lifted.named_parameters(remove_duplicate=False)).values(),
+        *dict(lifted.named_buffers(remove_duplicate=False)).values(),
+    ]
+
+
+def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> dict[torch.fx.Node, torch.Tensor]:
     """Real values of the placeholders that freezing will turn into constants (empty outside a
     freezing compile).
 
-    AOTAutograd puts the graph's attributes first among the placeholders, in the order of
-    ``params``. Nothing checks that pairing upstream, so it is checked here: one value per leading
-    placeholder, each with its fake tensor's shape, dtype and device. A mismatch raises
-    ``FrozenValuesMismatch``: same-shaped statistics paired with the wrong node would fold silently
-    wrong, so the pass then folds nothing in the graph.
+    AOTAutograd puts the module state first among the placeholders, in the order of the values it
+    keeps in its tracing context. Nothing checks that pairing upstream, so it is checked here: the
+    values are exactly ``expected`` (the state bnfuse lifted, in AOTAutograd's order: identity, so
+    two same-shaped statistics swapped are caught), one per leading placeholder, each with its
+    fake tensor's shape, dtype and device. A mismatch raises ``FrozenValuesMismatch``: a value
+    paired with the wrong node would fold silently wrong, so the pass then folds nothing.
     """
     found = tp.aot_parameters()
     if found is None:
         return {}
     params, not_frozen = found
     placeholders = list(graph.find_nodes(op="placeholder"))
-    if len(params) > len(placeholders):
-        raise FrozenValuesMismatch(f"{len(params)} frozen values for {len(placeholders)} graph inputs")
+    if len(params) != len(expected) or len(params) > len(placeholders):
+        raise FrozenValuesMismatch(
+            f"{len(params)} frozen values for {len(expected)} lifted tensors and {len(placeholders)} graph inputs"
+        )
+    moved = next((i for i, (a, b) in enumerate(zip(params, expected, strict=True)) if a is not b), None)
+    if moved is not None:
+        raise FrozenValuesMismatch(f"frozen value {moved} is not the tensor bnfuse lifted at that position")
     values = {}
     for index, (node, value) in enumerate(zip(placeholders, params, strict=False)):  # params lead
         if not isinstance(value, torch.Tensor):

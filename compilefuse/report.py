@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .decisions import FoldDecision, FoldRecord
+from .decisions import FoldDecision, FoldRecord, MergeDecision
 
 _COLUMNS = ("batchnorm", "status", "folded into", "rule / reason")
 
@@ -20,6 +20,8 @@ class FoldReport:
     rows: list[FoldDecision]
     fold_seconds: float
     graphs: int
+    #: Parallel branches merged into one convolution (each a line under the table).
+    merges: list[MergeDecision] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_records(cls, records: Iterable[FoldRecord]) -> FoldReport:
@@ -28,6 +30,7 @@ class FoldReport:
             rows=[d for r in records for d in r.decisions],
             fold_seconds=sum(r.seconds for r in records),
             graphs=len(records),
+            merges=[m for r in records for m in r.merges],
         )
 
     @property
@@ -45,6 +48,7 @@ class FoldReport:
             "total": self.total,
             "fold_seconds": self.fold_seconds,
             "graphs": self.graphs,
+            "merges": [dataclasses.asdict(merge) for merge in self.merges],
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -63,6 +67,7 @@ class FoldReport:
         widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1] for line in cells]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(_COLUMNS[-1]))
+        lines += [str(merge) for merge in self.merges]
         graphs = f" in {self.graphs} graphs" if self.graphs != 1 else ""
         lines.append(
             f"folded {self.folded} of {self.total} BatchNorms{graphs}; "

@@ -41,7 +41,7 @@ class EveryReason(nn.Module):
         s = self.shared(y)
         y = self.shared_bn(s) + s
         y = self.relu_bn(torch.relu(y))
-        y = self.pool_bn(F.max_pool2d(y, 2))
+        y = torch.relu(self.pool_bn(F.max_pool2d(y, 2)))
         y = self.untracked_bn(self.train_bn(y))
         return self.head_bn(self.head(y.mean((2, 3))))
 
@@ -79,7 +79,7 @@ bn            folded  conv2d conv          conv_bn
 up_bn         folded  conv_transpose2d up  conv_transpose_bn
 shared_bn     kept                         output also used by add
 relu_bn       kept                         no conv or linear next to it (input from relu, output to max_pool2d)
-pool_bn       kept                         no conv or linear next to it (input from max_pool2d, output to BatchNorm2d)
+pool_bn       kept                         no conv or linear next to it (input from max_pool2d, output to relu)
 train_bn      kept                         training mode
 untracked_bn  kept                         no running statistics (track_running_stats=False)
 head_bn       folded  linear head          linear_bn

@@ -114,3 +114,63 @@ def test_eight_threads_calling_at_once_match_eager_and_compile_once():
     with torch.inference_mode():
         for x, out in zip(inputs, outputs, strict=True):
             torch.testing.assert_close(out, model(x))
+
+
+def planted(*_args, **_kwargs):
+    raise RuntimeError("planted failure")
+
+
+#: Every stage of bnfuse's own work, as (module, attribute) to replace with a failure.
+STAGES = {
+    "setting up the frozen call": ("compilefuse.compiled_graph", "input_key"),
+    "naming placeholders": ("compilefuse.backend", "source_path"),
+    "reading frozen values": ("compilefuse._torch_private", "aot_parameters"),
+    "the fold pass": ("compilefuse.passes.fold", "fold_graph"),
+    "building the report": ("compilefuse.backend.GraphCompiler", "_publish"),
+    "the per-call check": ("compilefuse.compiled_graph.FrozenTensors", "match"),
+    "the torch version check": ("compilefuse.versions", "warn_once_if_untested"),
+}
+
+
+def _plant(monkeypatch, stage: str) -> None:
+    import importlib
+
+    module_name, attribute = STAGES[stage]
+    owner_path, _, class_name = module_name.rpartition(".") if stage in (
+        "building the report", "the per-call check") else (module_name, "", "")
+    owner = importlib.import_module(owner_path)
+    target = getattr(owner, class_name) if class_name else owner
+    monkeypatch.setattr(target, attribute, planted)
+    monkeypatch.setattr(compiled_graph, "_fallback_warned", False)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_failure_at_any_stage_falls_back_to_plain_inductor_with_one_warning(stage, monkeypatch, caplog):
+    _plant(monkeypatch, stage)
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    with caplog.at_level(logging.WARNING, logger="compilefuse"):
+        compiled = torch.compile(model, backend="bnfuse", options={"strict": False})
+        with torch.inference_mode():
+            outputs = [compiled(x) for _ in range(3)]
+    for out in outputs:
+        assert relative_error(out, float64_reference(model, x)) < 1e-5
+    messages = [r.getMessage() for r in caplog.records if r.name == "compilefuse" and "plain Inductor" in r.getMessage()]
+    assert len(messages) == 1 and "planted failure" in messages[0], messages
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_failure_at_any_stage_raises_when_strict(stage, monkeypatch):
+    _plant(monkeypatch, stage)
+    with pytest.raises(Exception, match="planted failure"):
+        run_bnfuse(conv_bn_model(), torch.randn(2, 3, 6, 6), calls=2, options={"strict": True})
+
+
+def test_failing_release_of_old_code_never_fails_a_call(monkeypatch):
+    monkeypatch.setattr("compilefuse._torch_private.release_code_modules", planted)
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, backend="bnfuse", options={"strict": True})
+    with torch.inference_mode():
+        compiled(x)
+        model[1].running_mean.add_(1.0)  # a refold drops, and releases, the old variant
+        out = compiled(x)
+    assert relative_error(out, float64_reference(model, x)) < 1e-5

@@ -106,7 +106,7 @@ def print_catalog() -> None:
 
 
 def default_systems(device: str) -> list[str]:
-    names = [name for name in SYSTEMS if name != "onnxruntime"]
+    names = [name for name in SYSTEMS if name not in ("onnxruntime", "reparameterized")]  # the latter: on request
     if device == "cpu" and SYSTEMS["onnxruntime"].available() is None:
         names.append("onnxruntime")
     return names

@@ -73,6 +73,15 @@ def _limit(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
     return torch.compile(without_batch_norm(model), backend="bnfuse", mode=settings.mode, dynamic=settings.dynamic)
 
 
+def _reparameterized(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+    """The model's own deploy step (``model.reparameterize()``, as timm's ``reparameterize_model`` or
+    the papers' ``switch_to_deploy``), then compiled as bnfuse compiles: what bnfuse's merging of the
+    as-trained model is measured against."""
+    if not hasattr(model, "reparameterize"):
+        raise RuntimeError(f"{type(model).__name__} has no reparameterize() (no hand deploy step to compare with)")
+    return torch.compile(model.reparameterize(), backend="bnfuse", mode=settings.mode, dynamic=settings.dynamic)
+
+
 def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
     """Export through ``torch.onnx`` (TorchScript exporter, no extra packages) and run on ORT's CPU
     provider with the same thread count as torch."""
@@ -109,6 +118,8 @@ SYSTEMS: dict[str, System] = {
         System("bnfuse", "torch.compile(backend='bnfuse')", _compiled("bnfuse")),
         System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
                _limit, same_function=False),
+        System("reparameterized", "the model's own hand deploy step (reparameterize()), compiled as bnfuse compiles",
+               _reparameterized),
         System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime,
                requires="onnxruntime"),
     )

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import branchy
+
 
 def is_batch_norm(module: nn.Module) -> bool:
     """torch's BatchNorm modules (1d, 2d, 3d, synchronised, lazy), by their public classes."""
@@ -251,4 +253,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "audio_cnn": BuiltinModel(audio_cnn, (1, 1, 8000), 4, 4),
     "preact_cnn": BuiltinModel(preact_cnn, (1, 3, 32, 32), 6, 6),
     "densenet_style": BuiltinModel(DenseNetStyle, (1, 3, 16, 16), 3, 7),
+    "repvgg_style": BuiltinModel(branchy.repvgg_style, (1, 3, 32, 32), 16, 16),
+    "mobileone_style": BuiltinModel(branchy.mobileone_style, (1, 3, 32, 32), 22, 22),
+    "fastvit_style": BuiltinModel(branchy.fastvit_style, (1, 3, 32, 32), 17, 17),
+    "mixnet_style": BuiltinModel(branchy.mixnet_style, (1, 3, 32, 32), 8, 8),
+    "levit_style": BuiltinModel(branchy.LeViTStyle, (1, 3, 32, 32), 8, 8),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,9 +22,9 @@ import torch.fx
 
 from .. import _torch_private as tp
 from .. import freezing
-from ..decisions import FoldDecision, FoldRecord, module_path, neighbours_description
-from ..rules import RULES, FoldRule, Side
-from ..rules.rule import Folded, Frozen
+from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
+from ..rules import RULES
+from ..rules.rule import Frozen, Rule
 
 
 def fold_graph(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
@@ -44,48 +45,55 @@ class _FoldRun:
         self.folded: set[torch.fx.Node] = set()
         #: The first reason each BN was refused for; reported only if no rule folds it in the end.
         self.refused: dict[torch.fx.Node, FoldDecision] = {}
-        self.passes = {side: tp.PatternMatcherPass() for side in Side}
+        self.merges = 0
+        self.steps = 0
+        stages = sorted({rule.stage for rule in RULES})
+        self.passes = [tp.PatternMatcherPass() for _ in stages]
         for rule in RULES:
             for pattern in rule.patterns:
-                tp.register_graph_pattern(pattern, extra_check=rule.claims, pass_dict=self.passes[rule.side])(
+                tp.register_graph_pattern(pattern, extra_check=rule.claims, pass_dict=self.passes[stages.index(rule.stage)])(
                     functools.partial(self.apply, rule)
                 )
 
     def fold_to_fixed_point(self) -> None:
         """A fold can make another site foldable (conv -> BN -> BN: the second BN follows a conv
-        only once the first is folded into it), so apply the rules until nothing more folds."""
+        only once the first is folded into it), so apply the rules, stage by stage, until nothing
+        more changes."""
         while True:
-            folded = len(self.folded)
-            for side in (Side.OUTPUT, Side.INPUT):
-                self.passes[side].apply(self.graph)
-            if len(self.folded) == folded:
+            changes = self.changes
+            for stage in self.passes:
+                stage.apply(self.graph)
+            if self.changes == changes:
                 return
 
-    def apply(self, rule: FoldRule, match: tp.Match, *_matched_args: object, **_matched_kwargs: object) -> None:
-        """The pattern matcher's handler: fold the site ``match`` describes, or remember why not."""
-        site = rule.site(match)
-        if site is None or not site.recognised(self.frozen):
-            return
-        if rule.id not in self.enabled_rules:
-            self.refused.setdefault(site.bn, rule.decision(site, f"rule {rule.id} disabled by options"))
-            return
-        with tp.real_tensor_math():
-            result = rule.fold(site, self.frozen)
-        if not isinstance(result, Folded):
-            self.refused.setdefault(site.bn, rule.decision(site, result.reason))
-            return
-        weight, bias = (self._add_constant(value, like=site.producer) for value in (result.weight, result.bias))
-        data = site.input
-        if site.side is Side.INPUT:  # the op now reads what the BN normalised, moved the same way
-            site.bn.replace_all_uses_with(site.bn_input)
-            data = site.bn_input if data is site.bn else data
-        match.replace_by_example(rule.producer.rebuild(site), [data, weight, bias])
-        if site.side is Side.INPUT:
-            _erase_if_unused(site.bn)
-        self.folded.add(site.bn)
-        self.record.decisions.append(rule.decision(site))
+    def apply(self, rule: Rule, match: tp.Match, *_matched_args: object, **_matched_kwargs: object) -> None:
+        """The pattern matcher's handler: the rule rewrites the site ``match`` describes, or says why not."""
+        rule.rewrite(match, self)
 
-    def _add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
+    # -- what a rule's rewrite uses (rules.rule.RewriteContext) ---------------------------------
+
+    def enabled(self, rule_id: str) -> bool:
+        return rule_id in self.enabled_rules
+
+    def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
+        self.folded.add(bn)
+        self.record.decisions.append(decision)
+
+    def refuse(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
+        self.refused.setdefault(bn, decision)
+
+    def merge(self, merge: MergeDecision) -> None:
+        self.merges += 1
+        self.record.merges.append(merge)
+
+    def progress(self) -> None:
+        self.steps += 1
+
+    @property
+    def changes(self) -> int:
+        return len(self.folded) + self.merges + self.steps
+
+    def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
         gm = self.graph.owning_module
         name = next(f"_bnfuse_folded{i}" for i in itertools.count() if not hasattr(gm, f"_bnfuse_folded{i}"))
         tp.mark_frozen(value)
@@ -107,14 +115,6 @@ class _FoldRun:
                 self.record.decisions.append(FoldDecision(bn=module_path(bn), folded=False, reason=neighbours_description(bn)))
 
 
-def _erase_if_unused(bn: torch.fx.Node) -> None:
-    """Remove a BN folded into the op after it (its output and the BN op itself)."""
-    bn_op = bn.args[0]
-    bn.graph.erase_node(bn)
-    if not bn_op.users:
-        bn_op.graph.erase_node(bn_op)
-
-
 def _count_bn_ops(graph: torch.fx.Graph) -> int:
     return len(graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
 
@@ -134,14 +134,17 @@ def _source_hash(extra: str) -> bytes:
 class BnFoldPass(tp.CustomGraphPass):
     """Joint-graph pass folding inference BatchNorm; its uuid keys Inductor's caches."""
 
-    def __init__(self, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+    def __init__(self, enabled_rules: frozenset[str], record: FoldRecord, state: Sequence[torch.Tensor]) -> None:
+        """``state``: the module state lifted for freezing, in AOTAutograd's order (``freezing.state_in_aot_order``)."""
         self.enabled_rules = enabled_rules
         self.record = record
+        self.state = state
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
+        state, self.state = self.state, ()  # Inductor may keep the pass: it must not keep the weights
         try:
-            frozen = freezing.frozen_values(graph)
+            frozen = freezing.frozen_values(graph, state)
         except freezing.FrozenValuesMismatch as mismatch:  # fold nothing rather than fold wrong
             bns = _bn_outputs(graph)
             self.record.bn_ops_before += len(bns)

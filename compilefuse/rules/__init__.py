@@ -6,11 +6,15 @@ A rule is ``FoldRule(id, producer, side)`` (``rule.py``): rules with the BN on t
 ``compilefuse/passes/fold.py``); a BN that one rule refuses may still be folded by another.
 """
 
+from .branch_merge import BRANCH_MERGE
+from .cat import CAT_BN
 from .convolution import BN_CONV, CONV_BN, CONV_TRANSPOSE_BN
-from .linear import BN_LINEAR, LINEAR_BN
-from .rule import FoldRule, Side
+from .linear import BN_LINEAR, BN_TOKENS_LINEAR, LINEAR_BN, LINEAR_TOKENS_BN
+from .rule import FoldRule, Rule, Side
 
-RULES: tuple[FoldRule, ...] = (CONV_BN, CONV_TRANSPOSE_BN, LINEAR_BN, BN_CONV, BN_LINEAR)
+RULES: tuple[Rule, ...] = (
+    CONV_BN, CONV_TRANSPOSE_BN, LINEAR_BN, LINEAR_TOKENS_BN, CAT_BN, BN_CONV, BN_LINEAR, BN_TOKENS_LINEAR, BRANCH_MERGE,
+)
 RULE_IDS: tuple[str, ...] = tuple(rule.id for rule in RULES)
 
-__all__ = ["RULES", "RULE_IDS", "FoldRule", "Side"]
+__all__ = ["RULES", "RULE_IDS", "FoldRule", "Rule", "Side"]

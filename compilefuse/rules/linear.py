@@ -18,6 +18,7 @@ Both are exact for any shapes: each output feature is one dot product with one w
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,6 +46,15 @@ class Linear(Producer):
     def scale_output_channels(self, weight: torch.Tensor, scale: torch.Tensor, site: BnSite) -> torch.Tensor:
         return fold_math.scale_output_channels(weight, scale)
 
+    def operands(self, node: torch.fx.Node) -> dict[str, Any] | None:
+        if node.op != "call_function" or node.target not in self.targets:
+            return None
+        bias, x, transposed = (None, *node.args) if node.target is aten.mm.default else node.args
+        if not (isinstance(transposed, torch.fx.Node) and transposed.target is aten.permute.default
+                and list(transposed.args[1]) == [1, 0]):
+            return None
+        return {"input": x, "weight": transposed.args[0], "bias": bias}
+
     def rebuild(self, site: BnSite) -> Callable[..., torch.Tensor]:
         def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
             return aten.addmm.default(bias, x, aten.permute.default(weight, [1, 0]))
@@ -54,3 +64,5 @@ class Linear(Producer):
 
 LINEAR_BN = FoldRule("linear_bn", Linear(), Side.OUTPUT)
 BN_LINEAR = FoldRule("bn_linear", Linear(), Side.INPUT)
+LINEAR_TOKENS_BN = FoldRule("linear_tokens_bn", Linear(), Side.OUTPUT, tokens=True)
+BN_TOKENS_LINEAR = FoldRule("bn_tokens_linear", Linear(), Side.INPUT, tokens=True)

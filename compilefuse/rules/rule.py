@@ -13,17 +13,42 @@ import dataclasses
 import enum
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match
-from ..decisions import FoldDecision, module_path
-from . import _channel_local, _constants
+from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match, real_tensor_math
+from ..decisions import FoldDecision, MergeDecision, module_path
+from . import _channel_local, _constants, _tokens
 
 Frozen = dict[torch.fx.Node, torch.Tensor]
+
+
+class RewriteContext(Protocol):
+    """What a rule's rewrite gets from the pass running it (``passes/fold.py``)."""
+
+    frozen: Frozen  # the real value of every frozen node, folded constants included
+
+    def enabled(self, rule_id: str) -> bool: ...
+    def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node: ...
+    def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None: ...
+    def refuse(self, bn: torch.fx.Node, decision: FoldDecision) -> None: ...
+    def merge(self, merge: MergeDecision) -> None: ...
+    def progress(self) -> None: ...  # a rewrite that is a step of a fold (more steps follow)
+
+
+class Rule(Protocol):
+    """Every rule: an id, the stage it runs in, its patterns, the check that picks its matches
+    (the matcher's ``extra_check``), and the rewrite of one match."""
+
+    id: str
+    stage: int
+    patterns: tuple[Any, ...]
+
+    def claims(self, match: Match) -> bool: ...
+    def rewrite(self, match: Match, run: RewriteContext) -> None: ...
 
 
 class Side(enum.Enum):
@@ -139,6 +164,10 @@ class BnSite:
     private: list[torch.fx.Node]
     #: The nodes that may read the private ones.
     readers: set[torch.fx.Node]
+    #: Shape-only ops between the op and the BN (token sequences), in program order.
+    chain: list[torch.fx.Node] = dataclasses.field(default_factory=list)
+    #: For a frozen affine map before the op: what it is applied to.
+    source: torch.fx.Node | None = None
 
     @classmethod
     def on_output(cls, match: Match, producer_targets: tuple[Any, ...]) -> BnSite:
@@ -161,6 +190,11 @@ class BnSite:
         the op's input is not such a BN)."""
         kw = match.kwargs
         consumer = next(n for n in match.nodes if n.target in consumer_targets)
+        affine = _affine_before(kw["input"])
+        if affine is not None:  # a frozen affine map (FrozenBatchNorm2d) read directly by the op
+            add, product, source, norm = affine
+            return cls(Side.INPUT, add, consumer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, [add, product],
+                       readers={add, product, consumer}, source=source)
         before = _channel_local.bn_before(kw["input"])
         if before is None:
             return None
@@ -168,15 +202,40 @@ class BnSite:
         bn_kw = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
         norm = BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"])
         private = [before.bn, *before.moves]
+        # Other ops reading the BN directly may each take a fold of their own (inception-style branches).
+        siblings = [u for u in before.bn.users if u not in private and u is not consumer and _takes_input_fold(u, before.bn)]
         return cls(
             Side.INPUT, before.bn, consumer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, private,
-            readers={*private, consumer},
+            readers={*private, consumer, *siblings},
         )
+
+    @classmethod
+    def through_shape_ops(cls, match: Match, producer: Producer, side: Side) -> BnSite | None:
+        """A BN and a Linear on token sequences, shape-only ops between them (None: no such site)."""
+        if side is Side.OUTPUT:
+            output = match.output_node()
+            source, chain = _tokens.chain_back(match.kwargs["input"])
+            operands = producer.operands(source)
+            if not chain or operands is None:
+                return None
+            bn_kw = match.kwargs
+            private, readers = [source, *chain], {*chain, output.args[0]}
+            return cls(Side.OUTPUT, output, source, operands["input"], operands["weight"], operands["bias"],
+                       BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), operands, private, readers, chain)
+        consumer = next(n for n in match.nodes if n.target in producer.targets)
+        source, chain = _tokens.chain_back(match.kwargs["input"])
+        if not chain or not _channel_local.is_bn_output(source):
+            return None
+        bn_kw = dict(zip(("input", *BN_ARGS), source.args[0].args, strict=True))
+        private = [source, *chain]
+        return cls(Side.INPUT, source, consumer, match.kwargs["input"], match.kwargs["weight"], match.kwargs.get("bias"),
+                   BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), match.kwargs, private,
+                   {*private, consumer}, chain)
 
     @property
     def bn_input(self) -> torch.fx.Node:
         """For a BN before the op: what the BN normalises."""
-        return self.bn.args[0].args[0]
+        return self.source if self.source is not None else self.bn.args[0].args[0]
 
     @property
     def normalised(self) -> torch.fx.Node:
@@ -186,7 +245,7 @@ class BnSite:
     def recognised(self, frozen: Frozen) -> bool:
         """Whether the match is a BN site at all: every BN op is; a mul-add only if it is a frozen
         per-channel affine map (if not, it is none of bnfuse's business and gets no report row)."""
-        return not isinstance(self.norm, FrozenAffine) or self.norm.recognised(self.producer, frozen)
+        return not isinstance(self.norm, FrozenAffine) or self.norm.recognised(self.normalised, frozen)
 
 
 class Producer:
@@ -217,6 +276,11 @@ class Producer:
         """A function ``(input, folded_weight, folded_bias) -> output`` rebuilding the matched op."""
         raise NotImplementedError
 
+    def operands(self, node: torch.fx.Node) -> dict[str, Any] | None:
+        """``input``, ``weight`` and ``bias`` of ``node`` if it is this op (for sites found by walking
+        the graph rather than by a pattern); None otherwise."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class FoldRule:
@@ -226,6 +290,12 @@ class FoldRule:
     id: str
     producer: Producer
     side: Side
+    #: Whether shape-only ops (token reshapes) stand between the op and the BN.
+    tokens: bool = False
+
+    @property
+    def stage(self) -> int:
+        return 0 if self.side is Side.OUTPUT else 1
 
     @property
     def patterns(self) -> tuple[Any, ...]:
@@ -233,13 +303,17 @@ class FoldRule:
         reach the op through channel-local moves, which no fixed pattern spells)."""
         if self.side is Side.INPUT:
             return self.producer.patterns
+        if self.tokens:  # any BN: ``site`` walks back through the shape ops to the op
+            return (bn_of(KeywordArg("input")),)
         return tuple(p for op in self.producer.patterns for p in (bn_of(op), *affine_of(op)))
 
     def claims(self, match: Match) -> bool:
-        return self.producer.claims(match)
+        return (self.tokens and self.side is Side.OUTPUT) or self.producer.claims(match)
 
     def site(self, match: Match) -> BnSite | None:
         """The BN site the match describes (None: an op with no BN before it)."""
+        if self.tokens:
+            return BnSite.through_shape_ops(match, self.producer, self.side)
         if self.side is Side.INPUT:
             return BnSite.on_input(match, self.producer.targets)
         return BnSite.on_output(match, self.producer.targets)
@@ -258,7 +332,7 @@ class FoldRule:
         for name, node in tensors.items():
             if node is not None and node not in frozen:
                 return f"{name} is not a frozen parameter or buffer"
-        reason = site.norm.check() or self.producer.refusal(site)
+        reason = site.norm.check() or self.producer.refusal(site) or _tokens_refusal(site)
         if reason:
             return reason
         values = {name: _constants.frozen_operand(node, frozen).value for name, node in operands.items() if node is not None}
@@ -295,6 +369,42 @@ class FoldRule:
                 return Refused(f"folded {name} is not finite in {weight.dtype}")
         return folded
 
+    def rewrite(self, match: Match, run: RewriteContext) -> None:
+        """Fold the site ``match`` describes into new constants and rebuild the op on them, or
+        tell ``run`` why not."""
+        site = self.site(match)
+        if site is None or not site.recognised(run.frozen):
+            return
+        if not run.enabled(self.id):
+            run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
+            return
+        with real_tensor_math():
+            result = self.fold(site, run.frozen)
+        if isinstance(result, Refused):
+            run.refuse(site.bn, self.decision(site, result.reason))
+            return
+        weight, bias = (run.add_constant(value, like=site.producer) for value in (result.weight, result.bias))
+        data = site.input
+        if site.side is Side.INPUT:  # this op (only) now reads what the BN normalised, moved the same way
+            for reader in [*site.private, site.producer]:
+                reader.replace_input_with(site.bn, site.bn_input)
+            data = site.bn_input if data is site.bn else data
+        rebuild = self.producer.rebuild(site)
+        if site.side is Side.OUTPUT and site.chain:  # the BN's place: the op, then the same shape ops
+            rebuild = _then(rebuild, site.chain)
+        match.replace_by_example(rebuild, [data, weight, bias])
+        keep_module_names(weight, site.producer)
+        if site.side is Side.OUTPUT and site.chain:
+            for node in [*reversed(site.chain), site.producer]:  # the unfolded op and its shape ops
+                if not node.users:
+                    node.graph.erase_node(node)
+        if site.side is Side.INPUT:
+            if site.bn.users:  # other ops still read the BN: each folds it in turn, the last removes it
+                run.progress()
+                return
+            erase_bn(site.bn)
+        run.fold(site.bn, self.decision(site))
+
     def decision(self, site: BnSite, reason: str | None = None) -> FoldDecision:
         """The report row of ``site``: folded (no reason) or kept for ``reason``."""
         return FoldDecision(
@@ -305,3 +415,66 @@ class FoldRule:
             producer_kind=self.producer.kind(site),
             reason=reason,
         )
+
+
+def erase_bn(bn: torch.fx.Node) -> None:
+    """Remove a BN output no one reads any more (a BN op's output, or a frozen affine map's add),
+    and what computed it once nothing else reads that."""
+    graph, inputs = bn.graph, [n for n in bn.all_input_nodes if n.op == "call_function"]
+    graph.erase_node(bn)
+    for node in inputs:
+        if not node.users and (node.target is BN_INFERENCE_OP or node.target is aten.mul.Tensor):
+            graph.erase_node(node)
+
+
+def _takes_input_fold(node: torch.fx.Node, bn: torch.fx.Node) -> bool:
+    """Whether ``node`` is a conv without zero padding or a linear whose data input is ``bn``."""
+    if node.op != "call_function":
+        return False
+    if node.target is aten.convolution.default:
+        return node.args[0] is bn and not node.args[6] and not any(node.args[4])
+    if node.target in (aten.addmm.default, aten.mm.default):
+        x = node.args[1] if node.target is aten.addmm.default else node.args[0]
+        transposed = node.args[-1]
+        return x is bn and isinstance(transposed, torch.fx.Node) and transposed.target is aten.permute.default
+    return False
+
+
+def _affine_before(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node, FrozenAffine] | None:
+    """``add(mul(x, scale), shift)`` in any argument order: (add, mul, x, the affine), or None.
+    Whether scale and shift are frozen and per channel is ``FrozenAffine.recognised``'s to say."""
+    if node.op != "call_function" or node.target is not aten.add.Tensor or node.kwargs:
+        return None
+    for product, shift in (node.args, node.args[::-1]):
+        if isinstance(product, torch.fx.Node) and product.target is aten.mul.Tensor and len(product.users) == 1:
+            for x, scale in (product.args, product.args[::-1]):
+                if isinstance(x, torch.fx.Node) and isinstance(scale, torch.fx.Node):
+                    return node, product, x, FrozenAffine(scale, shift)
+    return None
+
+
+def keep_module_names(constant: torch.fx.Node, op: torch.fx.Node) -> None:
+    """Name the op rebuilt on ``constant`` (its only reader) after the user's module ``op`` came
+    from, as the report and any later rule see it (the matcher names it after what it replaced)."""
+    for rebuilt in constant.users:
+        for key in ("nn_module_stack", "source_fn_stack"):
+            if key in op.meta:
+                rebuilt.meta[key] = op.meta[key]
+
+
+def _tokens_refusal(site: BnSite) -> str | None:
+    if not site.chain:
+        return None
+    if not _tokens.static(site.chain):
+        return "dynamic sizes in the reshapes between the BN and the linear"
+    source = site.producer if site.side is Side.OUTPUT else site.bn
+    if not _tokens.channels_line_up(source, site.chain):
+        return "the BN's channels are not the linear's features (the reshapes between them move the channel axis)"
+    return None
+
+
+def _then(op: Callable[..., torch.Tensor], chain: list[torch.fx.Node]) -> Callable[..., torch.Tensor]:
+    def op_then_chain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return _tokens.replay(chain, op(x, weight, bias))
+
+    return op_then_chain
