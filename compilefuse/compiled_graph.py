@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import operator
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
@@ -57,13 +56,11 @@ class Compile(Protocol):
 class FrozenTensors:
     """The frozen inputs of one variant, and how to tell on each call that they are unchanged.
 
-    Checked on every call, in C-level passes over the tensors (no Python loop on the common path):
-
-    - identity: each argument is the tensor compiled from (``id``, valid because a weak reference
-      to each marks the set dead the moment one of them is freed, so an id cannot be reused unseen);
-    - the version counter, which every tracked in-place op bumps (``load_state_dict``, an optimizer
-      step, a BN statistics update, ``copy_`` under ``no_grad``);
-    - the data pointer, which ``param.data = x`` changes without a version bump.
+    For each frozen tensor, on every call: it is the tensor compiled from (identity, through a weak
+    reference, so a variant never keeps old weights alive), at the same version counter (every
+    tracked in-place op bumps it: ``load_state_dict``, an optimizer step, a BN statistics update,
+    ``copy_`` under ``no_grad``) and the same data pointer (``param.data = x`` changes it without a
+    version bump). One plain loop: faster than several C-level passes on CPython 3.11.
 
     Inference tensors have no version counter. For them a ``load_state_dict`` on any module that
     owns one is watched with a public load-state-dict post hook (registered on those modules, removed
@@ -73,64 +70,45 @@ class FrozenTensors:
     def __init__(self, indices: Sequence[int], inputs: Sequence[Any]) -> None:
         self.indices = tuple(indices)
         self.dead = False
-        self._refs = tuple(weakref.ref(inputs[i], self._on_free) for i in self.indices)
-        tensors = [inputs[i] for i in self.indices]
-        self._versioned = tuple(i for i, t in zip(self.indices, tensors, strict=True) if not t.is_inference())
-        self._select, self._select_versioned = _selector(self.indices), _selector(self._versioned)
-        self._ids = tuple(map(id, tensors))
-        self._versions = tuple(map(tp.version_of, self._select_versioned(inputs)))
-        self._pointers = tuple(map(_DATA_PTR, tensors))
-        self._reloads = _ReloadWatch([t for t in tensors if t.is_inference()])
+        refs = {i: weakref.ref(inputs[i], self._on_free) for i in self.indices}
+        self._first = (self.indices[0], refs[self.indices[0]]) if self.indices else None
+        self._entries = tp.FrozenEntries(
+            versioned=[(i, refs[i], tp.version_of(inputs[i]), inputs[i].data_ptr())
+                       for i in self.indices if not inputs[i].is_inference()],
+            unversioned=[(i, refs[i], inputs[i].data_ptr()) for i in self.indices if inputs[i].is_inference()],
+        )
+        self._reloads = _ReloadWatch([inputs[i] for i in self.indices if inputs[i].is_inference()])
 
     def _on_free(self, _ref: weakref.ref) -> None:
         self.dead = True
 
     def match(self, args: Sequence[Any]) -> bool:
-        tensors = self._select(args)
-        return (
-            not self.dead
-            and tuple(map(id, tensors)) == self._ids
-            and tuple(map(tp.version_of, self._select_versioned(args))) == self._versions
-            and tuple(map(_DATA_PTR, tensors)) == self._pointers
-            and not self._reloads.seen
-        )
+        return not self.dead and not self._reloads.seen and tp.unchanged(args, self._entries)
 
     def probably_for(self, args: Sequence[Any]) -> bool:
         """Whether ``args`` are likely this variant's (its first frozen tensor is there): a cheap
         guess that picks the variant to run before the full check."""
-        return not self.indices or args[self.indices[0]] is self._refs[0]()
+        return self._first is None or args[self._first[0]] is self._first[1]()
 
     def shares_any(self, args: Sequence[Any]) -> bool:
-        return any(args[i] is ref() for i, ref in zip(self.indices, self._refs, strict=True))
+        return any(args[i] is ref() for i, ref, *_ in (*self._entries.versioned, *self._entries.unversioned))
 
     def changes(self, args: Sequence[Any], names: Sequence[str]) -> list[str]:
         """What changed, in the user's names (for the refold warning)."""
         if self._reloads.seen:
             return ["load_state_dict on " + ", ".join(self._reloads.seen)]
         changes = []
-        versions = dict(zip(self._versioned, self._versions, strict=True))
-        for i, ref, pointer in zip(self.indices, self._refs, self._pointers, strict=True):
-            if args[i] is not ref():
+        for i, ref, *state in (*self._entries.versioned, *self._entries.unversioned):
+            tensor = args[i]
+            now = (tensor.data_ptr(),) if tensor.is_inference() else (tp.version_of(tensor), tensor.data_ptr())
+            if tensor is not ref():
                 changes.append(f"{names[i]} replaced")
-            elif (i in versions and tp.version_of(args[i]) != versions[i]) or args[i].data_ptr() != pointer:
+            elif tuple(state) != now:
                 changes.append(f"{names[i]} modified in place")
         return changes
 
     def release(self) -> None:
         self._reloads.remove()
-
-
-_DATA_PTR = torch.Tensor.data_ptr
-
-
-def _selector(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """``args -> tuple(args[i] for i in indices)``, in C."""
-    if len(indices) > 1:
-        return operator.itemgetter(*indices)
-    if len(indices) == 1:
-        (index,) = indices
-        return lambda args: (args[index],)
-    return lambda args: ()
 
 
 class _ReloadWatch:

@@ -28,7 +28,7 @@ def _fused(branch: nn.Module, cin: int, cout: int, kernel: int, groups: int) -> 
         weight = nn.functional.pad(weight, [pad] * 4)
     else:
         bn = branch
-        weight = torch.zeros(cout, cin // groups, kernel, kernel, dtype=torch.float64)
+        weight = torch.zeros(cout, cin // groups, kernel, kernel, dtype=torch.float64, device=bn.weight.device)
         weight[torch.arange(cout), torch.arange(cout) % (cin // groups), kernel // 2, kernel // 2] = 1.0
     std = (bn.running_var.double() + bn.eps).sqrt()
     scale = bn.weight.double() / std
@@ -56,7 +56,7 @@ class RepBlock(nn.Module):
 
     def deploy(self) -> nn.Module:
         cin, cout, kernel, stride, groups = self.shape
-        conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
+        conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, device=self.kxk[0][0].weight.device)
         branches = [*self.kxk, *(b for b in (self.scale, self.identity) if b is not None)]
         parts = [_fused(b, cin, cout, kernel, groups) for b in branches]
         with torch.no_grad():

@@ -214,7 +214,7 @@ def _per_channel_constant(node: Any, like: torch.fx.Node, frozen: Frozen) -> tor
         return None
     if not _constants.is_per_channel(node.meta["val"].shape, like.meta["val"].shape):
         return None
-    return _constants.per_channel(_constants.evaluate_float64(node, frozen), like.meta["val"])
+    return _constants.per_channel(_constants.evaluate_float64(node, frozen), like.meta["val"]).cpu()  # coefficients live on CPU
 
 
 def _refusal(tree: _Tree, frozen: Frozen) -> str | None:
