@@ -99,7 +99,9 @@ class BranchMerge:
         graph = root.graph
         largest = _largest(tree)
         folds = [(bn, self._decision(bn, tree, None)) for bn in bns]  # named before the branches go
-        merge = MergeDecision(tuple(module_path(t.node) for t in (*tree.convs, *tree.affines)),
+        names = [module_path(t.node) for t in tree.convs]
+        names += [module_path(a.bn) if a.bn is not None else "identity" for a in tree.affines]
+        merge = MergeDecision(tuple(names),
                               module_path(largest.node), _kind(largest.node), self.id)
         with graph.inserting_before(root):
             weight_node = run.add_constant(weight, like=largest.node)
