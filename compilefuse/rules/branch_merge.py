@@ -33,7 +33,7 @@ from .. import fold_math
 from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match, real_tensor_math
 from ..decisions import FoldDecision, MergeDecision, module_path
 from . import _constants
-from .convolution import CONV_ARGS
+from .convolution import CONV_ARGS, conv_kind
 from .rule import BN_ARGS, BN_TENSORS, BatchNormStats, Frozen, RewriteContext, erase_bn, keep_module_names
 
 aten = torch.ops.aten
@@ -102,7 +102,7 @@ class BranchMerge:
         names = [module_path(t.node) for t in tree.convs]
         names += [module_path(a.bn) if a.bn is not None else "identity" for a in tree.affines]
         merge = MergeDecision(tuple(names),
-                              module_path(largest.node), _kind(largest.node), self.id)
+                              module_path(largest.node), conv_kind(largest.node), self.id)
         with graph.inserting_before(root):
             weight_node = run.add_constant(weight, like=largest.node)
             bias_node = run.add_constant(bias, like=largest.node)
@@ -122,14 +122,10 @@ class BranchMerge:
     def _decision(self, bn: torch.fx.Node, tree: _Tree, reason: str | None) -> FoldDecision:
         largest = _largest(tree)
         return FoldDecision(bn=module_path(bn), folded=reason is None, rule=self.id,
-                            producer=module_path(largest.node), producer_kind=_kind(largest.node), reason=reason)
+                            producer=module_path(largest.node), producer_kind=conv_kind(largest.node), reason=reason)
 
 
 BRANCH_MERGE = BranchMerge()
-
-
-def _kind(conv: torch.fx.Node) -> str:
-    return f"conv{len(conv.args[3])}d"
 
 
 def _largest(tree: _Tree) -> _Conv:
@@ -243,8 +239,7 @@ def _refusal(tree: _Tree, frozen: Frozen) -> str | None:
     dtypes = {tree.root.meta["val"].dtype, tree.x.meta["val"].dtype} | {c.node.meta["val"].dtype for c in tree.convs}
     if len(dtypes) > 1:
         return f"branches differ in dtype ({', '.join(sorted(map(str, dtypes)))})"
-    identity = [a for a in tree.affines]
-    if identity:
+    if tree.affines:  # identity terms
         (center,) = centring
         if any(s != 1 for s in hyper[0]["stride"]) or any(center):
             return "an identity branch, but the convs change the size or alignment of the input"
@@ -252,7 +247,7 @@ def _refusal(tree: _Tree, frozen: Frozen) -> str | None:
         groups = int(hyper[0]["groups"])
         if weight.shape[0] != tree.x.meta["val"].shape[1] or weight.shape[1] * groups != weight.shape[0]:
             return "an identity branch, but the convs change the number of channels"
-        for affine in identity:
+        for affine in tree.affines:
             if affine.bn is not None:
                 bn_op = affine.bn.args[0]
                 stats = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))

@@ -19,7 +19,7 @@ import torch.fx
 
 from .._torch_private import KeywordArg, Match, real_tensor_math
 from ..decisions import FoldDecision, module_path
-from .convolution import CONV_ARGS, Convolution
+from .convolution import CONV_ARGS, Convolution, conv_kind
 from .rule import BN_TENSORS, BatchNormStats, BnSite, Folded, FoldRule, Refused, RewriteContext, Side, bn_of, erase_bn
 
 aten = torch.ops.aten
@@ -41,7 +41,7 @@ class CatBn:
         parts = cat.args[0]
         dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
         producers = ", ".join(module_path(p) for p in parts)
-        kinds = sorted({Convolution(None).kind(_site_args(p)) for p in parts if _is_conv(p)})
+        kinds = sorted({conv_kind(p) for p in parts if _is_conv(p)})
 
         def decision(reason: str | None) -> FoldDecision:
             return FoldDecision(module_path(bn), reason is None, self.id, producers, "cat of " + "/".join(kinds), reason)
@@ -89,11 +89,6 @@ CAT_BN = CatBn()
 
 def _is_conv(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.convolution.default
-
-
-def _site_args(conv: torch.fx.Node) -> BnSite:
-    """Enough of a site to name a conv's kind."""
-    return BnSite(Side.OUTPUT, conv, conv, conv, conv, None, None, dict(zip(CONV_ARGS, conv.args[3:], strict=True)), [], set())
 
 
 class _Slice(BatchNormStats):

@@ -68,8 +68,7 @@ class Convolution(Producer):
         return self.transposed is None or bool(match.kwargs["transposed"]) == self.transposed
 
     def kind(self, site: BnSite) -> str:
-        name = "conv_transpose" if site.args["transposed"] else "conv"
-        return f"{name}{len(site.args['stride'])}d"
+        return conv_kind(site.producer)
 
     def refusal(self, site: BnSite) -> str | None:
         if site.side is Side.INPUT:
@@ -94,6 +93,12 @@ class Convolution(Producer):
             return aten.convolution.default(x, weight, bias, *hyper)
 
         return conv
+
+
+def conv_kind(conv: torch.fx.Node) -> str:
+    """``conv2d``, ``conv_transpose1d``, ...: what the report calls an ``aten.convolution`` node."""
+    hyper = dict(zip(CONV_ARGS, conv.args[3:], strict=True))
+    return f"{'conv_transpose' if hyper['transposed'] else 'conv'}{len(hyper['stride'])}d"
 
 
 CONV_BN = FoldRule("conv_bn", Convolution(transposed=False), Side.OUTPUT)

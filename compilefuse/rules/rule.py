@@ -1,17 +1,16 @@
 """A folding rule: the op a BatchNorm folds into (its *producer*) and the side of it the BN is on.
 
-Every rule is ``FoldRule(id, producer, side)``. The producer (``Convolution``, ``Linear``) says
-which aten ops it is, how its weight feeds its channels, when it cannot take a fold, and how to
-rebuild it; the side says whether the BN normalises the op's output channels (``op -> BN``) or its
-input channels (``BN -> op``). Everything that decides *whether* a fold is exact and is common to
-all rules lives here, once, beside the fold it guards, so it cannot drift between rules.
+Every rule has the ``Rule`` surface: an id, a stage, its patterns, ``claims`` (the matcher's
+``extra_check``) and ``rewrite``. Most are ``FoldRule(id, producer, side)``: the producer
+(``Convolution``, ``Linear``) says which aten ops it is, how its weight feeds its channels, when it
+cannot take a fold, and how to rebuild it; the side says whether the BN normalises the op's output
+channels (``op -> BN``) or its input channels (``BN -> op``). Everything that decides *whether* a
+fold is exact and is common to all rules lives here, once, beside the fold it guards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import operator
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -19,11 +18,32 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match, real_tensor_math
+from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match, real_tensor_math
 from ..decisions import FoldDecision, MergeDecision, module_path
-from . import _channel_local, _constants, _tokens
+from . import _constants, _tokens
+from .site import BN_ARGS, BN_TENSORS, BatchNormStats, BnSite, Frozen, FrozenAffine, Side, affine_of, bn_of
 
-Frozen = dict[torch.fx.Node, torch.Tensor]
+__all__ = [
+    "BN_ARGS",
+    "BN_TENSORS",
+    "BatchNormStats",
+    "BnSite",
+    "FoldRule",
+    "Folded",
+    "Frozen",
+    "FrozenAffine",
+    "Producer",
+    "Refused",
+    "RewriteContext",
+    "Rule",
+    "Side",
+    "affine_of",
+    "bn_of",
+    "erase_bn",
+    "keep_module_names",
+]
+
+aten = torch.ops.aten
 
 
 class RewriteContext(Protocol):
@@ -51,13 +71,6 @@ class Rule(Protocol):
     def rewrite(self, match: Match, run: RewriteContext) -> None: ...
 
 
-class Side(enum.Enum):
-    """Which channels of the producer the BN normalises."""
-
-    OUTPUT = "output"  # op -> BN: scale the weight slices feeding each output channel
-    INPUT = "input"  # BN -> op: scale the weight columns reading each input channel
-
-
 @dataclasses.dataclass(frozen=True)
 class Folded:
     """The folded weight and bias, in the dtype the op reads its weight in."""
@@ -70,182 +83,6 @@ class Folded:
 class Refused:
     reason: str
 
-aten = torch.ops.aten
-
-BN_ARGS = ("bn_weight", "bn_bias", "running_mean", "running_var", "momentum", "eps")
-BN_TENSORS = ("bn_weight", "bn_bias", "running_mean", "running_var")
-
-
-def bn_of(producer: Any) -> Any:
-    """Pattern: ``getitem(_native_batch_norm_legit_no_training(producer, ...), 0)``."""
-    bn = CallFunction(BN_INFERENCE_OP, producer, *(KeywordArg(name) for name in BN_ARGS))
-    return CallFunction(operator.getitem, bn, 0)
-
-
-def affine_of(producer: Any) -> tuple[Any, ...]:
-    """Patterns: ``producer * scale + shift`` in every argument order (``FrozenBatchNorm2d``)."""
-    scale, shift = KeywordArg("affine_scale"), KeywordArg("affine_shift")
-    products = (
-        CallFunction(aten.mul.Tensor, producer, scale, _users=MULTIPLE),
-        CallFunction(aten.mul.Tensor, scale, producer, _users=MULTIPLE),
-    )
-    return tuple(
-        CallFunction(aten.add.Tensor, *operands)
-        for product in products
-        for operands in ((product, shift), (shift, product))
-    )
-
-
-@dataclasses.dataclass
-class BatchNormStats:
-    """An inference BN op: scale and shift from its running statistics and affine parameters."""
-
-    tensors: dict[str, torch.fx.Node | None]
-    eps: Any
-
-    def inputs(self, frozen: Frozen) -> dict[str, torch.fx.Node | None]:
-        return dict(self.tensors)
-
-    def check(self) -> str | None:
-        return None if isinstance(self.eps, (int, float)) else "eps is not a compile-time number"
-
-    def scale_shift(self, frozen: Frozen, output: torch.Tensor):
-        value = {k: None if v is None else frozen[v] for k, v in self.tensors.items()}
-        return fold_math.bn_scale_shift(
-            value["running_mean"], value["running_var"], value["bn_weight"], value["bn_bias"], float(self.eps)
-        )
-
-
-@dataclasses.dataclass
-class FrozenAffine:
-    """``x * scale + shift`` with scale and shift computed from frozen tensors in ``forward``."""
-
-    scale: Any
-    shift: Any
-
-    def inputs(self, frozen: Frozen) -> dict[str, torch.fx.Node | None]:
-        leaves = [*(_constants.expression_leaves(self.scale, frozen) or []),
-                  *(_constants.expression_leaves(self.shift, frozen) or [])]
-        return {f"affine input {leaf.name}": leaf for leaf in leaves}
-
-    def check(self) -> str | None:
-        return None
-
-    def recognised(self, output: torch.fx.Node, frozen: Frozen) -> bool:
-        """Whether this mul-add is a frozen per-channel affine map at all (if not, it is none of
-        bnfuse's business and gets no report row)."""
-        for operand in (self.scale, self.shift):
-            if _constants.expression_leaves(operand, frozen) is None:
-                return False
-            shape = operand.meta["val"].shape if isinstance(operand, torch.fx.Node) else ()
-            if not _constants.is_per_channel(shape, output.meta["val"].shape):
-                return False
-        return True
-
-    def scale_shift(self, frozen: Frozen, output: torch.Tensor):
-        scale = _constants.per_channel(_constants.evaluate_float64(self.scale, frozen), output)
-        shift = _constants.per_channel(_constants.evaluate_float64(self.shift, frozen), output)
-        return scale, shift
-
-
-@dataclasses.dataclass
-class BnSite:
-    """A BatchNorm (or frozen per-channel affine) next to the op it can fold into."""
-
-    side: Side
-    bn: torch.fx.Node  # the node whose value the fold replaces (BN after) or removes (BN before)
-    producer: torch.fx.Node  # the conv / linear the BN folds into
-    input: torch.fx.Node  # the op's data input as matched
-    weight: torch.fx.Node
-    bias: torch.fx.Node | None
-    norm: BatchNormStats | FrozenAffine
-    args: dict[str, Any]  # the matched hyper-parameters of the op (stride, groups, ...)
-    #: Nodes the fold removes; any use of them outside the site makes the fold inexact.
-    private: list[torch.fx.Node]
-    #: The nodes that may read the private ones.
-    readers: set[torch.fx.Node]
-    #: Shape-only ops between the op and the BN (token sequences), in program order.
-    chain: list[torch.fx.Node] = dataclasses.field(default_factory=list)
-    #: For a frozen affine map before the op: what it is applied to.
-    source: torch.fx.Node | None = None
-
-    @classmethod
-    def on_output(cls, match: Match, producer_targets: tuple[Any, ...]) -> BnSite:
-        """A BN (or frozen affine) applied to the output of the matched producer."""
-        kw = match.kwargs
-        producer = next(n for n in match.nodes if n.target in producer_targets)
-        output = match.output_node()
-        if "running_mean" in kw:
-            norm: BatchNormStats | FrozenAffine = BatchNormStats({k: kw[k] for k in BN_TENSORS}, kw["eps"])
-            private, readers = [producer], {output.args[0]}
-        else:
-            norm = FrozenAffine(kw["affine_scale"], kw["affine_shift"])
-            product = next(n for n in match.nodes if n.target is aten.mul.Tensor)
-            private, readers = [producer, product], {product, output}
-        return cls(Side.OUTPUT, output, producer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, private, readers)
-
-    @classmethod
-    def on_input(cls, match: Match, consumer_targets: tuple[Any, ...]) -> BnSite | None:
-        """A BN whose output the matched op reads, possibly through channel-local moves (None when
-        the op's input is not such a BN)."""
-        kw = match.kwargs
-        consumer = next(n for n in match.nodes if n.target in consumer_targets)
-        affine = _affine_before(kw["input"])
-        if affine is not None:  # a frozen affine map (FrozenBatchNorm2d) read directly by the op
-            add, product, source, norm = affine
-            return cls(Side.INPUT, add, consumer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, [add, product],
-                       readers={add, product, consumer}, source=source)
-        before = _channel_local.bn_before(kw["input"])
-        if before is None:
-            return None
-        bn_op = before.bn.args[0]
-        bn_kw = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
-        norm = BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"])
-        private = [before.bn, *before.moves]
-        # Other ops reading the BN directly may each take a fold of their own (inception-style branches).
-        siblings = [u for u in before.bn.users if u not in private and u is not consumer and _takes_input_fold(u, before.bn)]
-        return cls(
-            Side.INPUT, before.bn, consumer, kw["input"], kw["weight"], kw.get("bias"), norm, kw, private,
-            readers={*private, consumer, *siblings},
-        )
-
-    @classmethod
-    def through_shape_ops(cls, match: Match, producer: Producer, side: Side) -> BnSite | None:
-        """A BN and a Linear on token sequences, shape-only ops between them (None: no such site)."""
-        if side is Side.OUTPUT:
-            output = match.output_node()
-            source, chain = _tokens.chain_back(match.kwargs["input"])
-            operands = producer.operands(source)
-            if not chain or operands is None:
-                return None
-            bn_kw = match.kwargs
-            private, readers = [source, *chain], {*chain, output.args[0]}
-            return cls(Side.OUTPUT, output, source, operands["input"], operands["weight"], operands["bias"],
-                       BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), operands, private, readers, chain)
-        consumer = next(n for n in match.nodes if n.target in producer.targets)
-        source, chain = _tokens.chain_back(match.kwargs["input"])
-        if not chain or not _channel_local.is_bn_output(source):
-            return None
-        bn_kw = dict(zip(("input", *BN_ARGS), source.args[0].args, strict=True))
-        private = [source, *chain]
-        return cls(Side.INPUT, source, consumer, match.kwargs["input"], match.kwargs["weight"], match.kwargs.get("bias"),
-                   BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), match.kwargs, private,
-                   {*private, consumer}, chain)
-
-    @property
-    def bn_input(self) -> torch.fx.Node:
-        """For a BN before the op: what the BN normalises."""
-        return self.source if self.source is not None else self.bn.args[0].args[0]
-
-    @property
-    def normalised(self) -> torch.fx.Node:
-        """The node the normalisation is applied to: the BN's input before the op, else the op."""
-        return self.bn_input if self.side is Side.INPUT else self.producer
-
-    def recognised(self, frozen: Frozen) -> bool:
-        """Whether the match is a BN site at all: every BN op is; a mul-add only if it is a frozen
-        per-channel affine map (if not, it is none of bnfuse's business and gets no report row)."""
-        return not isinstance(self.norm, FrozenAffine) or self.norm.recognised(self.normalised, frozen)
 
 
 class Producer:
@@ -426,31 +263,6 @@ def erase_bn(bn: torch.fx.Node) -> None:
         if not node.users and (node.target is BN_INFERENCE_OP or node.target is aten.mul.Tensor):
             graph.erase_node(node)
 
-
-def _takes_input_fold(node: torch.fx.Node, bn: torch.fx.Node) -> bool:
-    """Whether ``node`` is a conv without zero padding or a linear whose data input is ``bn``."""
-    if node.op != "call_function":
-        return False
-    if node.target is aten.convolution.default:
-        return node.args[0] is bn and not node.args[6] and not any(node.args[4])
-    if node.target in (aten.addmm.default, aten.mm.default):
-        x = node.args[1] if node.target is aten.addmm.default else node.args[0]
-        transposed = node.args[-1]
-        return x is bn and isinstance(transposed, torch.fx.Node) and transposed.target is aten.permute.default
-    return False
-
-
-def _affine_before(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node, FrozenAffine] | None:
-    """``add(mul(x, scale), shift)`` in any argument order: (add, mul, x, the affine), or None.
-    Whether scale and shift are frozen and per channel is ``FrozenAffine.recognised``'s to say."""
-    if node.op != "call_function" or node.target is not aten.add.Tensor or node.kwargs:
-        return None
-    for product, shift in (node.args, node.args[::-1]):
-        if isinstance(product, torch.fx.Node) and product.target is aten.mul.Tensor and len(product.users) == 1:
-            for x, scale in (product.args, product.args[::-1]):
-                if isinstance(x, torch.fx.Node) and isinstance(scale, torch.fx.Node):
-                    return node, product, x, FrozenAffine(scale, shift)
-    return None
 
 
 def keep_module_names(constant: torch.fx.Node, op: torch.fx.Node) -> None:
