@@ -219,14 +219,18 @@ class CompiledGraph:
             variant = self._last
             if not variant.frozen.probably_for(args):  # another instance's weights: find its variant
                 variant = self._variant_for(args)
-            if variant.proven:
-                # Launch first, check after: on CUDA the check then runs while the kernels do. A
-                # stale answer is never returned: on a change the call is answered again, refolded.
-                out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
-                if variant.frozen.match(args):
-                    return out
-                variant = self._variant_for(args)
-            elif not variant.frozen.match(args):
+        except Exception as error:  # noqa: BLE001 - a refold failed: fall back, never crash
+            return self._fall_back(args, error).call(*args)
+        # Launch first, check after: on CUDA the check then runs while the kernels do. A stale answer
+        # is never returned: on a change the call is answered again, refolded. (An error of the run
+        # itself, an out-of-memory say, is the user's to see, not a reason to stop folding.)
+        if variant.proven:
+            out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+        try:
+            fresh = variant.frozen.match(args)
+            if fresh and variant.proven:
+                return out
+            if not fresh:
                 variant = self._variant_for(args)
         except Exception as error:  # noqa: BLE001 - the check or a refold failed: fall back, never crash
             return self._fall_back(args, error).call(*args)
