@@ -2,7 +2,7 @@
 before it), bnfuse answers what eager answers (against a float64 reference, with a dtype-aware
 tolerance), and folds exactly the BNs the rules' exactness conditions allow.
 
-Profiles (HYPOTHESIS_PROFILE): ``ci`` (default, 200 examples), ``long`` (3000), ``quick`` (20).
+Profiles (HYPOTHESIS_PROFILE): ``ci`` (default, 120 examples), ``long`` (3000), ``quick`` (20).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("quick", max_examples=20, deadline=None, derandomize=True,
