@@ -2,6 +2,7 @@
 
     model = torch.compile(model, backend="bnfuse")   # found through the entry point
     print(compilefuse.explain(model, example_input))  # what was folded, what was kept, and why
+    compilefuse.export(model, (example_input,), "model.pt2")  # the same folds, in an AOTInductor package
 
 Importing this package is not needed for the backend name to work; it gives access to the fold
 report and the backend callable itself.
@@ -16,6 +17,7 @@ import torch
 from .backend import RECORDS, bnfuse
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord
+from .package import ExportedModel, ExportError, export, load
 from .report import FoldReport, collecting
 from .rules import RULE_IDS
 
@@ -25,13 +27,17 @@ __all__ = [
     "RECORDS",
     "RULE_IDS",
     "BnfuseConfig",
+    "ExportError",
+    "ExportedModel",
     "FoldDecision",
     "FoldRecord",
     "FoldReport",
     "bnfuse",
     "explain",
+    "export",
     "last_record",
     "last_report",
+    "load",
 ]
 
 

@@ -71,10 +71,10 @@ class _DecompositionTable(dict):  # type: ignore[type-arg]
     """
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_decompositions_keeping_inference_bn, ())
+        return (decompositions_keeping_inference_bn, ())
 
 
-def _decompositions_keeping_inference_bn() -> dict[Any, Callable[..., Any]]:
+def decompositions_keeping_inference_bn() -> dict[Any, Callable[..., Any]]:
     """Inductor's decomposition table minus inference BatchNorm, so the passes see BN as one op."""
     table = _DecompositionTable(select_decomp_table())
     for op in (BN_INFERENCE_OP, aten._batch_norm_no_update.default):
@@ -90,7 +90,7 @@ def compile_with_inductor(
     keep_bn: bool,
 ) -> Callable[..., Any]:
     """Run Inductor (AOTAutograd included) on a Dynamo graph; ``keep_bn`` keeps inference BN whole."""
-    decompositions = _decompositions_keeping_inference_bn() if keep_bn else None
+    decompositions = decompositions_keeping_inference_bn() if keep_bn else None
     return compile_fx(
         gm, list(example_inputs), config_patches=config_patches, decompositions=decompositions
     )
@@ -306,3 +306,50 @@ def release_code_modules(modules: Sequence[Any]) -> None:
         name = getattr(module, "__name__", None)
         if name is not None and sys.modules.get(name) is module:
             del sys.modules[name]
+
+
+# --- AOTInductor packages (compilefuse.export / load) ---------------------------------------------
+
+
+def unlifted_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The exported program as a graph module whose weights are attributes (``get_attr`` nodes),
+    without the input guards AOTInductor does not compile (``check_guards`` is new in about 2.9)."""
+    try:
+        return program.module(check_guards=False)
+    except TypeError:
+        return program.module()
+
+
+def aoti_compile(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], patches: dict[str, Any]) -> list[Any]:
+    """AOTInductor on an unlifted exported module, as ``aoti_compile_and_package`` runs it: the
+    files a package is made of."""
+    files = torch._inductor.aot_compile(gm, args, kwargs, options={**patches, "aot_inductor.package": True})
+    if not isinstance(files, list):
+        raise RuntimeError(f"AOTInductor returned {type(files).__name__}, not the list of a package's files")
+    return files
+
+
+def _pt2_archive() -> Any:
+    try:
+        from torch.export.pt2_archive import _package, constants
+    except ImportError:
+        raise RuntimeError(
+            f"compilefuse.export needs torch's PT2 archive format (torch.export.pt2_archive), which torch "
+            f"{torch.__version__} lacks; it is tested on the newest torch of docs/compatibility.md"
+        ) from None
+    return _package, constants
+
+
+def write_package(path: str, files: list[Any], extra: dict[str, str]) -> None:
+    """A ``.pt2`` package of AOTInductor's files, with ``extra`` text files beside them."""
+    package, _ = _pt2_archive()
+    package.package_pt2(path, aoti_files=files, extra_files=extra)
+
+
+def package_extra_prefix() -> str:
+    """Where a package keeps its extra files, below the archive's own top-level folder."""
+    return _pt2_archive()[1].EXTRA_DIR
+
+
+def load_package(path: str) -> Callable[..., Any]:
+    return torch._inductor.aoti_load_package(path)

@@ -92,7 +92,7 @@ class GraphCompiler:
         lifted, kept = freezing.lift_module_state(self.gm, inputs)
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         patches = {
-            **_float64_cpu_patches(inputs),
+            **freezing.cpu_float64_patches(inputs),
             **self.config.inductor_patches,
             "freezing": True,
             "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted)),
@@ -128,16 +128,6 @@ class GraphCompiler:
             log.debug("bnfuse: %s", decision)
         if self.config.report:
             log.info("bnfuse fold report:\n%s", FoldReport.from_records([record]))
-
-
-def _float64_cpu_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
-    """Inductor's oneDNN weight prepacking, on by default under freezing on CPU, crashes on float64
-    convolution weights ("itensor_view_from_dense expects float/bfloat16/half"); skip it there.
-    (Inductor registers its prepacking patterns once per process: after an fp32 freezing compile the
-    switch no longer helps, and a float64 graph falls back to plain Inductor.)"""
-    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == "cpu" for t in example_inputs):
-        return {"cpp.weight_prepack": False}
-    return {}
 
 
 def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:

@@ -33,6 +33,16 @@ class FoldReport:
             merges=[m for r in records for m in r.merges],
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FoldReport:
+        """The inverse of ``to_dict`` (a report stored in an exported package)."""
+        return cls(
+            rows=[FoldDecision(**{k: v for k, v in row.items() if k != "status"}) for row in data["rows"]],
+            fold_seconds=data["fold_seconds"],
+            graphs=data["graphs"],
+            merges=[MergeDecision(**{**merge, "branches": tuple(merge["branches"])}) for merge in data["merges"]],
+        )
+
     @property
     def folded(self) -> int:
         return sum(row.folded for row in self.rows)

@@ -1,0 +1,330 @@
+"""``compilefuse.export`` / ``compilefuse.load``: bnfuse's folding ahead of time, in an AOTInductor package.
+
+``torch.export`` traces the model; the backend's own rules, checks and float64 math fold its
+BatchNorms in the exported graph; AOTInductor compiles the result into a ``.pt2`` package with the
+folded weights inside and the fold report beside them. Loading needs only torch
+(``torch._inductor.aoti_load_package`` in Python, ``AOTIModelPackageLoader`` in C++).
+
+AOTInductor's compiled model does not check its inputs: a wrong shape or dtype runs and answers
+garbage. ``load`` therefore checks each call against the input spec stored in the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from . import _torch_private as tp
+from . import freezing
+from .config import BnfuseConfig
+from .decisions import FoldDecision, FoldRecord, module_path
+from .passes.fold import fold_graph
+from .report import FoldReport
+
+log = logging.getLogger("compilefuse")
+
+#: The package's own file (under the archive's ``extra/`` folder): report, input spec, device.
+METADATA_FILE = "compilefuse.json"
+_FORMAT = 1
+_BINARY_FOLDABLE = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the package could not be built or read."""
+
+
+def export(
+    model: torch.nn.Module,
+    args: Any,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_shapes: Any = None,
+    options: dict[str, Any] | None = None,
+) -> FoldReport:
+    """Export ``model`` on ``args``, fold its BatchNorms with bnfuse's rules, and write an
+    AOTInductor package to ``path`` (``.pt2``) for the device of ``args``.
+
+    ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
+    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. Returns the fold report,
+    which the package also keeps (``load(path).report``).
+    """
+    config = BnfuseConfig.from_options(options)
+    path = _package_path(path)
+    args = args if isinstance(args, tuple) else (args,)
+    device = _device_of(args)
+    with torch.no_grad():
+        program = _trace(model, args, dynamic_shapes)
+        gm, record = _fold(program, config.rules)
+        patches = {
+            "freezing": not _kept_bn_after_producer(gm.graph),
+            **freezing.cpu_float64_patches(pytree.tree_leaves(args)),
+            **config.inductor_patches,
+        }
+        files = tp.aoti_compile(gm, args, {}, patches)
+    report = FoldReport.from_records([record])
+    metadata = {
+        "format": _FORMAT,
+        "device": device,
+        "torch": torch.__version__,
+        "inputs": [dataclasses.asdict(spec) for spec in _input_specs(program)],
+        "inductor": {"freezing": patches["freezing"]},
+        "report": report.to_dict(),
+    }
+    tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
+    if config.report:
+        log.info("bnfuse fold report (exported to %s):\n%s", path, report)
+    return report
+
+
+def load(path: str | os.PathLike[str], *, check_inputs: bool = True) -> ExportedModel:
+    """Load a package written by ``export``; the result is called like the exported model.
+    ``check_inputs=False`` skips the per-call input check (a few microseconds)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"compilefuse.load: no package at {path!r}")
+    metadata = _read_metadata(path)
+    device = metadata["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"compilefuse.load: {path!r} was built for CUDA and this process has no CUDA device")
+    return ExportedModel(
+        tp.load_package(path),
+        device=device,
+        inputs=[InputSpec(**spec) for spec in metadata["inputs"]] if check_inputs else None,
+        report=FoldReport.from_dict(metadata["report"]),
+        torch_version=metadata["torch"],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One flattened input of the exported model: a tensor's dtype, device type and sizes (an int,
+    or ``[low, high]`` for a dynamic size, ``high`` None when unbounded), or a constant."""
+
+    dtype: str | None
+    device: str | None
+    sizes: list[Any] | None
+    constant: Any = None
+
+    def problem(self, value: Any) -> str | None:
+        if self.dtype is None:
+            return None if value == self.constant else f"{value!r} where the model was exported with {self.constant!r}"
+        if not isinstance(value, torch.Tensor):
+            return f"a {type(value).__name__} where the model takes a tensor"
+        if value.device.type != self.device or str(value.dtype) != self.dtype:
+            return f"{value.dtype} on {value.device} where the package takes {self.dtype} on {self.device}"
+        if value.dim() != len(self.sizes) or not all(map(_size_fits, value.shape, self.sizes)):
+            return f"shape {tuple(value.shape)} where the package takes {_describe(self.sizes)}"
+        return None
+
+
+class ExportedModel:
+    """A loaded package: call it like the model. ``report`` is the fold report of its export."""
+
+    def __init__(self, run: Any, *, device: str, inputs: list[InputSpec] | None, report: FoldReport, torch_version: str) -> None:
+        self._run, self._inputs = run, inputs
+        self.device, self.report, self.torch_version = device, report, torch_version
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._inputs is not None:
+            self._check(pytree.tree_leaves((args, kwargs)))
+        return self._run(*args, **kwargs)
+
+    def _check(self, leaves: list[Any]) -> None:
+        if len(leaves) != len(self._inputs):
+            raise ValueError(f"compilefuse: the package takes {len(self._inputs)} inputs, got {len(leaves)}")
+        for index, (value, spec) in enumerate(zip(leaves, self._inputs, strict=True)):
+            problem = spec.problem(value)
+            if problem is not None:
+                raise ValueError(f"compilefuse: input {index}: {problem}")
+
+
+# --- export's steps ---------------------------------------------------------------------------
+
+
+def _package_path(path: str | os.PathLike[str]) -> str:
+    path = os.fspath(path)
+    if not path.endswith(".pt2"):
+        raise ValueError(f"compilefuse.export: the package path must end in .pt2, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"compilefuse.export: folder {folder!r} for the package does not exist")
+    return path
+
+
+def _device_of(args: tuple[Any, ...]) -> str:
+    devices = {leaf.device.type for leaf in pytree.tree_leaves(args) if isinstance(leaf, torch.Tensor)}
+    if len(devices) != 1:
+        found = ", ".join(sorted(devices)) or "no tensors"
+        raise ValueError(f"compilefuse.export: the example inputs must be tensors on one device type, found {found}")
+    return devices.pop()
+
+
+def _trace(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """``torch.export``, with a failure naming the innermost module that was running."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compilefuse.export: expected a torch.nn.Module, got {type(model).__name__}")
+    with _running_modules(model) as running:
+        try:
+            return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+        except Exception as error:
+            where = f" in module {running[-1]}" if running else ""
+            summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ExportError(
+                f"compilefuse.export: torch.export could not trace {type(model).__name__}{where}: "
+                f"{type(error).__name__}: {summary}"
+            ) from error
+
+
+@contextlib.contextmanager
+def _running_modules(model: torch.nn.Module) -> Iterator[list[str]]:
+    """The modules whose forward has started and not returned, innermost last (forward hooks)."""
+    running: list[str] = []
+
+    def entered(label: str) -> Any:
+        return lambda _module, _args: running.append(label)  # None: the input is left alone
+
+    def returned(_module: Any, _args: Any, _output: Any) -> None:
+        running.pop()  # returning None leaves the output alone
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(entered(f"{name or '<root>'} ({type(module).__name__})")))
+        handles.append(module.register_forward_hook(returned))
+    try:
+        yield running
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _fold(program: torch.export.ExportedProgram, rules: frozenset[str]) -> tuple[torch.fx.GraphModule, FoldRecord]:
+    """The exported program with BN kept whole, its weights as attributes, folded by the rules."""
+    record = FoldRecord(_traced_decisions(program.graph))
+    gm = tp.unlifted_module(program.run_decompositions({
+        **tp.decompositions_keeping_inference_bn(),
+        torch.ops.aten.linear.default: _linear_on_rows,
+    }))
+    frozen = {node: _attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr")}
+    start = time.perf_counter()
+    fold_graph(gm.graph, {n: v for n, v in frozen.items() if isinstance(v, torch.Tensor)}, rules, record)
+    record.seconds = time.perf_counter() - start
+    gm.graph.eliminate_dead_code()
+    _drop_unused_attributes(gm)
+    gm.recompile()
+    _sort_in_program_order(record, program.graph)
+    return gm, record
+
+
+def _linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` as one matrix product over the rows of ``x``, whatever its leading dims: the
+    form the backend's graphs have, which the linear and token rules read. (Export's own
+    decomposition turns a linear on a permuted token tensor into ``expand`` + ``bmm``.)"""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    transposed = weight.permute(1, 0)
+    out = torch.mm(rows, transposed) if bias is None else torch.addmm(bias, rows, transposed)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _traced_decisions(graph: torch.fx.Graph) -> list[FoldDecision]:
+    """BNs that are not inference BNs (``aten.batch_norm`` in export's graph, before decomposition):
+    kept, with the reasons the backend gives."""
+    decisions = []
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.batch_norm.default):
+        running_mean, training = node.args[3], node.args[5]
+        reason = "no running statistics (track_running_stats=False)" if running_mean is None else "training mode" if training else None
+        if reason is not None:
+            decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=reason))
+    return decisions
+
+
+def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    """Weights the folds replaced: without this, the package would carry them too."""
+    used = {node.target for node in gm.graph.find_nodes(op="get_attr")}
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            module = gm.get_submodule(owner)
+            if hasattr(module, attr):
+                delattr(module, attr)
+
+
+def _sort_in_program_order(record: FoldRecord, graph: torch.fx.Graph) -> None:
+    order: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        if node.op == "call_function":
+            order.setdefault(module_path(node), index)
+    record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
+    record.merges.sort(key=lambda m: order.get(m.into, len(order)))
+
+
+def _kept_bn_after_producer(graph: torch.fx.Graph) -> bool:
+    """Whether a kept BN reads a conv or linear directly. Inductor's freezing would fold it anyway
+    (binary folding, in the model's precision, without bnfuse's checks), so such a package is
+    compiled without freezing: a refusal stays a refusal."""
+    return any(bn.args[0].target in _BINARY_FOLDABLE for bn in graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
+
+
+def _input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
+    nodes = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+    specs = []
+    for name in program.graph_signature.user_inputs:
+        value = nodes[name].meta.get("val")
+        if isinstance(value, torch.Tensor):
+            sizes = [_size_spec(size, program.range_constraints) for size in value.shape]
+            specs.append(InputSpec(str(value.dtype), value.device.type, sizes))
+        else:
+            specs.append(InputSpec(None, None, None, constant=value if isinstance(value, (int, float, bool, str)) else None))
+    return specs
+
+
+def _size_spec(size: Any, ranges: dict[Any, Any]) -> Any:
+    if isinstance(size, int):
+        return size
+    bounds = ranges.get(size.node.expr)
+    if bounds is None:
+        return [0, None]
+    upper = bounds.upper
+    return [int(bounds.lower), int(upper) if upper.is_finite else None]
+
+
+def _size_fits(size: int, spec: Any) -> bool:
+    if isinstance(spec, int):
+        return size == spec
+    low, high = spec
+    return size >= low and (high is None or size <= high)
+
+
+def _describe(sizes: list[Any]) -> str:
+    return "(" + ", ".join(str(s) if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else ''}" for s in sizes) + ")"
+
+
+def _read_metadata(path: str) -> dict[str, Any]:
+    suffix = f"/{tp.package_extra_prefix()}{METADATA_FILE}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(suffix)), None)
+            if name is None:
+                raise ExportError(f"compilefuse.load: {path!r} is a package not written by compilefuse.export "
+                                  "(load it with torch._inductor.aoti_load_package)")
+            metadata = json.loads(archive.read(name))
+    except zipfile.BadZipFile:
+        raise ExportError(f"compilefuse.load: {path!r} is not a .pt2 package") from None
+    if metadata.get("format") != _FORMAT:
+        raise ExportError(f"compilefuse.load: {path!r} has package format {metadata.get('format')}, this compilefuse reads {_FORMAT}")
+    return metadata

@@ -1,0 +1,238 @@
+"""compilefuse.export / load: the AOTInductor package is exact against float64, carries its fold
+report, loads in a process that never imports compilefuse (Python and C++), checks its inputs,
+and fails clearly on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import compilefuse
+from compilefuse.examples.models import BUILTIN_MODELS, SmallCNN
+from compilefuse.package import METADATA_FILE
+from helpers import assert_matches_reference, float64_reference, randomize_bn
+
+BATCH = torch.export.Dim("batch", min=1, max=32)
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    """SmallCNN (conv, depthwise, conv-transpose and linear BNs, one BN with nothing to fold into),
+    exported once with a dynamic batch."""
+    torch.manual_seed(0)
+    model = randomize_bn(SmallCNN()).eval()
+    path = tmp_path_factory.mktemp("export") / "small_cnn.pt2"
+    report = compilefuse.export(model, (torch.randn(2, 3, 16, 16),), path, dynamic_shapes=({0: BATCH},))
+    return model, report, path
+
+
+def test_report_says_what_was_folded(small_cnn):
+    _, report, _ = small_cnn
+    by_bn = {row.bn: row for row in report.rows}
+    assert report.total == 5 and report.folded == 4
+    assert by_bn["stem.1"].rule == "conv_bn" and by_bn["depthwise.1"].rule == "conv_bn"
+    assert by_bn["up.1"].rule == "conv_transpose_bn" and by_bn["head.1"].rule == "linear_bn"
+    assert not by_bn["skip_bn"].folded and "no conv or linear next to it" in by_bn["skip_bn"].reason
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_package_matches_float64_at_any_batch(small_cnn, batch):
+    model, _, path = small_cnn
+    x = torch.randn(batch, 3, 16, 16)
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(compilefuse.load(path)(x), eager, float64_reference(model, x))
+
+
+def test_report_is_kept_in_the_package(small_cnn):
+    _, report, path = small_cnn
+    loaded = compilefuse.load(path)
+    assert loaded.report == report and loaded.device == "cpu"
+    assert str(loaded.report) == str(report)
+
+
+def test_folded_weights_replace_the_originals(small_cnn):
+    """The package carries the folded weights only: no BN statistics, no unfolded conv weights."""
+    _, _, path = small_cnn
+    metadata = _metadata(path)
+    assert metadata["inductor"]["freezing"] is True  # nothing kept next to a conv or linear
+    with zipfile.ZipFile(path) as archive:
+        so_size = sum(i.file_size for i in archive.infolist() if i.filename.endswith(".so"))
+    assert so_size < 4 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (torch.randn(2, 3, 17, 16), r"shape \(2, 3, 17, 16\) where the package takes \(1..32, 3, 16, 16\)"),
+        (torch.randn(33, 3, 16, 16), "shape"),
+        (torch.randn(2, 3, 16), "shape"),
+        (torch.randn(2, 3, 16, 16, dtype=torch.float64), "torch.float64 on cpu where the package takes torch.float32"),
+        ("not a tensor", "a str where the model takes a tensor"),
+    ],
+)
+def test_wrong_input_is_refused_not_answered(small_cnn, bad, message):
+    """AOTInductor itself runs a wrong-shaped or wrong-dtype input and answers garbage."""
+    with pytest.raises(ValueError, match=message):
+        compilefuse.load(small_cnn[2])(bad)
+
+
+def test_wrong_number_of_inputs(small_cnn):
+    with pytest.raises(ValueError, match="takes 1 inputs, got 2"):
+        compilefuse.load(small_cnn[2])(torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.slow
+def test_loads_with_plain_torch_in_a_fresh_process(small_cnn, tmp_path):
+    model, _, path = small_cnn
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        run = torch._inductor.aoti_load_package({str(path)!r})
+        y = run(torch.load({str(tmp_path / "x.pt")!r}))
+        assert "compilefuse" not in sys.modules, "the package needs compilefuse"
+        torch.save(y, {str(tmp_path / "y.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(torch.load(tmp_path / "y.pt"), eager, float64_reference(model, x))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_cpp_example_loads_the_package(small_cnn, tmp_path):
+    """compilefuse/examples/cpp/run_package.cpp, built against the torch wheel's libtorch, runs the
+    package on a batch of ones and prints the sum Python gets."""
+    from torch.utils import cpp_extension
+
+    _, _, path = small_cnn
+    source = os.path.join(os.path.dirname(compilefuse.__file__), "examples", "cpp", "run_package.cpp")
+    library = cpp_extension.library_paths()[0]
+    binary = tmp_path / "run_package"
+    includes = [flag for include in cpp_extension.include_paths() for flag in ("-I", include)]
+    subprocess.run(
+        ["c++", "-std=c++20", "-O1", *includes, source, "-o", str(binary), f"-L{library}", f"-Wl,-rpath,{library}",
+         "-ltorch", "-ltorch_cpu", "-lc10", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"],
+        check=True, timeout=600,
+    )
+    env = {**os.environ, "LD_LIBRARY_PATH": library}  # the package's own library links libtorch
+    out = subprocess.run([str(binary), str(path), "4", "3", "16", "16"], check=True, capture_output=True, text=True, env=env)
+    shape, total = out.stdout.split(" sum ")
+    expected = compilefuse.load(path)(torch.ones(4, 3, 16, 16))
+    assert shape == "shape [4, 10]"
+    assert float(total) == pytest.approx(expected.sum().item(), rel=1e-6, abs=1e-6)
+
+
+class _ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_a_refusal_stays_a_refusal(tmp_path):
+    """With conv_bn disabled, the BN is kept, and the package is compiled without Inductor's
+    freezing, whose binary folding would fold it anyway (without bnfuse's checks)."""
+    model = randomize_bn(_ConvBN()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "kept.pt2"
+    report = compilefuse.export(model, (x,), path, options={"rules": []})
+    assert [(row.bn, row.folded, row.reason) for row in report.rows] == [("bn", False, "rule conv_bn disabled by options")]
+    assert _metadata(path)["inductor"]["freezing"] is False
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(compilefuse.load(path)(x), eager, float64_reference(model, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_models_export_exactly(name, tmp_path):
+    """Every built-in model, branchy ones included: the backend's fold counts, exact against float64."""
+    spec = BUILTIN_MODELS[name]
+    torch.manual_seed(0)
+    x = spec.example(2)
+    model = randomize_bn(spec.build().eval())
+    report = compilefuse.export(model, (x,), tmp_path / f"{name}.pt2")
+    assert (report.folded, report.total) == (spec.foldable, spec.total)
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(compilefuse.load(tmp_path / f"{name}.pt2")(x), eager, float64_reference(model, x))
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
+def test_model_that_does_not_export_names_the_module(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _DataDependent()).eval()
+    with pytest.raises(compilefuse.ExportError, match=r"could not trace Sequential in module 1 \(_DataDependent\)"):
+        compilefuse.export(model, (torch.randn(1, 3, 4, 4),), tmp_path / "m.pt2")
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [("model.pt", ValueError, "must end in .pt2"), ("missing/model.pt2", FileNotFoundError, "does not exist")],
+)
+def test_wrong_package_path(tmp_path, path, error, message):
+    with pytest.raises(error, match=message):
+        compilefuse.export(_ConvBN().eval(), (torch.randn(1, 3, 8, 8),), tmp_path / path)
+
+
+def test_inputs_must_be_tensors_on_one_device(tmp_path):
+    with pytest.raises(ValueError, match="tensors on one device type, found no tensors"):
+        compilefuse.export(_ConvBN().eval(), (3,), tmp_path / "m.pt2")
+
+
+def test_load_errors(small_cnn, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no package"):
+        compilefuse.load(tmp_path / "absent.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(compilefuse.ExportError, match="not a .pt2 package"):
+        compilefuse.load(tmp_path / "junk.pt2")
+    _rewrite_package(small_cnn[2], tmp_path / "plain.pt2", metadata=None)
+    with pytest.raises(compilefuse.ExportError, match="not written by compilefuse.export"):
+        compilefuse.load(tmp_path / "plain.pt2")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a CUDA package without CUDA")
+def test_cuda_package_without_cuda(small_cnn, tmp_path):
+    """bnfuse's own check of the device recorded in the package (a CUDA package cannot be built
+    here, so the record is rewritten)."""
+    metadata = {**_metadata(small_cnn[2]), "device": "cuda"}
+    _rewrite_package(small_cnn[2], tmp_path / "cuda.pt2", metadata=metadata)
+    with pytest.raises(compilefuse.ExportError, match="built for CUDA and this process has no CUDA device"):
+        compilefuse.load(tmp_path / "cuda.pt2")
+
+
+def _metadata(path) -> dict:
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/" + METADATA_FILE))
+        return json.loads(archive.read(name))
+
+
+def _rewrite_package(source, target, metadata: dict | None) -> None:
+    """A copy of a package with its compilefuse metadata replaced, or removed (None)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            if info.filename.endswith("/" + METADATA_FILE):
+                if metadata is not None:
+                    new.writestr(info, json.dumps(metadata))
+            else:
+                new.writestr(info, old.read(info))
