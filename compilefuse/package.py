@@ -242,9 +242,13 @@ def _traced_decisions(graph: torch.fx.Graph) -> list[FoldDecision]:
     decisions = []
     for node in graph.find_nodes(op="call_function", target=torch.ops.aten.batch_norm.default):
         running_mean, training = node.args[3], node.args[5]
-        reason = "no running statistics (track_running_stats=False)" if running_mean is None else "training mode" if training else None
-        if reason is not None:
-            decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=reason))
+        if running_mean is None:
+            reason = "no running statistics (track_running_stats=False)"
+        elif training:
+            reason = "training mode"
+        else:
+            continue
+        decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=reason))
     return decisions
 
 
@@ -326,5 +330,6 @@ def _read_metadata(path: str) -> dict[str, Any]:
     except zipfile.BadZipFile:
         raise ExportError(f"compilefuse.load: {path!r} is not a .pt2 package") from None
     if metadata.get("format") != _FORMAT:
-        raise ExportError(f"compilefuse.load: {path!r} has package format {metadata.get('format')}, this compilefuse reads {_FORMAT}")
+        found = metadata.get("format")
+        raise ExportError(f"compilefuse.load: {path!r} has package format {found}, this compilefuse reads {_FORMAT}")
     return metadata

@@ -14,12 +14,12 @@ import zipfile
 
 import pytest
 import torch
+from helpers import assert_matches_reference, float64_reference, randomize_bn
 from torch import nn
 
 import compilefuse
 from compilefuse.examples.models import BUILTIN_MODELS, SmallCNN
 from compilefuse.package import METADATA_FILE
-from helpers import assert_matches_reference, float64_reference, randomize_bn
 
 BATCH = torch.export.Dim("batch", min=1, max=32)
 
@@ -157,6 +157,16 @@ def test_a_refusal_stays_a_refusal(tmp_path):
     assert_matches_reference(compilefuse.load(path)(x), eager, float64_reference(model, x))
 
 
+def test_bn_without_running_statistics_is_kept(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = compilefuse.export(model, (x,), tmp_path / "stats.pt2")
+    assert [(row.bn, row.reason) for row in report.rows] == [("1", "no running statistics (track_running_stats=False)")]
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(compilefuse.load(tmp_path / "stats.pt2")(x), eager, float64_reference(model, x))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
 def test_builtin_models_export_exactly(name, tmp_path):
@@ -204,10 +214,10 @@ def test_load_errors(small_cnn, tmp_path):
     with pytest.raises(FileNotFoundError, match="no package"):
         compilefuse.load(tmp_path / "absent.pt2")
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
-    with pytest.raises(compilefuse.ExportError, match="not a .pt2 package"):
+    with pytest.raises(compilefuse.ExportError, match=r"not a \.pt2 package"):
         compilefuse.load(tmp_path / "junk.pt2")
     _rewrite_package(small_cnn[2], tmp_path / "plain.pt2", metadata=None)
-    with pytest.raises(compilefuse.ExportError, match="not written by compilefuse.export"):
+    with pytest.raises(compilefuse.ExportError, match=r"not written by compilefuse\.export"):
         compilefuse.load(tmp_path / "plain.pt2")
 
 
