@@ -102,7 +102,7 @@ def load(path: str | os.PathLike[str], *, check_inputs: bool = True) -> Exported
         device=device,
         inputs=[InputSpec(**spec) for spec in metadata["inputs"]] if check_inputs else None,
         report=FoldReport.from_dict(metadata["report"]),
-        torch_version=metadata["torch"],
+        metadata=metadata,
     )
 
 
@@ -129,11 +129,14 @@ class InputSpec:
 
 
 class ExportedModel:
-    """A loaded package: call it like the model. ``report`` is the fold report of its export."""
+    """A loaded package: call it like the model. ``report`` is the fold report of its export;
+    ``metadata`` what else the package records (torch version, input spec, Inductor settings)."""
 
-    def __init__(self, run: Any, *, device: str, inputs: list[InputSpec] | None, report: FoldReport, torch_version: str) -> None:
+    def __init__(
+        self, run: Any, *, device: str, inputs: list[InputSpec] | None, report: FoldReport, metadata: dict[str, Any]
+    ) -> None:
         self._run, self._inputs = run, inputs
-        self.device, self.report, self.torch_version = device, report, torch_version
+        self.device, self.report, self.metadata = device, report, metadata
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._inputs is not None:

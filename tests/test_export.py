@@ -151,7 +151,7 @@ def test_a_refusal_stays_a_refusal(tmp_path):
     path = tmp_path / "kept.pt2"
     report = compilefuse.export(model, (x,), path, options={"rules": []})
     assert [(row.bn, row.folded, row.reason) for row in report.rows] == [("bn", False, "rule conv_bn disabled by options")]
-    assert _metadata(path)["inductor"]["freezing"] is False
+    assert compilefuse.load(path).metadata["inductor"]["freezing"] is False
     with torch.inference_mode():
         eager = model(x)
     assert_matches_reference(compilefuse.load(path)(x), eager, float64_reference(model, x))
