@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import _torch_private, catalog
+from . import _torch_private, catalog, cold_start
 from .harness import Row, benchmark_case, fail, interleaved_order
 from .systems import SYSTEMS, CompileSettings
 
@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per Timer measurement (default 0.2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--image-size", type=int, default=224, help="input size for torchvision image models")
+    p.add_argument("--cold-start", action="store_true",
+                   help="also time each system from a fresh process's start to its first result (caches warm)")
     p.add_argument("--json", metavar="PATH", help="write results and machine metadata as JSON")
     p.add_argument("--csv", metavar="PATH", help="write one CSV line per model x batch x system")
     p.add_argument("--plot", metavar="PATH", help="write a PNG plot of speed-up vs eager (needs matplotlib)")
@@ -76,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = CompileSettings(mode=args.mode, dynamic=True if args.dynamic else None, threads=threads)
     batches = args.batch_size or [1]
     rows = run(specs, batches, systems, settings, args, progress=not args.no_progress)
+    if args.cold_start:
+        add_cold_start(rows, args, threads)
     meta = metadata(args, threads, [s.name for s in systems], batches)
     print(format_table(rows))
     if args.json:
@@ -133,6 +137,20 @@ def run(specs, batches, systems, settings, args, progress: bool) -> list[Row]:
             torch.compiler.reset()
     bar.close()
     return rows
+
+
+def add_cold_start(rows: list[Row], args, threads: int) -> None:
+    """Each measured row's cold start, in fresh processes (see ``cold_start``)."""
+    for row in rows:
+        if row.status != "ok":
+            continue
+        print(f"cold start: {row.model} b{row.batch_size} {row.system}", file=sys.stderr, flush=True)
+        try:
+            row.cold_start_s = cold_start.measure(
+                row.model, row.system, row.batch_size, device=args.device, dtype=args.dtype, threads=threads,
+                image_size=args.image_size, mode=args.mode, dynamic=args.dynamic)
+        except Exception as error:  # noqa: BLE001 - the latency row stands; the cold start says why not
+            print(f"cold start failed: {row.model} {row.system}: {error}", file=sys.stderr)
 
 
 def _failed(model: str, batch: int, system: str, error: BaseException) -> Row:
@@ -222,7 +240,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 COLUMNS = ("model", "batch", "system", "compile s", "median ms", "p90 ms", "x eager", "/ limit", "rel err",
-           "BN folded", "peak MiB", "status")
+           "BN folded", "peak MiB", "cold s", "status")
 
 
 def table_cells(row: Row) -> list[str]:
@@ -231,7 +249,7 @@ def table_cells(row: Row) -> list[str]:
     return [
         row.model, str(row.batch_size), row.system, _fmt(row.compile_s, ".1f"), _fmt(row.latency_ms_median, ".3f"),
         _fmt(row.latency_ms_p90, ".3f"), _fmt(row.speedup_vs_eager, ".2f"), _fmt(row.ratio_to_limit, ".3f"),
-        _fmt(row.max_rel_error, ".1e"), bn, _fmt(row.peak_memory_mib, ".0f"), status,
+        _fmt(row.max_rel_error, ".1e"), bn, _fmt(row.peak_memory_mib, ".0f"), _fmt(row.cold_start_s, ".2f"), status,
     ]
 
 

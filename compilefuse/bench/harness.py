@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.benchmark import Timer
 
@@ -50,6 +51,8 @@ class Row:
     bn_folded: int | None = None
     bn_total: int | None = None
     peak_memory_mib: float | None = None
+    #: Seconds from process start to the first result in a fresh process (``--cold-start``).
+    cold_start_s: float | None = None
 
 
 def interleaved_order(systems: Sequence[str], rounds: int) -> list[list[str]]:
@@ -112,14 +115,15 @@ def _prepare(model_name, model, example, system, settings, reference) -> Prepare
         row.status, row.error = "failed", reason
         return Prepared(row)
     device = example.device
-    _reset_memory(device)
+    baseline = _reset_memory(device)
     rss_before = _rss_mib()
     try:
         with fold_report.collecting() as records:
             start = time.perf_counter()
             fn = system.prepare(copy.deepcopy(model), example, settings)
             with torch.inference_mode(), system.call_context():
-                output = fn(example)
+                # A copy: later calls may overwrite the first output (CUDA graphs reuse their memory).
+                output = _copied(fn(example))
                 _sync(device)
             row.compile_s = time.perf_counter() - start
             call = _caller(fn, system, example)
@@ -128,15 +132,17 @@ def _prepare(model_name, model, example, system, settings, reference) -> Prepare
     except Exception as error:  # noqa: BLE001
         fail(row, error)
         return Prepared(row)
-    row.peak_memory_mib = _peak_memory_mib(device, rss_before)
+    row.peak_memory_mib = _peak_memory_mib(device, baseline, rss_before)
     non_finite = [t for t in _tensors(output) if t.is_floating_point() and not torch.isfinite(t).all()]
     if non_finite:  # timing NaNs would time garbage, and nothing could be checked
         fail(row, FloatingPointError(f"non-finite output ({non_finite[0].dtype}): not timed"))
         return Prepared(row)
     if system.same_function:
         row.max_rel_error = _relative_error(output, reference)
-    if system.name in ("bnfuse", "limit") and records:
+    report = getattr(fn, "report", None)  # an exported package carries its own
+    if report is None and system.name in ("bnfuse", "limit") and records:
         report = fold_report.FoldReport.from_records(records)
+    if report is not None:
         row.bn_folded, row.bn_total = report.folded, report.total
     return Prepared(row, call, system)
 
@@ -192,6 +198,10 @@ def _relative_error(output: Any, reference: Any) -> float:
     return max(errors) if errors else float("nan")
 
 
+def _copied(value: Any) -> Any:
+    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -213,11 +223,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_memory(device: torch.device) -> None:
+def _reset_memory(device: torch.device) -> int:
+    """Start a system's memory measurement; returns what is allocated already (earlier systems)."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
 def _rss_mib() -> float | None:
@@ -229,10 +242,11 @@ def _rss_mib() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_memory_mib(device: torch.device, rss_before: float | None) -> float | None:
-    """CUDA: peak allocated during compile and first calls. CPU: growth of the process's resident
-    memory over the same span (compiler memory included)."""
+def _peak_memory_mib(device: torch.device, baseline: int, rss_before: float | None) -> float | None:
+    """The system's own peak: CUDA, the peak allocated during compile and first calls above what
+    earlier systems still hold; CPU, the growth of the process's resident memory over the same span
+    (compiler memory included)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
     after = _rss_mib()
     return None if after is None or rss_before is None else max(after - rss_before, 0.0)

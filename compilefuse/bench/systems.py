@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import importlib.util
 import io
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +108,18 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
     return run
 
 
+def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+    """``compilefuse.export`` to a package, then ``compilefuse.load`` (input check on): what a server
+    that builds once and loads in every replica runs. torch.compile's mode does not apply."""
+    from .. import package
+
+    dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
+    with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
+        path = os.path.join(folder, "model.pt2")
+        package.export(model, (example,), path, dynamic_shapes=dynamic)
+        return package.load(path)
+
+
 SYSTEMS: dict[str, System] = {
     system.name: system
     for system in (
@@ -118,6 +132,8 @@ SYSTEMS: dict[str, System] = {
         System("bnfuse", "torch.compile(backend='bnfuse')", _compiled("bnfuse")),
         System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
                _limit, same_function=False),
+        System("export", "compilefuse.export (AOTInductor package, BN folded), loaded with compilefuse.load",
+               _exported),
         System("reparameterized", "the model's own hand deploy step (reparameterize()), compiled as bnfuse compiles",
                _reparameterized),
         System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime,
