@@ -75,9 +75,11 @@ class _DecompositionTable(dict):  # type: ignore[type-arg]
 
 
 def decompositions_keeping_inference_bn() -> dict[Any, Callable[..., Any]]:
-    """Inductor's decomposition table minus inference BatchNorm, so the passes see BN as one op."""
+    """Inductor's decomposition table minus inference BatchNorm, so the passes see BN as one op, and
+    minus its CPU rewrite of a tiny ``addmm`` / ``mm`` (one row, at most 16 features) into multiply
+    and sum, which would hide a Linear from the rules at batch 1."""
     table = _DecompositionTable(select_decomp_table())
-    for op in (BN_INFERENCE_OP, aten._batch_norm_no_update.default):
+    for op in (BN_INFERENCE_OP, aten._batch_norm_no_update.default, aten.addmm.default, aten.mm.default):
         table.pop(op, None)
     return table
 

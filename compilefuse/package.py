@@ -51,13 +51,16 @@ def export(
     *,
     dynamic_shapes: Any = None,
     options: dict[str, Any] | None = None,
+    tune: bool = False,
 ) -> FoldReport:
     """Export ``model`` on ``args``, fold its BatchNorms with bnfuse's rules, and write an
     AOTInductor package to ``path`` (``.pt2``) for the device of ``args``.
 
     ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
-    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. Returns the fold report,
-    which the package also keeps (``load(path).report``).
+    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) builds
+    the package with and without oneDNN weight prepacking, each in a fresh process, times both on
+    ``args`` and keeps the faster (see ``package_tuning``). Returns the fold report, which the package
+    also keeps (``load(path).report``).
     """
     config = BnfuseConfig.from_options(options)
     path = _package_path(path)
@@ -65,25 +68,39 @@ def export(
     device = _device_of(args)
     with torch.no_grad():
         program = _trace(model, args, dynamic_shapes)
+    if tune and device == "cpu":
+        from . import package_tuning
+
+        report = package_tuning.build_fastest(program, args, path, options)
+    else:
+        report = build(program, args, path, config)
+    if config.report:
+        log.info("bnfuse fold report (exported to %s):\n%s", path, report)
+    return report
+
+
+def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: str, config: BnfuseConfig,
+          patches: dict[str, Any] | None = None) -> FoldReport:
+    """Fold ``program`` and write its package to ``path``, with Inductor ``patches`` on top."""
+    with torch.no_grad():
         gm, record = _fold(program, config.rules)
         patches = {
             "freezing": not _kept_bn_after_producer(gm.graph),
             **freezing.cpu_float64_patches(pytree.tree_leaves(args)),
             **config.inductor_patches,
+            **(patches or {}),
         }
         files = tp.aoti_compile(gm, args, {}, patches)
     report = FoldReport.from_records([record])
     metadata = {
         "format": _FORMAT,
-        "device": device,
+        "device": _device_of(args),
         "torch": torch.__version__,
         "inputs": [dataclasses.asdict(spec) for spec in _input_specs(program)],
         "inductor": {"freezing": patches["freezing"]},
         "report": report.to_dict(),
     }
     tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
-    if config.report:
-        log.info("bnfuse fold report (exported to %s):\n%s", path, report)
     return report
 
 
@@ -93,7 +110,7 @@ def load(path: str | os.PathLike[str], *, check_inputs: bool = True) -> Exported
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"compilefuse.load: no package at {path!r}")
-    metadata = _read_metadata(path)
+    metadata = read_metadata(path)
     device = metadata["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError(f"compilefuse.load: {path!r} was built for CUDA and this process has no CUDA device")
@@ -321,7 +338,7 @@ def _describe(sizes: list[Any]) -> str:
     return "(" + ", ".join(str(s) if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else ''}" for s in sizes) + ")"
 
 
-def _read_metadata(path: str) -> dict[str, Any]:
+def read_metadata(path: str) -> dict[str, Any]:
     suffix = f"/{tp.package_extra_prefix()}{METADATA_FILE}"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -336,3 +353,11 @@ def _read_metadata(path: str) -> dict[str, Any]:
         found = metadata.get("format")
         raise ExportError(f"compilefuse.load: {path!r} has package format {found}, this compilefuse reads {_FORMAT}")
     return metadata
+
+
+def copy_with_metadata(source: str, target: str, metadata: dict[str, Any]) -> None:
+    """A copy of the package ``source`` at ``target`` with its compilefuse metadata replaced."""
+    suffix = f"/{tp.package_extra_prefix()}{METADATA_FILE}"
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            new.writestr(info, json.dumps(metadata) if info.filename.endswith(suffix) else old.read(info))

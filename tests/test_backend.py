@@ -122,6 +122,16 @@ def test_model_without_grad_folds_even_with_grad_mode_enabled():
     assert relative_error(out, float64_reference(model, x)) < 1e-5
 
 
+def test_tiny_linear_at_batch_one_folds():
+    """Inductor rewrites a one-row addmm with at most 16 features as multiply-and-sum on CPU; bnfuse
+    keeps it a matrix product so the linear's BN still folds."""
+    model = randomize_bn(nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10)).eval())
+    x = torch.randn(1, 12)
+    result = run_bnfuse(model, x)
+    assert [(d.rule, d.folded) for d in result.decisions] == [("linear_bn", True)]
+    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-6
+
+
 @pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
 def test_dynamic_batch_folds_once_and_stays_exact(how):
     model = small_cnn()

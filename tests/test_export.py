@@ -134,6 +134,30 @@ def test_cpp_example_loads_the_package(small_cnn, tmp_path):
     assert float(total) == pytest.approx(expected.sum().item(), rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_tune_keeps_the_faster_build(tmp_path):
+    """tune=True builds with and without weight prepacking (each in a fresh process), times both and
+    keeps the faster; the kept package is exact and says what was measured."""
+    torch.manual_seed(0)
+    model = randomize_bn(SmallCNN()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    report = compilefuse.export(model, (x,), tmp_path / "tuned.pt2", tune=True)
+    run = compilefuse.load(tmp_path / "tuned.pt2")
+    tuning = run.metadata["tuning"]
+    assert set(tuning["median_ms"]) == {"prepacked", "unpacked"} and all(t > 0 for t in tuning["median_ms"].values())
+    assert tuning["chosen"] == min(tuning["median_ms"], key=tuning["median_ms"].get)
+    assert run.report == report and report.folded == 4
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(run(x), eager, float64_reference(model, x))
+
+
+def test_tune_refuses_a_setting_it_chooses(tmp_path):
+    with pytest.raises(ValueError, match=r"tune=True chooses \['cpp.weight_prepack'\]"):
+        compilefuse.export(_ConvBN().eval(), (torch.randn(1, 3, 8, 8),), tmp_path / "m.pt2", tune=True,
+                           options={"inductor": {"cpp.weight_prepack": False}})
+
+
 class _ConvBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

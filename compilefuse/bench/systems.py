@@ -110,13 +110,15 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
 
 def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
     """``compilefuse.export`` to a package, then ``compilefuse.load`` (input check on): what a server
-    that builds once and loads in every replica runs. torch.compile's mode does not apply."""
+    that builds once and loads in every replica runs. On CPU with ``tune=True`` (the faster of
+    with and without weight prepacking, measured at the benchmark's thread count). torch.compile's
+    mode does not apply."""
     from .. import package
 
     dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
     with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
         path = os.path.join(folder, "model.pt2")
-        package.export(model, (example,), path, dynamic_shapes=dynamic)
+        package.export(model, (example,), path, dynamic_shapes=dynamic, tune=example.device.type == "cpu")
         return package.load(path)
 
 
