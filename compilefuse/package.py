@@ -58,8 +58,8 @@ def export(
 
     ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
     ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) builds
-    the package with and without oneDNN weight prepacking, each in a fresh process, times both on
-    ``args`` and keeps the faster (see ``package_tuning``). Returns the fold report, which the package
+    the package with the Inductor settings no one choice of which wins everywhere, each in a fresh
+    process, times them on ``args`` and keeps the fastest (see ``package_tuning``). Returns the fold report, which the package
     also keeps (``load(path).report``).
     """
     config = BnfuseConfig.from_options(options)

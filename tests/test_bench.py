@@ -176,3 +176,36 @@ def test_non_finite_output_fails_its_row_instead_of_being_timed(tmp_path, dtype,
     assert row["status"] == status, row
     if status == "failed":
         assert "non-finite output" in row["error"] and row["latency_ms_median"] is None
+
+
+def test_output_is_checked_on_a_copy_of_the_first_answer():
+    """A system that reuses one output buffer (as CUDA graphs do) still has its first answer checked:
+    later calls overwrite the buffer, and checking the overwritten one crashed reduce-overhead runs."""
+
+    def prepare(model, example, settings):
+        buffer, calls = torch.empty(2, 4), [0]
+
+        def call(x):
+            calls[0] += 1
+            buffer.copy_(model(x) if calls[0] == 1 else torch.full_like(buffer, float(calls[0])))
+            return buffer
+
+        return call
+
+    rows = benchmark_case("m", nn.Linear(4, 4).eval(), torch.randn(2, 4), [System("reuses", "one buffer", prepare)],
+                          CompileSettings(threads=1), rounds=1, min_run_time=0.01)
+    assert rows[0].status == "ok" and rows[0].max_rel_error < 1e-6
+
+
+@pytest.mark.slow
+def test_export_system_and_cold_start(tmp_path):
+    """The export system runs the loaded package (its report gives the fold counts), and --cold-start
+    times each system from a fresh process's start to its first result."""
+    json_path = tmp_path / "out.json"
+    cli.main(["--model", "bench_fixtures:tiny", "--systems", "eager", "export", "--threads", "1", "--cold-start",
+              "--json", str(json_path), *QUICK])
+    rows = {r["system"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert rows["export"]["status"] == "ok" and (rows["export"]["bn_folded"], rows["export"]["bn_total"]) == (1, 1)
+    assert rows["export"]["max_rel_error"] < 1e-5
+    for row in rows.values():
+        assert 0 < row["cold_start_s"] < 120, row

@@ -110,8 +110,8 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
 
 def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
     """``compilefuse.export`` to a package, then ``compilefuse.load`` (input check on): what a server
-    that builds once and loads in every replica runs. On CPU with ``tune=True`` (the faster of
-    with and without weight prepacking, measured at the benchmark's thread count). torch.compile's
+    that builds once and loads in every replica runs. On CPU with ``tune=True`` (the fastest of
+    its builds, measured at the benchmark's thread count). torch.compile's
     mode does not apply."""
     from .. import package
 
