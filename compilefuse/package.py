@@ -63,6 +63,7 @@ def export(
     also keeps (``load(path).report``).
     """
     config = BnfuseConfig.from_options(options)
+    tp.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
     path = _package_path(path)
     args = args if isinstance(args, tuple) else (args,)
     device = _device_of(args)
