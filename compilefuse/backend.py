@@ -18,7 +18,7 @@ import torch
 from . import _torch_private as tp
 from . import compiled_graph, freezing, versions
 from .config import BnfuseConfig
-from .decisions import FoldRecord, module_path, source_path, traced_decisions
+from .decisions import FoldRecord, sort_in_program_order, source_path, traced_decisions
 from .passes import BnFoldPass, BnLowerPass
 from .report import FoldReport, publish
 
@@ -116,12 +116,7 @@ class GraphCompiler:
 
     def _publish(self, record: FoldRecord) -> None:
         """Put the decisions in program order and publish the record of a compiled graph."""
-        order: dict[str, int] = {}
-        for index, node in enumerate(self.gm.graph.nodes):  # a BN's rows sort where its module first
-            if node.op.startswith("call_"):  # runs (placeholders carry their module's path too)
-                order.setdefault(module_path(node), index)
-        record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
-        record.merges.sort(key=lambda m: order.get(m.into, len(order)))
+        sort_in_program_order(record, self.gm.graph)
         RECORDS.append(record)
         publish(record)
         for decision in record.decisions:

@@ -79,6 +79,17 @@ def module_path(node: torch.fx.Node) -> str:
     return source_fn[-1][0] if source_fn else node.name
 
 
+def sort_in_program_order(record: FoldRecord, graph: torch.fx.Graph) -> None:
+    """Put a record's decisions and merges in program order: each BN's row where its module first
+    runs (placeholders carry their module's path too, so only calls count)."""
+    order: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        if node.op.startswith("call_"):
+            order.setdefault(module_path(node), index)
+    record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
+    record.merges.sort(key=lambda m: order.get(m.into, len(order)))
+
+
 def source_path(placeholder: torch.fx.Node) -> str:
     """The user's name for a Dynamo graph input, e.g. ``layer1.0.bn1.running_var``."""
     source = tp.dynamo_source(placeholder)

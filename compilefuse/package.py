@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from . import _torch_private as tp
 from . import freezing
 from .config import BnfuseConfig
-from .decisions import FoldDecision, FoldRecord, module_path
+from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
 from .passes.fold import fold_graph
 from .report import FoldReport
 
@@ -243,7 +243,7 @@ def _fold(program: torch.export.ExportedProgram, rules: frozenset[str]) -> tuple
     gm.graph.eliminate_dead_code()
     _drop_unused_attributes(gm)
     gm.recompile()
-    _sort_in_program_order(record, program.graph)
+    sort_in_program_order(record, program.graph)
     return gm, record
 
 
@@ -287,15 +287,6 @@ def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
             module = gm.get_submodule(owner)
             if hasattr(module, attr):
                 delattr(module, attr)
-
-
-def _sort_in_program_order(record: FoldRecord, graph: torch.fx.Graph) -> None:
-    order: dict[str, int] = {}
-    for index, node in enumerate(graph.nodes):
-        if node.op == "call_function":
-            order.setdefault(module_path(node), index)
-    record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
-    record.merges.sort(key=lambda m: order.get(m.into, len(order)))
 
 
 def _kept_bn_after_producer(graph: torch.fx.Graph) -> bool:

@@ -4,7 +4,6 @@ and fails clearly on bad input."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from torch import nn
 
 import compilefuse
 from compilefuse.examples.models import BUILTIN_MODELS, SmallCNN
-from compilefuse.package import METADATA_FILE
+from compilefuse.package import METADATA_FILE, copy_with_metadata, read_metadata
 
 BATCH = torch.export.Dim("batch", min=1, max=32)
 
@@ -63,7 +62,7 @@ def test_report_is_kept_in_the_package(small_cnn):
 def test_folded_weights_replace_the_originals(small_cnn):
     """The package carries the folded weights only: no BN statistics, no unfolded conv weights."""
     _, _, path = small_cnn
-    metadata = _metadata(path)
+    metadata = read_metadata(str(path))
     assert metadata["inductor"]["freezing"] is True  # nothing kept next to a conv or linear
     with zipfile.ZipFile(path) as archive:
         so_size = sum(i.file_size for i in archive.infolist() if i.filename.endswith(".so"))
@@ -240,7 +239,7 @@ def test_load_errors(small_cnn, tmp_path):
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(compilefuse.ExportError, match=r"not a \.pt2 package"):
         compilefuse.load(tmp_path / "junk.pt2")
-    _rewrite_package(small_cnn[2], tmp_path / "plain.pt2", metadata=None)
+    _without_metadata(small_cnn[2], tmp_path / "plain.pt2")
     with pytest.raises(compilefuse.ExportError, match=r"not written by compilefuse\.export"):
         compilefuse.load(tmp_path / "plain.pt2")
 
@@ -249,24 +248,15 @@ def test_load_errors(small_cnn, tmp_path):
 def test_cuda_package_without_cuda(small_cnn, tmp_path):
     """bnfuse's own check of the device recorded in the package (a CUDA package cannot be built
     here, so the record is rewritten)."""
-    metadata = {**_metadata(small_cnn[2]), "device": "cuda"}
-    _rewrite_package(small_cnn[2], tmp_path / "cuda.pt2", metadata=metadata)
+    metadata = {**read_metadata(str(small_cnn[2])), "device": "cuda"}
+    copy_with_metadata(str(small_cnn[2]), str(tmp_path / "cuda.pt2"), metadata)
     with pytest.raises(compilefuse.ExportError, match="built for CUDA and this process has no CUDA device"):
         compilefuse.load(tmp_path / "cuda.pt2")
 
 
-def _metadata(path) -> dict:
-    with zipfile.ZipFile(path) as archive:
-        name = next(n for n in archive.namelist() if n.endswith("/" + METADATA_FILE))
-        return json.loads(archive.read(name))
-
-
-def _rewrite_package(source, target, metadata: dict | None) -> None:
-    """A copy of a package with its compilefuse metadata replaced, or removed (None)."""
+def _without_metadata(source, target) -> None:
+    """A copy of a package without compilefuse's file: what plain AOTInductor packages look like."""
     with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
         for info in old.infolist():
-            if info.filename.endswith("/" + METADATA_FILE):
-                if metadata is not None:
-                    new.writestr(info, json.dumps(metadata))
-            else:
+            if not info.filename.endswith("/" + METADATA_FILE):
                 new.writestr(info, old.read(info))
