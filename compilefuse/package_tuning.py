@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
-from . import package
+from . import fresh_process, package
 from .config import BnfuseConfig
 from .report import FoldReport
 
@@ -55,12 +54,10 @@ def build_fastest(program: torch.export.ExportedProgram, args: tuple[Any, ...], 
 
 
 def _build_in_child(folder: str, name: str) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-m", "compilefuse.package_tuning", folder, name],
-                          capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise package.ExportError(f"compilefuse.export: building the {name!r} candidate failed:\n{tail}")
+    try:
+        fresh_process.run_module("compilefuse.package_tuning", folder, name)
+    except fresh_process.ChildFailed as error:
+        raise package.ExportError(f"compilefuse.export: building the {name!r} candidate failed:\n{error}") from None
     return os.path.join(folder, f"{name}.pt2")
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from .. import fresh_process
 
 
 def measure(model: str, system: str, batch: int, *, device: str, dtype: str, threads: int, image_size: int,
@@ -36,11 +37,10 @@ def measure(model: str, system: str, batch: int, *, device: str, dtype: str, thr
 
 
 def _child(request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-m", "compilefuse.bench.cold_start", json.dumps(request)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"cold-start child failed: {done.stderr.strip().splitlines()[-1:]}")
+    try:
+        done = fresh_process.run_module("compilefuse.bench.cold_start", json.dumps(request), timeout=timeout)
+    except fresh_process.ChildFailed as error:
+        raise RuntimeError(f"cold-start child failed: {error}") from None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
