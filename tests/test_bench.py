@@ -209,3 +209,12 @@ def test_export_system_and_cold_start(tmp_path):
     assert rows["export"]["max_rel_error"] < 1e-5
     for row in rows.values():
         assert 0 < row["cold_start_s"] < 120, row
+
+
+def test_system_with_its_own_options_takes_a_mode_too():
+    """torch.compile refuses a mode together with options: the freezing system spells the mode out."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    run = SYSTEMS_BY_NAME["inductor-freezing"].prepare(model, x, CompileSettings(mode="reduce-overhead"))
+    with torch.no_grad(), SYSTEMS_BY_NAME["inductor-freezing"].call_context():
+        torch.testing.assert_close(run(x), model(x))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._torch_private import inductor_mode_options
 from ..examples.models import is_batch_norm
 from . import _torch_private
 
@@ -51,7 +52,11 @@ class System:
 
 def _compiled(backend: str, options: dict[str, Any] | None = None):
     def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
-        return torch.compile(model, backend=backend, mode=settings.mode, dynamic=settings.dynamic, options=options)
+        if options is None:
+            return torch.compile(model, backend=backend, mode=settings.mode, dynamic=settings.dynamic)
+        # torch.compile takes a mode or options, not both: a system with options spells its mode out.
+        merged = {**inductor_mode_options(settings.mode), **options}
+        return torch.compile(model, backend=backend, dynamic=settings.dynamic, options=merged)
 
     return prepare
 
