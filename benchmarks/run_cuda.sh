@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# The prepared GPU check, in two parts that each fit one device call:
-#   bash benchmarks/run_cuda.sh tests OUTDIR   the CUDA-parametrised tests (and the new rules' CUDA cases)
-#   bash benchmarks/run_cuda.sh bench OUTDIR   resnet50 (bnfuse / freezing / limit) and the branchy built-ins
+# The prepared GPU check. Each part fits one device call; `all` runs them in turn, each under a time limit:
+#   bash benchmarks/run_cuda.sh tests OUTDIR   the CUDA-parametrised tests (rules, export packages, ...)
+#   bash benchmarks/run_cuda.sh bench OUTDIR   resnet50 at batch 1: eager / freezing / bnfuse / limit / export,
+#                                              then freezing / bnfuse under mode="reduce-overhead" (CUDA graphs)
+#   bash benchmarks/run_cuda.sh all OUTDIR     both
 # Exits non-zero when a test or the benchmark fails. Needs torch, torchvision and hypothesis installed.
 set -uo pipefail
-part=${1:?tests or bench}
+part=${1:?tests, bench or all}
 out=${2:-.}
 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name())" || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 export PYTHONUNBUFFERED=1
 status=0
-if [ "$part" = tests ]; then
+bench() {  # name, time limit, then compilefuse-bench arguments
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m compilefuse.bench --device cuda --rounds 3 --min-run-time 0.2 --no-progress \
+    --json "$out/$name.json" "$@" 2>&1 | grep -v Warning | tail -20 | tee "$out/$name.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: $name"; status=1; }
+}
+if [ "$part" = tests ] || [ "$part" = all ]; then
   # test_report needs expecttest (not on the GPU image) and has no CUDA case; the fuzz has none either.
-  python3 -m pytest tests -q -m cuda -p no:cacheprovider -o addopts="" --ignore=tests/test_report.py \
-    --ignore=tests/test_fuzz.py 2>&1 | tail -40 | tee "$out/cuda_tests.log" || status=1
-else
-  python3 -m compilefuse.bench --device cuda --batch-size 1 --rounds 3 --min-run-time 0.2 --no-progress \
-    --systems bnfuse reparameterized limit --json "$out/bench_cuda_branchy.json" \
-    --model repvgg_style --model mobileone_style 2>&1 | grep -v Warning | tail -20 | tee "$out/bench_cuda_branchy.txt" || status=1
-  python3 -m compilefuse.bench --device cuda --batch-size 1 32 --rounds 3 --min-run-time 0.2 --no-progress \
-    --systems inductor-freezing bnfuse limit --json "$out/bench_cuda_resnet50.json" \
-    --model resnet50 2>&1 | grep -v Warning | tail -20 | tee "$out/bench_cuda_resnet50.txt" || status=1
+  timeout 270 python3 -m pytest tests -q -m cuda -p no:cacheprovider -o addopts="" --ignore=tests/test_report.py \
+    --ignore=tests/test_fuzz.py --durations=5 2>&1 | tail -40 | tee "$out/cuda_tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: tests"; status=1; }
+fi
+if [ "$part" = bench ] || [ "$part" = all ]; then
+  bench bench_cuda_reduce_overhead 110 --mode reduce-overhead --batch-size 1 --systems inductor-freezing bnfuse \
+    --model resnet50
+  bench bench_cuda_resnet50 210 --batch-size 1 --systems eager inductor-freezing bnfuse limit export --model resnet50
 fi
 exit $status
