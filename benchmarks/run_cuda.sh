@@ -20,9 +20,14 @@ bench() {  # name, time limit, then compilefuse-bench arguments
 }
 if [ "$part" = tests ] || [ "$part" = all ]; then
   # test_report needs expecttest (not on the GPU image) and has no CUDA case; the fuzz has none either.
-  timeout 270 python3 -m pytest tests -q -m cuda -p no:cacheprovider -o addopts="" --ignore=tests/test_report.py \
-    --ignore=tests/test_fuzz.py --durations=5 2>&1 | tail -40 | tee "$out/cuda_tests.log"
+  timeout 200 python3 -m pytest tests -q -m cuda -p no:cacheprovider -o addopts="" --ignore=tests/test_report.py \
+    --ignore=tests/test_fuzz.py --ignore=tests/test_export.py 2>&1 | tail -40 | tee "$out/cuda_tests.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: tests"; status=1; }
+  # Apart: on the GPU machine's torch 2.11, loading any AOTInductor CUDA package segfaults (torch's own
+  # aoti_compile_and_package too; docs/compatibility.md), which would end the run above.
+  timeout 200 python3 -m pytest tests/test_export.py -q -m cuda -p no:cacheprovider -o addopts="" 2>&1 | tail -40 \
+    | tee "$out/cuda_export_tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FAILED: export tests"; status=1; }
 fi
 if [ "$part" = bench ] || [ "$part" = all ]; then
   bench bench_cuda_reduce_overhead 110 --mode reduce-overhead --batch-size 1 --systems inductor-freezing bnfuse \

@@ -98,6 +98,33 @@ def compile_with_inductor(
     )
 
 
+@contextlib.contextmanager
+def cpu_conv_weight_packing(keep: Callable[[torch.fx.Node], bool]) -> Iterator[None]:
+    """Under this, Inductor's freezing packs a CPU convolution's weight for oneDNN only where
+    ``keep(convolution node)`` says so (and Inductor would). Inductor registers its packing
+    patterns once per process and then applies them to every eligible convolution whatever
+    ``cpp.weight_prepack`` says; this narrows their check for the compiles under it. With a pattern
+    layout this file does not know, Inductor's own choice stands."""
+    try:
+        from torch._inductor.fx_passes import freezing_patterns
+
+        freezing_patterns.lazy_init()
+        key = ("call_function", aten.convolution.default)
+        entries = [entry for passes in freezing_patterns.pass_patterns for entry in passes.patterns.get(key, [])]
+        originals = [entry.extra_check for entry in entries]
+    except Exception as error:  # noqa: BLE001 - only a speed choice is lost
+        log.debug("bnfuse: unknown layout of Inductor's freezing patterns (%r); weight packing left to Inductor", error)
+        yield
+        return
+    for entry, check in zip(entries, originals, strict=True):
+        entry.extra_check = lambda match, check=check: check(match) and keep(match.output_node())
+    try:
+        yield
+    finally:
+        for entry, check in zip(entries, originals, strict=True):
+            entry.extra_check = check
+
+
 # --- Dynamo: graph inputs, sources, exceptions --------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import _torch_private as tp
-from . import compiled_graph, freezing, versions
+from . import compiled_graph, freezing, versions, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldRecord, sort_in_program_order, source_path, traced_decisions
 from .passes import BnFoldPass, BnLowerPass
@@ -92,13 +92,13 @@ class GraphCompiler:
         lifted, kept = freezing.lift_module_state(self.gm, inputs)
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         patches = {
-            **freezing.cpu_float64_patches(inputs),
+            **weight_packing.cpu_float64_patches(inputs),
             **self.config.inductor_patches,
             "freezing": True,
             "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted)),
             "post_grad_custom_pre_pass": BnLowerPass(),
         }
-        with torch.no_grad():
+        with torch.no_grad(), weight_packing.packing(patches):
             call = tp.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
         # Published once the graph has answered: Dynamo may restart a compile that raised midway,
         # and a graph that fails its first run falls back and is reported as that.

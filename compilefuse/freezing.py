@@ -117,13 +117,3 @@ def _mismatch(node: torch.fx.Node, value: torch.Tensor) -> str | None:
         if getattr(fake, what) != getattr(value, what):
             return f"{what} {getattr(value, what)} where the graph has {getattr(fake, what)}"
     return None
-
-
-def cpu_float64_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
-    """Inductor's oneDNN weight prepacking, on by default under freezing on CPU, crashes on float64
-    convolution weights ("itensor_view_from_dense expects float/bfloat16/half"); skip it there.
-    (Inductor registers its prepacking patterns once per process: after an fp32 freezing compile the
-    switch no longer helps, and a float64 graph falls back to plain Inductor.)"""
-    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == "cpu" for t in example_inputs):
-        return {"cpp.weight_prepack": False}
-    return {}

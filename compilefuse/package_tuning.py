@@ -1,13 +1,13 @@
 """``export(..., tune=True)``: build the package with each Inductor setting that is right for some
 models and wrong for others, time each on the example inputs, keep the fastest.
 
-On CPU those settings are Inductor's freezing and, under it, oneDNN weight prepacking. Prepacking
-wins on real models (resnet18 and mobilenet_v2 at 224 px) and loses on small ones, where each
-prepacked convolution costs more in fixed overhead than it saves; freezing itself (layout
-optimisation included) loses to plain Inductor on Conv1d models at batch 32. The folded weights are
-constants in every candidate. Inductor registers its prepacking patterns once per process and does
-not consult the setting again, so each candidate is built in a fresh process (from the saved
-exported program); the candidates are then loaded side by side here and timed interleaved.
+On CPU those settings are Inductor's freezing and, under it, oneDNN weight packing: where ATen would
+run the convolution on oneDNN (the default, ``weight_packing``), every convolution, or none. ATen's
+rule is a rule of thumb; timing settles it per model. Freezing itself (layout optimisation
+included) loses to plain Inductor on Conv1d models at batch 32. The folded weights are constants in
+every candidate. Each candidate is built in a fresh process (from the saved exported program), so
+no build inherits another's compiled state; they are then loaded side by side here and timed
+interleaved.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .report import FoldReport
 
 #: The CPU candidates: Inductor settings for each build.
 CPU_CANDIDATES: dict[str, dict[str, Any]] = {
+    "packed_like_aten": {},
     "prepacked": {"cpp.weight_prepack": True},
     "unpacked": {"cpp.weight_prepack": False},
     "unfrozen": {"freezing": False},

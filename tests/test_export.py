@@ -4,6 +4,7 @@ and fails clearly on bad input."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import assert_matches_reference, float64_reference, randomize_bn
+from helpers import DEVICES, assert_matches_reference, float64_reference, randomize_bn
 from torch import nn
 
 import compilefuse
@@ -90,10 +91,8 @@ def test_wrong_number_of_inputs(small_cnn):
         compilefuse.load(small_cnn[2])(torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16))
 
 
-@pytest.mark.slow
-def test_loads_with_plain_torch_in_a_fresh_process(small_cnn, tmp_path):
-    model, _, path = small_cnn
-    x = torch.randn(3, 3, 16, 16)
+def _run_with_plain_torch(path, x: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Load and run the package in a fresh process that never imports compilefuse."""
     torch.save(x, tmp_path / "x.pt")
     script = textwrap.dedent(f"""
         import sys, torch
@@ -103,9 +102,39 @@ def test_loads_with_plain_torch_in_a_fresh_process(small_cnn, tmp_path):
         torch.save(y, {str(tmp_path / "y.pt")!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    return torch.load(tmp_path / "y.pt")
+
+
+@pytest.mark.slow
+def test_loads_with_plain_torch_in_a_fresh_process(small_cnn, tmp_path):
+    model, _, path = small_cnn
+    x = torch.randn(3, 3, 16, 16)
     with torch.inference_mode():
         eager = model(x)
-    assert_matches_reference(torch.load(tmp_path / "y.pt"), eager, float64_reference(model, x))
+    assert_matches_reference(_run_with_plain_torch(path, x, tmp_path), eager, float64_reference(model, x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_package(small_cnn, tmp_path):
+    """A CUDA package: the CPU package's folds, exact against float64 at any batch, a CUDA device in
+    its metadata, and a load with plain torch in a fresh process."""
+    model, cpu_report, _ = small_cnn
+    model = copy.deepcopy(model).cuda()
+    path = tmp_path / "small_cnn_cuda.pt2"
+    report = compilefuse.export(model, (torch.randn(2, 3, 16, 16, device="cuda"),), path, dynamic_shapes=({0: BATCH},))
+    assert [(row.bn, row.rule, row.folded) for row in report.rows] == [(row.bn, row.rule, row.folded) for row in cpu_report.rows]
+    loaded = compilefuse.load(path)
+    assert loaded.device == "cuda" and loaded.report == report
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 16, 16, device="cuda")
+        with torch.inference_mode():
+            eager = model(x)
+        assert_matches_reference(loaded(x), eager, float64_reference(model, x))
+    x = torch.randn(3, 3, 16, 16, device="cuda")
+    with torch.inference_mode():
+        eager = model(x)
+    assert_matches_reference(_run_with_plain_torch(path, x, tmp_path).cuda(), eager, float64_reference(model, x))
 
 
 @pytest.mark.slow
@@ -143,7 +172,7 @@ def test_tune_keeps_the_faster_build(tmp_path):
     report = compilefuse.export(model, (x,), tmp_path / "tuned.pt2", tune=True)
     run = compilefuse.load(tmp_path / "tuned.pt2")
     tuning = run.metadata["tuning"]
-    assert set(tuning["median_ms"]) == {"prepacked", "unpacked", "unfrozen"} and all(t > 0 for t in tuning["median_ms"].values())
+    assert set(tuning["median_ms"]) == {"packed_like_aten", "prepacked", "unpacked", "unfrozen"} and all(t > 0 for t in tuning["median_ms"].values())
     assert tuning["chosen"] == min(tuning["median_ms"], key=tuning["median_ms"].get)
     assert run.report == report and report.folded == 4
     with torch.inference_mode():
@@ -190,14 +219,22 @@ def test_bn_without_running_statistics_is_kept(tmp_path):
     assert_matches_reference(compilefuse.load(tmp_path / "stats.pt2")(x), eager, float64_reference(model, x))
 
 
+#: One built-in model per rule family (conv, conv-transpose, linear/Conv1d, refusals, branch merge, tokens).
+CUDA_MODELS = ["resnet_style", "dcgan_generator", "pointnet_head", "densenet_style", "mobileone_style", "levit_style"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
-def test_builtin_models_export_exactly(name, tmp_path):
+@pytest.mark.parametrize(
+    "name,device",
+    [(name, "cpu") for name in sorted(BUILTIN_MODELS)]
+    + [pytest.param(name, "cuda", marks=DEVICES[1].marks, id=f"{name}-cuda") for name in CUDA_MODELS],
+)
+def test_builtin_models_export_exactly(name, device, tmp_path):
     """Every built-in model, branchy ones included: the backend's fold counts, exact against float64."""
     spec = BUILTIN_MODELS[name]
     torch.manual_seed(0)
-    x = spec.example(2)
-    model = randomize_bn(spec.build().eval())
+    x = spec.example(2).to(device)
+    model = randomize_bn(spec.build().eval()).to(device)
     report = compilefuse.export(model, (x,), tmp_path / f"{name}.pt2")
     assert (report.folded, report.total) == (spec.foldable, spec.total)
     with torch.inference_mode():

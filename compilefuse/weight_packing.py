@@ -1,0 +1,61 @@
+"""Which frozen CPU convolution weights Inductor packs for oneDNN.
+
+Under freezing, Inductor packs the weight of every eligible CPU convolution ahead of time and calls
+oneDNN for it. Packing saves the per-call weight reorder of a convolution that would run on oneDNN
+anyway. But ATen does not run every convolution on oneDNN: for a batch-1, ungrouped convolution with
+a kernel of at most 3x3 on a small input (and a 1x1 one with one thread) its own direct kernel is
+faster, and a packed oneDNN call there costs 20-40 us more (built-in models at batch 1: freezing
+1.1-1.9x slower than plain Inductor; docs/benchmarks.md). So a weight is packed exactly where ATen
+would choose oneDNN for that convolution. A ``cpp.weight_prepack`` the user sets decides instead,
+for every convolution of the compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from . import _torch_private as tp
+
+#: ATen's own input size (elements) above which a batch-1 float32 convolution runs on oneDNN
+#: (``ConvParams::use_mkldnn`` in aten/src/ATen/native/Convolution.cpp: "for some case, native is faster").
+ATEN_ONEDNN_FROM_ELEMENTS = 20480
+
+
+def worth_packing(convolution: torch.fx.Node) -> bool:
+    """Whether ATen would run this convolution on oneDNN, so that a packed weight only saves work.
+    Sizes not known at compile time (a dynamic batch) leave the choice to Inductor."""
+    input, weight = convolution.args[0], convolution.args[1]
+    input = input.meta.get("val") if isinstance(input, torch.fx.Node) else None
+    weight = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or input.dim() != 4:
+        return True
+    if input.dtype != torch.float32 or not all(isinstance(size, int) for size in (*input.shape, *weight.shape)):
+        return True  # ATen runs low precision on oneDNN; symbolic sizes: Inductor's choice
+    stride, _padding, dilation, _transposed, _output_padding, groups = convolution.args[3:9]
+    batch, (kernel_h, kernel_w) = input.shape[0], weight.shape[-2:]
+    if (kernel_h, kernel_w) == (1, 1) and batch < 16 and torch.get_num_threads() == 1 and \
+            all(s == 1 for s in stride) and all(d == 1 for d in dilation):
+        return False
+    return groups > 1 or (kernel_h > 3 and kernel_w > 3) or batch > 1 or input.numel() > ATEN_ONEDNN_FROM_ELEMENTS
+
+
+def packing(patches: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+    """The weight packing of one freezing compile with these Inductor ``patches``: per
+    convolution by size, or what ``cpp.weight_prepack`` says when the patches set it."""
+    setting = patches.get("cpp.weight_prepack")
+    if setting is None:
+        return tp.cpu_conv_weight_packing(worth_packing)
+    return tp.cpu_conv_weight_packing(lambda _convolution: bool(setting))
+
+
+def cpu_float64_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """oneDNN weight packing crashes on float64 convolution weights ("itensor_view_from_dense
+    expects float/bfloat16/half"): no packing there."""
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == "cpu" for t in example_inputs):
+        return {"cpp.weight_prepack": False}
+    return {}

@@ -1,0 +1,79 @@
+"""CPU weight packing follows ATen's choice of oneDNN per convolution: the generated code packs the
+weights of the convolutions ATen would run on oneDNN and leaves the others to ATen's direct kernels;
+a ``cpp.weight_prepack`` the user sets decides for all. Results stay exact against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_matches_reference, float64_reference, randomize_bn
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from compilefuse import weight_packing
+
+PACKED = "torch.ops.mkldnn._convolution_pointwise.default("
+
+
+def three_convolutions() -> nn.Module:
+    """At batch 1 on 24x24: a 3x3 and a 1x1 convolution on 4 channels (2304 input elements, ATen's
+    direct kernels) and a 3x3 on 40 channels (23040, over ATen's oneDNN threshold)."""
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 40, 1), nn.ReLU(),
+        nn.Conv2d(40, 40, 3, padding=1), nn.BatchNorm2d(40), nn.ReLU(),
+    )
+    return randomize_bn(model.eval())
+
+
+@pytest.mark.parametrize(
+    "batch,options,packed",
+    [
+        (1, None, 1),
+        (2, None, 3),  # ATen runs every batched float32 convolution on oneDNN
+        (1, {"inductor": {"cpp.weight_prepack": True}}, 3),
+        (1, {"inductor": {"cpp.weight_prepack": False}}, 0),
+    ],
+    ids=["batch1-by-aten", "batch2-by-aten", "user-packs-all", "user-packs-none"],
+)
+def test_packed_where_aten_would_use_onednn(batch, options, packed):
+    model, x = three_convolutions(), torch.randn(batch, 4, 24, 24)
+    assert 4 * 24 * 24 <= weight_packing.ATEN_ONEDNN_FROM_ELEMENTS < 40 * 24 * 24
+    compiled = torch.compile(model, backend="bnfuse", options=options)
+    with torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        eager = model(x)
+    assert "\n".join(code).count(PACKED) == packed
+    assert_matches_reference(out, eager, float64_reference(model, x))
+
+
+def test_float64_graph_after_a_packed_float32_one():
+    """oneDNN cannot pack float64 weights. Inductor registers its packing patterns once per process,
+    so after a float32 compile its own setting no longer keeps them off a float64 graph: the size
+    rule's override must (strict mode raises if the compile fails)."""
+    model, x = three_convolutions(), torch.randn(1, 4, 24, 24)
+    with torch.inference_mode():
+        torch.compile(model, backend="bnfuse")(x)
+    torch._dynamo.reset()
+    model64, x64 = three_convolutions().double(), x.double()
+    with torch.inference_mode():
+        out = torch.compile(model64, backend="bnfuse")(x64)
+        eager = model64(x64)
+    torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-10)
+
+
+def test_symbolic_sizes_and_low_precision_leave_the_choice_to_inductor():
+    graph = torch.fx.Graph()
+    with torch._subclasses.FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        x, weight = graph.placeholder("x"), graph.placeholder("w")
+        conv = graph.call_function(torch.ops.aten.convolution.default,
+                                   (x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1))
+        weight.meta["val"] = torch.empty(8, 8, 3, 3)
+        x.meta["val"] = torch.empty(1, 8, 4, 4)
+        assert not weight_packing.worth_packing(conv)
+        x.meta["val"] = torch.empty(1, 8, 4, 4, dtype=torch.bfloat16)
+        assert weight_packing.worth_packing(conv)
+        batch = mode.shape_env.create_unbacked_symint()
+        x.meta["val"] = torch.empty(batch, 8, 4, 4)
+        assert weight_packing.worth_packing(conv)
