@@ -5,14 +5,17 @@ oneDNN for it. Packing saves the per-call weight reorder of a convolution that w
 anyway. But ATen does not run every convolution on oneDNN: for a batch-1, ungrouped convolution with
 a kernel of at most 3x3 on a small input (and a 1x1 one with one thread) its own direct kernel is
 faster, and a packed oneDNN call there costs 20-40 us more (built-in models at batch 1: freezing
-1.1-1.9x slower than plain Inductor; docs/benchmarks.md). So a weight is packed exactly where ATen
-would choose oneDNN for that convolution. A ``cpp.weight_prepack`` the user sets decides instead,
-for every convolution of the compile.
+1.1-1.9x slower than plain Inductor; docs/benchmarks.md). So a weight is packed where ATen would
+choose oneDNN for that convolution, or where the convolution is large enough for that fixed cost not
+to matter (mobilenet_v2's 1x1 expansions on 7x7 and 14x14 inputs: ATen's direct kernel made the
+model 1.1x slower). A ``cpp.weight_prepack`` the user sets decides instead, for every convolution
+of the compile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,10 +28,13 @@ from . import _torch_private as tp
 #: (``ConvParams::use_mkldnn`` in aten/src/ATen/native/Convolution.cpp: "for some case, native is faster").
 ATEN_ONEDNN_FROM_ELEMENTS = 20480
 
+#: Multiply-adds per call from which a convolution is packed whatever ATen would do.
+PACK_FROM_MACS = 4_000_000
+
 
 def worth_packing(convolution: torch.fx.Node) -> bool:
-    """Whether ATen would run this convolution on oneDNN, so that a packed weight only saves work.
-    Sizes not known at compile time (a dynamic batch) leave the choice to Inductor."""
+    """Whether a packed weight only saves work here: ATen would run this convolution on oneDNN, or it
+    is large. Sizes not known at compile time (a dynamic batch) leave the choice to Inductor."""
     input, weight = convolution.args[0], convolution.args[1]
     input = input.meta.get("val") if isinstance(input, torch.fx.Node) else None
     weight = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
@@ -38,6 +44,9 @@ def worth_packing(convolution: torch.fx.Node) -> bool:
         return True  # ATen runs low precision on oneDNN; symbolic sizes: Inductor's choice
     stride, _padding, dilation, _transposed, _output_padding, groups = convolution.args[3:9]
     batch, (kernel_h, kernel_w) = input.shape[0], weight.shape[-2:]
+    output = convolution.meta.get("val")
+    if isinstance(output, torch.Tensor) and output.numel() * math.prod(weight.shape[1:]) >= PACK_FROM_MACS:
+        return True
     if (kernel_h, kernel_w) == (1, 1) and batch < 16 and torch.get_num_threads() == 1 and \
             all(s == 1 for s in stride) and all(d == 1 for d in dilation):
         return False

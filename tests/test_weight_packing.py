@@ -63,17 +63,23 @@ def test_float64_graph_after_a_packed_float32_one():
     torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-10)
 
 
-def test_symbolic_sizes_and_low_precision_leave_the_choice_to_inductor():
+def test_the_rule_on_hand_built_convolutions():
+    """ATen's direct-kernel case is left unpacked unless the convolution is large; low precision and
+    symbolic sizes leave the choice to Inductor."""
     graph = torch.fx.Graph()
     with torch._subclasses.FakeTensorMode(shape_env=ShapeEnv()) as mode:
         x, weight = graph.placeholder("x"), graph.placeholder("w")
         conv = graph.call_function(torch.ops.aten.convolution.default,
-                                   (x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1))
-        weight.meta["val"] = torch.empty(8, 8, 3, 3)
-        x.meta["val"] = torch.empty(1, 8, 4, 4)
-        assert not weight_packing.worth_packing(conv)
-        x.meta["val"] = torch.empty(1, 8, 4, 4, dtype=torch.bfloat16)
-        assert weight_packing.worth_packing(conv)
+                                   (x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1))
+
+        def packed(input_shape, weight_shape, dtype=torch.float32):
+            x.meta["val"], weight.meta["val"] = torch.empty(input_shape, dtype=dtype), torch.empty(weight_shape)
+            conv.meta["val"] = torch.empty(input_shape[0], weight_shape[0], *input_shape[2:])
+            return weight_packing.worth_packing(conv)
+
+        assert not packed((1, 8, 4, 4), (8, 8, 1, 1))
+        assert packed((2, 8, 4, 4), (8, 8, 1, 1))  # batched: ATen uses oneDNN
+        assert packed((1, 64, 14, 14), (512, 64, 1, 1))  # 6.4 M multiply-adds on a small input
+        assert packed((1, 8, 4, 4), (8, 8, 1, 1), torch.bfloat16)
         batch = mode.shape_env.create_unbacked_symint()
-        x.meta["val"] = torch.empty(batch, 8, 4, 4)
-        assert weight_packing.worth_packing(conv)
+        assert packed((batch, 8, 4, 4), (8, 8, 1, 1))
