@@ -9,9 +9,11 @@ layout has changed before, checks it instead of assuming it. No logic of bnfuse 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -98,31 +100,54 @@ def compile_with_inductor(
     )
 
 
+#: The packing choice of the compile running in this thread (None: Inductor's own), read by the
+#: check bnfuse adds to Inductor's packing patterns. A context variable, not a patch per compile:
+#: refolds of different graphs may compile in several threads at once.
+_conv_packing: contextvars.ContextVar[Callable[[torch.fx.Node], bool] | None] = contextvars.ContextVar(
+    "bnfuse_conv_packing", default=None
+)
+_conv_packing_install = threading.Lock()
+
+
+def _packing_allowed(node: torch.fx.Node) -> bool:
+    keep = _conv_packing.get()
+    return keep is None or keep(node)
+
+
+def _narrow_conv_packing_patterns() -> None:
+    """Add ``_packing_allowed`` to the check of each of Inductor's convolution packing patterns that
+    lacks it (Inductor registers them once per process, at its first freezing compile)."""
+    from torch._inductor.fx_passes import freezing_patterns
+
+    freezing_patterns.lazy_init()
+    key = ("call_function", aten.convolution.default)
+    with _conv_packing_install:
+        for passes in freezing_patterns.pass_patterns:
+            for entry in passes.patterns.get(key, []):
+                if not getattr(entry.extra_check, "bnfuse_narrowed", False):
+                    check = entry.extra_check
+                    narrowed = lambda match, check=check: check(match) and _packing_allowed(match.output_node())  # noqa: E731
+                    narrowed.bnfuse_narrowed = True  # type: ignore[attr-defined]
+                    entry.extra_check = narrowed
+
+
 @contextlib.contextmanager
 def cpu_conv_weight_packing(keep: Callable[[torch.fx.Node], bool]) -> Iterator[None]:
     """Under this, Inductor's freezing packs a CPU convolution's weight for oneDNN only where
     ``keep(convolution node)`` says so (and Inductor would). Inductor registers its packing
     patterns once per process and then applies them to every eligible convolution whatever
-    ``cpp.weight_prepack`` says; this narrows their check for the compiles under it. With a pattern
-    layout this file does not know, Inductor's own choice stands."""
+    ``cpp.weight_prepack`` says; bnfuse adds a check to them that consults ``keep`` for the compiles
+    under this in this thread. With a pattern layout this file does not know, Inductor's own choice
+    stands."""
     try:
-        from torch._inductor.fx_passes import freezing_patterns
-
-        freezing_patterns.lazy_init()
-        key = ("call_function", aten.convolution.default)
-        entries = [entry for passes in freezing_patterns.pass_patterns for entry in passes.patterns.get(key, [])]
-        originals = [entry.extra_check for entry in entries]
+        _narrow_conv_packing_patterns()
     except Exception as error:  # noqa: BLE001 - only a speed choice is lost
         log.debug("bnfuse: unknown layout of Inductor's freezing patterns (%r); weight packing left to Inductor", error)
-        yield
-        return
-    for entry, check in zip(entries, originals, strict=True):
-        entry.extra_check = lambda match, check=check: check(match) and keep(match.output_node())
+    token = _conv_packing.set(keep)
     try:
         yield
     finally:
-        for entry, check in zip(entries, originals, strict=True):
-            entry.extra_check = check
+        _conv_packing.reset(token)
 
 
 # --- Dynamo: graph inputs, sources, exceptions --------------------------------------------------

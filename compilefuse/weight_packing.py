@@ -54,8 +54,8 @@ def worth_packing(convolution: torch.fx.Node) -> bool:
 
 
 def packing(patches: Mapping[str, Any]) -> contextlib.AbstractContextManager:
-    """The weight packing of one freezing compile with these Inductor ``patches``: per
-    convolution by size, or what ``cpp.weight_prepack`` says when the patches set it."""
+    """The weight packing of one freezing compile with these Inductor ``patches``: ``worth_packing``
+    per convolution, or what ``cpp.weight_prepack`` says when the patches set it."""
     setting = patches.get("cpp.weight_prepack")
     if setting is None:
         return tp.cpu_conv_weight_packing(worth_packing)

@@ -48,6 +48,18 @@ def test_packed_where_aten_would_use_onednn(batch, options, packed):
     assert_matches_reference(out, eager, float64_reference(model, x))
 
 
+def test_inductors_own_freezing_is_left_alone():
+    """bnfuse's choice applies to its own compiles only: Inductor's freezing, after them in the same
+    process, packs every convolution as Inductor does."""
+    model, x = three_convolutions(), torch.randn(1, 4, 24, 24)
+    with torch.inference_mode():
+        torch.compile(model, backend="bnfuse")(x)
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(freezing=True):
+            _, code = run_and_get_code(torch.compile(model, backend="inductor"), x)
+    assert "\n".join(code).count(PACKED) == 3
+
+
 def test_float64_graph_after_a_packed_float32_one():
     """oneDNN cannot pack float64 weights. Inductor registers its packing patterns once per process,
     so after a float32 compile its own setting no longer keeps them off a float64 graph: the size
