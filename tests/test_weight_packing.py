@@ -1,6 +1,6 @@
-"""CPU weight packing follows ATen's choice of oneDNN per convolution: the generated code packs the
-weights of the convolutions ATen would run on oneDNN and leaves the others to ATen's direct kernels;
-a ``cpp.weight_prepack`` the user sets decides for all. Results stay exact against float64."""
+"""CPU weight packing per convolution: the generated code packs the weights of the convolutions ATen
+would run on oneDNN (or large ones) and leaves the others to ATen's direct kernels; a
+``cpp.weight_prepack`` the user sets decides for all. Results stay exact against float64."""
 
 from __future__ import annotations
 
