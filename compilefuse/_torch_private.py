@@ -41,7 +41,24 @@ aten = torch.ops.aten
 #: The inference BatchNorm op that Inductor normally decomposes before any custom pass runs.
 BN_INFERENCE_OP = aten._native_batch_norm_legit_no_training.default
 
-__all__ = ["BN_INFERENCE_OP", "CustomGraphPass", "Match", "PatternMatcherPass"]
+
+
+def _max_pool_ops() -> tuple[Any, ...]:
+    import torch._inductor.inductor_prims  # registers the prims below
+
+    decomposed = ("_low_memory_max_pool_with_offsets", "_low_memory_max_pool2d_with_offsets")  # torch >= 2.7, 2.6
+    return (
+        *(getattr(torch.ops.prims, name).default for name in decomposed if hasattr(torch.ops.prims, name)),
+        aten.max_pool2d_with_indices.default,
+        aten.max_pool3d_with_indices.default,
+    )
+
+
+#: Max-pool ops as a post-grad pass sees them: Inductor's decomposition into values and offsets, or
+#: the ATen op where Inductor falls back. Output 0 is the pooled values in each.
+MAX_POOL_OPS: tuple[Any, ...] = _max_pool_ops()
+
+__all__ = ["BN_INFERENCE_OP", "MAX_POOL_OPS", "CustomGraphPass", "Match", "PatternMatcherPass"]
 
 
 # --- Inductor: config, modes, the compile entry point ----------------------------------------------

@@ -29,7 +29,7 @@ from . import _torch_private as tp
 from . import weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
-from .passes.fold import fold_graph
+from .passes import PostGradPass, fold_graph
 from .report import FoldReport
 
 log = logging.getLogger("compilefuse")
@@ -90,6 +90,7 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
             **weight_packing.cpu_float64_patches(pytree.tree_leaves(args)),
             **config.inductor_patches,
             **(patches or {}),
+            "post_grad_custom_pre_pass": PostGradPass(),
         }
         with weight_packing.packing(patches):
             files = tp.aoti_compile(gm, args, {}, patches)

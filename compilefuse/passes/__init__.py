@@ -1,6 +1,7 @@
-"""The two graph passes bnfuse installs in Inductor's freezing compile: fold, then lower what is kept."""
+"""The two graph passes bnfuse installs in Inductor's freezing compile: fold, then the post-grad pass
+(lower what is kept, move ReLU after max-pool)."""
 
 from .fold import BnFoldPass, fold_graph
-from .lower import BnLowerPass
+from .post_grad import PostGradPass
 
-__all__ = ["BnFoldPass", "BnLowerPass", "fold_graph"]
+__all__ = ["BnFoldPass", "PostGradPass", "fold_graph"]

@@ -1,4 +1,4 @@
-"""BnLowerPass: decompose every inference BatchNorm the fold pass kept, exactly as Inductor would.
+"""Decompose every inference BatchNorm the fold pass kept, exactly as Inductor would.
 
 bnfuse keeps BN whole through AOTAutograd and freezing so the rules can see it as one op. This pass
 runs after freezing on purpose: a kept BN decomposed earlier would be picked up by Inductor's
@@ -31,13 +31,11 @@ def _lower(match: tp.Match, *_matched_args: object, **_matched_kwargs: object) -
     match.replace_by_example(bn, [kw["input"], *(kw[name] for name in present)])
 
 
-class BnLowerPass(tp.CustomGraphPass):
-    """Post-grad pass: the kept BNs, decomposed."""
+def lower_kept_bns(graph: torch.fx.Graph) -> None:
+    """Decompose every inference BN left in ``graph``."""
+    lower = tp.PatternMatcherPass()
+    tp.register_graph_pattern(PATTERN, pass_dict=lower)(_lower)
+    lower.apply(graph)
 
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        lower = tp.PatternMatcherPass()
-        tp.register_graph_pattern(PATTERN, pass_dict=lower)(_lower)
-        lower.apply(graph)
 
-    def uuid(self) -> bytes:
-        return tp.file_hash([__file__, str(Path(__file__).parent.parent / "rules" / "rule.py")], extra="lower")
+SOURCES = [__file__, str(Path(__file__).parent.parent / "rules" / "rule.py")]
