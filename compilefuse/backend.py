@@ -92,6 +92,7 @@ class GraphCompiler:
         lifted, kept = freezing.lift_module_state(self.gm, inputs)
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         patches = {
+            **freezing.constants_as_buffers(),
             **weight_packing.cpu_float64_patches(inputs),
             **self.config.inductor_patches,
             "freezing": True,

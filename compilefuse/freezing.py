@@ -18,6 +18,15 @@ import torch.fx
 from . import _torch_private as tp
 
 
+def constants_as_buffers() -> dict[str, Any]:
+    """Inductor patches that keep every frozen constant a buffer. Inductor inlines a 1-D constant of
+    at most 8 elements into the kernels that read it; a folded bias that an extern convolution reads
+    is then rebuilt into a buffer on every call, a kernel and an allocation each (mixnet_style's
+    8-channel depthwise splits, any folded conv of at most 8 channels). As buffers, folded constants
+    cost nothing per call."""
+    return {"always_keep_tensor_constants": True} if "always_keep_tensor_constants" in tp.inductor_config_keys() else {}
+
+
 class FrozenValuesMismatch(RuntimeError):
     """The real values torch hands the pass do not line up with the graph's placeholders."""
 

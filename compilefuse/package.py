@@ -26,7 +26,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from . import _torch_private as tp
-from . import weight_packing
+from . import freezing, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
 from .passes import PostGradPass, fold_graph
@@ -87,6 +87,7 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
         gm, record = _fold(program, config.rules)
         patches = {
             "freezing": not _kept_bn_after_producer(gm.graph),
+            **freezing.constants_as_buffers(),
             **weight_packing.cpu_float64_patches(pytree.tree_leaves(args)),
             **config.inductor_patches,
             **(patches or {}),

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DEVICES, randomize_bn
+from helpers import DEVICES, assert_matches_reference, float64_reference, randomize_bn
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
@@ -26,7 +26,7 @@ def generated_code(model: nn.Module, x: torch.Tensor, **options) -> str:
 
 
 def dcgan_block(device: str) -> nn.Module:
-    # More than 8 channels: Inductor inlines tiny constants into kernels, which would blur the check.
+    # More than 8 channels, so the check does not depend on how Inductor treats tiny constants.
     model = nn.Sequential(
         nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(16),
@@ -54,6 +54,31 @@ def test_kept_bn_math_is_visible_in_generated_code(device):
     code = generated_code(dcgan_block(device), torch.randn(2, 16, 4, 4, device=device), rules=[])
     assert not any(d.folded for d in compilefuse.last_record().decisions)
     assert "sqrt" in code
+
+
+def eight_channels() -> nn.Module:
+    return randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8),
+    ).eval())
+
+
+#: A per-call buffer for an 8-element bias, as the generated wrapper spells it.
+SMALL_BIAS_BUFFER = "empty_strided_cpu((8, ), (1, )"
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["aten-convolution", "packed-convolution"])
+def test_small_folded_bias_is_not_rebuilt_per_call(batch):
+    """Inductor inlines 1-D constants of at most 8 elements; a folded bias read by an extern
+    convolution would then be rebuilt into a buffer on every call. bnfuse keeps it a buffer."""
+    model, x = eight_channels(), torch.randn(batch, 3, 10, 10)
+    code = generated_code(model, x)
+    assert all(d.folded for d in compilefuse.last_record().decisions)
+    assert SMALL_BIAS_BUFFER not in code
+    with torch.inference_mode():
+        out = torch.compile(model, backend="bnfuse")(x)
+        assert_matches_reference(out, model(x), float64_reference(model, x))
+    torch._dynamo.reset()  # the control: with Inductor's inlining, the per-call buffer is there to be found
+    assert SMALL_BIAS_BUFFER in generated_code(model, x, inductor={"always_keep_tensor_constants": False})
 
 
 @pytest.mark.slow
