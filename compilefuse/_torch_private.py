@@ -42,7 +42,6 @@ aten = torch.ops.aten
 BN_INFERENCE_OP = aten._native_batch_norm_legit_no_training.default
 
 
-
 def _max_pool_ops() -> tuple[Any, ...]:
     import torch._inductor.inductor_prims  # registers the prims below
 

@@ -65,4 +65,3 @@ def _relu_before(node: torch.fx.Node) -> tuple[torch.fx.Node | None, list[torch.
     if node.target == aten.relu.default and len(node.users) == 1:
         return node, views
     return None, []
-
