@@ -19,7 +19,7 @@ from . import _torch_private as tp
 from . import compiled_graph, freezing, versions, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldRecord, sort_in_program_order, source_path, traced_decisions
-from .passes import BnFoldPass, PostGradPass
+from .passes import BnFoldPass, folded_graph_patches
 from .report import FoldReport, publish
 
 log = logging.getLogger("compilefuse")
@@ -92,12 +92,10 @@ class GraphCompiler:
         lifted, kept = freezing.lift_module_state(self.gm, inputs)
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         patches = {
-            **freezing.constants_as_buffers(),
-            **weight_packing.cpu_float64_patches(inputs),
+            **folded_graph_patches(inputs),
             **self.config.inductor_patches,
             "freezing": True,
             "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted)),
-            "post_grad_custom_pre_pass": PostGradPass(),
         }
         with torch.no_grad(), weight_packing.packing(patches):
             call = tp.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)

@@ -26,10 +26,10 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from . import _torch_private as tp
-from . import freezing, weight_packing
+from . import weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
-from .passes import PostGradPass, fold_graph
+from .passes import fold_graph, folded_graph_patches
 from .report import FoldReport
 
 log = logging.getLogger("compilefuse")
@@ -87,11 +87,9 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
         gm, record = _fold(program, config.rules)
         patches = {
             "freezing": not _kept_bn_after_producer(gm.graph),
-            **freezing.constants_as_buffers(),
-            **weight_packing.cpu_float64_patches(pytree.tree_leaves(args)),
+            **folded_graph_patches(pytree.tree_leaves(args)),
             **config.inductor_patches,
             **(patches or {}),
-            "post_grad_custom_pre_pass": PostGradPass(),
         }
         with weight_packing.packing(patches):
             files = tp.aoti_compile(gm, args, {}, patches)

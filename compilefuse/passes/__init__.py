@@ -1,7 +1,22 @@
 """The two graph passes bnfuse installs in Inductor's freezing compile: fold, then the post-grad pass
-(lower what is kept, move ReLU after max-pool)."""
+(lower what is kept, move ReLU after max-pool); and the Inductor settings every folded graph gets."""
 
+from collections.abc import Sequence
+from typing import Any
+
+from .. import freezing, weight_packing
 from .fold import BnFoldPass, fold_graph
 from .post_grad import PostGradPass
 
-__all__ = ["BnFoldPass", "PostGradPass", "fold_graph"]
+__all__ = ["BnFoldPass", "PostGradPass", "fold_graph", "folded_graph_patches"]
+
+
+def folded_graph_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """Inductor patches for every graph bnfuse folds, in the backend and in a package alike: the
+    post-grad pass, folded constants kept as buffers, no packing of float64 weights. A user's own
+    Inductor options go on top (they may not set the pass: ``config.py`` reserves it)."""
+    return {
+        **freezing.constants_as_buffers(),
+        **weight_packing.cpu_float64_patches(example_inputs),
+        "post_grad_custom_pre_pass": PostGradPass(),
+    }
