@@ -49,13 +49,15 @@ def explain(
     dynamic: bool | None = None,
 ) -> FoldReport:
     """Compile ``model`` with bnfuse, run it once under ``torch.inference_mode()`` on the example
-    inputs, and report every BatchNorm of every compiled graph."""
+    inputs, and report every BatchNorm of every compiled graph. A graph bnfuse compiled before for
+    the same model, options and inputs answers again, and is reported. (The run is a real call: a
+    model that writes its own state in ``forward`` writes it here too.)"""
 
     def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
         # A backend object of its own: Dynamo recompiles instead of reusing an earlier bnfuse compile.
         return bnfuse(gm, inputs, mode=mode, options=options)
 
-    with collecting() as records, torch.inference_mode():
+    with collecting(reused=True) as records, torch.inference_mode():
         torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
     return FoldReport.from_records(records)
 

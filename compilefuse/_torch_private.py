@@ -256,15 +256,31 @@ def aot_parameters() -> tuple[list[Any], set[int]] | None:
     context = torch._guards.TracingContext.try_get()
     if context is None or context.params_flat is None or context.fw_metadata is None:
         return None
-    meta = context.fw_metadata
     params = list(context.params_flat_unwrap_subclasses or context.params_flat)
-    not_frozen = {
-        i
-        for i, info in enumerate(meta.input_info)
-        if info.mutation_type in (MutationType.MUTATED_IN_GRAPH, MutationType.MUTATED_OUT_GRAPH)
-    }
-    not_frozen |= {out.base_idx for out in meta.output_info if out.base_idx is not None}
-    return params, not_frozen
+    written, aliased = aot_input_writes()
+    return params, {i for i in written | aliased if i < len(params)}
+
+
+def aot_input_writes() -> tuple[set[int], set[int]]:
+    """Inside an AOTAutograd compile: the positions of the inputs (AOTAutograd's order: the lifted
+    attributes, then the graph's own inputs) that the graph writes, data or metadata, and of those
+    an output is a view of. Empty outside a compile."""
+    context = torch._guards.TracingContext.try_get()
+    meta = None if context is None else context.fw_metadata
+    if meta is None:
+        return set(), set()
+    written = {i for i, info in enumerate(meta.input_info) if info.mutation_type != MutationType.NOT_MUTATED}
+    aliased = {out.base_idx for out in meta.output_info if out.base_idx is not None}
+    return written, aliased
+
+
+def draws_random_numbers(graph: torch.fx.Graph) -> bool:
+    """Whether an aten graph calls an op that draws from the random number generator."""
+    return any(
+        isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+        for node in graph.nodes
+        if node.op == "call_function"
+    )
 
 
 def fake_tensor_of(node: torch.fx.Node, value: torch.Tensor) -> Any:

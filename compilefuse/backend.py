@@ -83,25 +83,62 @@ class GraphCompiler:
 
     def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
         if failure is None:
-            return self.folded(inputs)
-        reason = f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}"
+            try:
+                return self.folded(inputs)
+            except freezing.UnprovableWrite as refusal:  # a decision, not a failure: strict too
+                reason = (f"not folded: {self._input_name(refusal.written)} and {self._input_name(refusal.frozen)} "
+                          "share memory and the graph writes to it; compiled by plain Inductor")
+                log.warning("bnfuse: %s", reason)
+        else:
+            reason = f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}"
         record = lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason))  # noqa: E731
         return compiled_graph.Compiled(self.plain(inputs, record), tuple(range(len(inputs))))
 
     def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
-        lifted, kept = freezing.lift_module_state(self.gm, inputs)
-        record = FoldRecord(traced_decisions(self.gm, autograd=False))
-        patches = {
-            **folded_graph_patches(inputs),
-            **self.config.inductor_patches,
-            "freezing": True,
-            "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted)),
-        }
-        with torch.no_grad(), weight_packing.packing(patches):
-            call = tp.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
+        """Freeze every parameter and buffer except those the graph writes. Which those are,
+        AOTAutograd tells inside the compile; the first compile that finds one stops there (before
+        folding) and the next keeps it live. A graph that writes no state compiles once."""
+        live: set[int] = set()
+        while True:
+            lifted, kept = freezing.lift_module_state(self.gm, inputs, live)
+            record = FoldRecord(traced_decisions(self.gm, autograd=False))
+            effects = freezing.GraphEffects()
+            fold_pass = BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted), effects)
+            patches = {
+                **folded_graph_patches(inputs),
+                **self.config.inductor_patches,
+                "freezing": True,
+                "joint_custom_pre_pass": fold_pass,
+            }
+            try:
+                with torch.no_grad(), weight_packing.packing(patches):
+                    call = tp.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
+                break
+            except freezing.FrozenStateWritten as written:
+                found = {i for i, value in enumerate(inputs) if any(value is t for t in written.tensors)}
+                if not found or found <= live:  # the same state again: never loop
+                    raise RuntimeError("bnfuse: lifted state the graph writes could not be kept live") from written
+                live |= found
+                freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
+        positions = freezing.input_positions(lifted, kept)
+        frozen = [i for i, v in enumerate(inputs) if i not in set(kept) and isinstance(v, torch.Tensor)]
+        freezing.check_writes_spare_frozen({positions[j] for j in effects.written}, frozen, inputs)
         # Published once the graph has answered: Dynamo may restart a compile that raised midway,
         # and a graph that fails its first run falls back and is reported as that.
-        return compiled_graph.Compiled(call, tuple(kept), on_first_answer=lambda: self._publish(record))
+        return compiled_graph.Compiled(
+            call,
+            tuple(kept),
+            on_first_answer=lambda: self._publish(record),
+            on_reuse=lambda: publish(record, reused=True),
+            side_effects=effects.any,
+            live=tuple(sorted(live)),
+        )
+
+    def _input_name(self, index: int | None) -> str:
+        placeholders = self.gm.graph.find_nodes(op="placeholder")
+        if index is None or not 0 <= index < len(placeholders):
+            return "a tensor that is not a graph input"
+        return source_path(placeholders[index])
 
     def plain(self, inputs: list[Any], record: Callable[[], FoldRecord]) -> Callable[..., Any]:
         """Plain Inductor, nothing frozen or folded; ``record()`` says why. This is the fallback, so

@@ -7,7 +7,11 @@ tensors on every call. ``CompiledGraph`` owns everything that follows from that,
   ``shared`` hands them all one ``CompiledGraph`` for the same graph, options and inputs.
 - **Freshness.** Each call checks that every frozen tensor is the object it was at compile time,
   unchanged (see ``FrozenTensors``). A change refolds: the graph is compiled again with the current
-  tensors before the call is answered, and the old code and constants are released.
+  tensors before the call is answered, and the old code and constants are released. State the
+  graph writes is never frozen (it is a live input), so a graph's own writes are no change.
+- **Exactly once.** A pure graph runs first and is checked after (on CUDA the check overlaps the
+  kernels; on a change the call is answered again). A graph with side effects (it writes inputs or
+  module state, or draws random numbers) is checked first, so each call runs it once.
 - **Variants.** Dynamo shares one graph between instances of a model class (their parameters are
   its inputs), so each set of frozen tensors gets its own compiled *variant*: kept while its
   tensors live, at most ``MAX_VARIANTS``, least recently used dropped.
@@ -47,6 +51,12 @@ class Compiled:
     kept: tuple[int, ...]
     #: Called once the graph has answered its first call (a graph that fails then is never reported).
     on_first_answer: Callable[[], None] = lambda: None
+    #: Called when a later compile of the same graph is answered by this one (its report again).
+    on_reuse: Callable[[], None] = lambda: None
+    #: Whether a call writes inputs or draws random numbers: then it must run exactly once per call.
+    side_effects: bool = False
+    #: Kept inputs that are module state the graph writes: live, read afresh on every call.
+    live: tuple[int, ...] = ()
 
 
 class Compile(Protocol):
@@ -221,20 +231,31 @@ class CompiledGraph:
                 variant = self._variant_for(args)
         except Exception as error:  # noqa: BLE001 - a refold failed: fall back, never crash
             return self._fall_back(args, error).call(*args)
-        # Launch first, check after: on CUDA the check then runs while the kernels do. A stale answer
-        # is never returned: on a change the call is answered again, refolded. (An error of the run
-        # itself, an out-of-memory say, is the user's to see, not a reason to stop folding.)
-        if variant.proven:
+        # A pure graph launches first and is checked after: on CUDA the check then runs while the
+        # kernels do. A stale answer is never returned: on a change the call is answered again,
+        # refolded. A graph with side effects is checked first, and so runs once. (An error of the
+        # run itself, an out-of-memory say, is the user's to see, not a reason to stop folding.)
+        if variant.proven and not variant.compiled.side_effects:
             out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+            try:
+                if variant.frozen.match(args):
+                    return out
+            except Exception as error:  # noqa: BLE001 - the check failed: fall back, never crash
+                return self._fall_back(args, error).call(*args)
         try:
-            fresh = variant.frozen.match(args)
-            if fresh and variant.proven:
-                return out
-            if not fresh:
+            if not variant.frozen.match(args):
                 variant = self._variant_for(args)
         except Exception as error:  # noqa: BLE001 - the check or a refold failed: fall back, never crash
             return self._fall_back(args, error).call(*args)
+        if variant.proven:
+            return variant.compiled.call(*[args[i] for i in variant.compiled.kept])
         return self._first_call(variant, args)
+
+    def on_reuse(self) -> None:
+        """A later compile of this graph (another backend object, as ``compilefuse.explain`` uses)
+        is answered by this one: report it again."""
+        if self._last.proven:
+            self._last.compiled.on_reuse()
 
     def _first_call(self, variant: _Variant, args: Sequence[Any]) -> Any:
         """A fresh compile's first run. Inductor can miscompile in a way only running shows (a
@@ -277,7 +298,7 @@ class CompiledGraph:
                     len(self._variants) + 1,
                 )
             inputs = list(self._example_inputs)
-            for i in self._frozen_indices:
+            for i in (*self._frozen_indices, *self._last.compiled.live):
                 inputs[i] = args[i]
             with self._recompile_context():
                 variant = self._compile(inputs)
@@ -305,10 +326,12 @@ _SHARED: weakref.WeakValueDictionary[Hashable, CompiledGraph] = weakref.WeakValu
 
 
 def shared(key: Hashable, create: Callable[[], CompiledGraph]) -> CompiledGraph:
-    """The ``CompiledGraph`` for ``key``, created on first use."""
+    """The ``CompiledGraph`` for ``key``, created on first use (reused: it reports again)."""
     graph = _SHARED.get(key)
     if graph is None:
         graph = _SHARED[key] = create()
+    else:
+        graph.on_reuse()
     return graph
 
 

@@ -1,15 +1,19 @@
 """Module state as compile-time constants: lifting it for Inductor's freezing, and reading its values.
 
 Dynamo hands a custom backend parameters and buffers as graph inputs; Inductor's freezing only
-freezes graph attributes. ``lift_module_state`` turns one into the other. Inside the freezing
-compile, ``frozen_values`` pairs each placeholder freezing will turn into a constant with its real
-tensor, and checks the pairing before any rule reads a value from it.
+freezes graph attributes. ``lift_module_state`` turns one into the other, except the state the graph
+itself writes (or returns a view of): that stays a live input, read afresh on every call. Which
+state that is, AOTAutograd says inside the compile: ``frozen_values`` raises ``FrozenStateWritten``
+when lifted state is written, and the compile starts again with it live. ``frozen_values`` also
+pairs each placeholder freezing will turn into a constant with its real tensor, and checks the
+pairing before any rule reads a value from it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -31,12 +35,94 @@ class FrozenValuesMismatch(RuntimeError):
     """The real values torch hands the pass do not line up with the graph's placeholders."""
 
 
+class FrozenStateWritten(Exception):
+    """The graph writes lifted state, or returns a view of it: that state must be a live input.
+    Raised inside the compile, before anything is folded; ``tensors`` are the lifted tensors."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        super().__init__(f"the graph writes {len(tensors)} lifted tensor(s)")
+        self.tensors = list(tensors)
+
+
+class UnprovableWrite(Exception):
+    """A tensor the graph writes may share memory with one that would be frozen: bnfuse cannot prove
+    the write leaves the frozen value alone, so the graph is not folded. Indices are graph inputs."""
+
+    def __init__(self, written: int, frozen: int | None) -> None:
+        super().__init__(f"graph input {written} is written and may alias frozen input {frozen}")
+        self.written, self.frozen = written, frozen
+
+
+def module_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[int]:
+    """The indices of the inputs that are module state (what ``lift_module_state`` may lift)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return [
+        i for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True))
+        if isinstance(value, torch.Tensor) and tp.is_module_state(node)
+    ]
+
+
+def check_written_state_apart(written: Collection[int], state: Collection[int], inputs: Sequence[Any]) -> None:
+    """Raise ``UnprovableWrite`` if state the graph writes shares memory with other module state
+    (a buffer that is a view of a weight, say). AOTAutograd then reports both as written, so both
+    would stay live and fold nothing wrong; but which tensor a write really meant is no longer
+    visible in the report, so the graph is left to plain Inductor, named in one warning."""
+    for w in sorted(written):
+        check_writes_spare_frozen([w], [s for s in state if s != w], inputs)
+
+
+def check_writes_spare_frozen(written: Collection[int | None], frozen: Collection[int], inputs: Sequence[Any]) -> None:
+    """Raise ``UnprovableWrite`` unless every written input (Dynamo's indices; None: an attribute
+    that is no graph input) is memory apart from every frozen one. Views share storage without
+    sharing identity, so this compares the bytes each tensor spans."""
+    for w in sorted(written, key=lambda i: -1 if i is None else i):
+        if w is None:
+            raise UnprovableWrite(-1, None)
+        for f in frozen:
+            if _may_overlap(inputs[w], inputs[f]):
+                raise UnprovableWrite(w, f)
+
+
+def _may_overlap(a: Any, b: Any) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.device != b.device:
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
+
+
+@dataclasses.dataclass
+class GraphEffects:
+    """What a compiled graph does besides computing its outputs, as AOTAutograd and the aten graph
+    show it: the positions (AOTAutograd's order) of the inputs it writes, and whether it draws
+    random numbers. A graph with either must run exactly once per call."""
+
+    written: set[int] = dataclasses.field(default_factory=set)
+    draws_random: bool = False
+
+    @property
+    def any(self) -> bool:
+        return bool(self.written) or self.draws_random
+
+    def observe(self, graph: torch.fx.Graph) -> None:
+        self.written, _ = tp.aot_input_writes()
+        self.draws_random = tp.draws_random_numbers(graph)
+
+
 def lift_module_state(
-    gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], live: Collection[int] = ()
 ) -> tuple[torch.fx.GraphModule, list[int]]:
-    """A copy of ``gm`` in which every parameter and buffer is a graph attribute (registered with
-    its Dynamo source, as AOTAutograd requires), and the indices of the inputs the copy still
-    takes. The caller's graph is left untouched: Dynamo derives the compiled call's arguments from it.
+    """A copy of ``gm`` in which every parameter and buffer, except the inputs at ``live``, is a
+    graph attribute (registered with its Dynamo source, as AOTAutograd requires), and the indices
+    of the inputs the copy still takes. The caller's graph is left untouched: Dynamo derives the
+    compiled call's arguments from it.
     """
     graph = torch.fx.Graph()
     old_to_new: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -51,7 +137,7 @@ def lift_module_state(
     kept: list[int] = []
     placeholders = list(graph.find_nodes(op="placeholder"))
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        if not (isinstance(value, torch.Tensor) and tp.is_module_state(node)):
+        if index in live or not (isinstance(value, torch.Tensor) and tp.is_module_state(node)):
             kept.append(index)
             continue
         name = f"_bnfuse_state_{index}"
@@ -68,6 +154,17 @@ def lift_module_state(
     tp.set_param_sources(lifted, sources)
     lifted.recompile()
     return lifted, kept
+
+
+def input_positions(lifted: torch.fx.GraphModule, kept: Sequence[int]) -> list[int | None]:
+    """For each input of AOTAutograd's (the lifted state, then the graph's own inputs), the index of
+    the Dynamo graph input it is; None for an attribute that was not a graph input."""
+    names = [
+        *dict(lifted.named_parameters(remove_duplicate=False)),
+        *dict(lifted.named_buffers(remove_duplicate=False)),
+    ]
+    prefix = "_bnfuse_state_"
+    return [int(n[len(prefix):]) if n.startswith(prefix) else None for n in names] + list(kept)
 
 
 def state_in_aot_order(lifted: torch.fx.GraphModule) -> list[torch.Tensor]:
@@ -87,7 +184,8 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
     values are exactly ``expected`` (the state bnfuse lifted, in AOTAutograd's order: identity, so
     two same-shaped statistics swapped are caught), one per leading placeholder, each with its
     fake tensor's shape, dtype and device. A mismatch raises ``FrozenValuesMismatch``: a value
-    paired with the wrong node would fold silently wrong, so the pass then folds nothing.
+    paired with the wrong node would fold silently wrong, so the pass then folds nothing. Lifted
+    state the graph writes or returns a view of raises ``FrozenStateWritten``: it must not be frozen.
     """
     found = tp.aot_parameters()
     if found is None:
@@ -101,6 +199,8 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
     moved = next((i for i, (a, b) in enumerate(zip(params, expected, strict=True)) if a is not b), None)
     if moved is not None:
         raise FrozenValuesMismatch(f"frozen value {moved} is not the tensor bnfuse lifted at that position")
+    if not_frozen:
+        raise FrozenStateWritten([params[i] for i in sorted(not_frozen)])
     values = {}
     for index, (node, value) in enumerate(zip(placeholders, params, strict=False)):  # params lead
         if not isinstance(value, torch.Tensor):
@@ -108,8 +208,7 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
         mismatch = _mismatch(node, value)
         if mismatch:
             raise FrozenValuesMismatch(f"frozen value {index} does not match graph input {node.name}: {mismatch}")
-        if index not in not_frozen:
-            values[node] = value
+        values[node] = value
     return values
 
 

@@ -86,21 +86,26 @@ class FoldReport:
         return "\n".join(line.rstrip() for line in lines)
 
 
-_COLLECTORS: list[list[FoldRecord]] = []
+_COLLECTORS: list[tuple[list[FoldRecord], bool]] = []
 
 
-def publish(record: FoldRecord) -> None:
-    """Hand a finished graph's record to every ``collecting()`` block that is open."""
-    for collector in _COLLECTORS:
-        collector.append(record)
+def publish(record: FoldRecord, *, reused: bool = False) -> None:
+    """Hand a graph's record to every ``collecting()`` block that is open: a new compile's to all of
+    them, a reused compile's (one that answers a later compile of the same graph) to those that
+    asked for reused graphs too."""
+    for collector, wants_reused in _COLLECTORS:
+        if wants_reused or not reused:
+            collector.append(record)
 
 
 @contextlib.contextmanager
-def collecting() -> Iterator[list[FoldRecord]]:
-    """Collect the records of every graph bnfuse compiles inside the block."""
+def collecting(*, reused: bool = False) -> Iterator[list[FoldRecord]]:
+    """Collect the records of every graph bnfuse compiles inside the block; with ``reused``, also of
+    the graphs compiled before that answer a compile inside it (``compilefuse.explain``)."""
     records: list[FoldRecord] = []
-    _COLLECTORS.append(records)
+    entry = (records, reused)
+    _COLLECTORS.append(entry)
     try:
         yield records
     finally:
-        _COLLECTORS.remove(records)
+        _COLLECTORS.remove(entry)

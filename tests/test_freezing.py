@@ -8,7 +8,7 @@ import torch
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
 from torch import nn
 
-from compilefuse import _torch_private
+from compilefuse import _torch_private, freezing
 
 
 def conv_bn() -> nn.Module:
@@ -58,3 +58,16 @@ def test_values_in_order_fold():
     model, x = conv_bn(), torch.randn(2, 3, 6, 6)
     result = run_bnfuse(model, x)
     assert [d.folded for d in result.decisions] == [True, True]
+
+
+def test_written_tensor_overlap_is_measured_in_bytes():
+    """The check behind "a write that may alias a frozen tensor is not folded": overlapping views
+    of one storage are caught, disjoint slices of it and other storages are not."""
+    storage = torch.zeros(20)
+    weight, head, tail, other = storage[:10].view(2, 5), storage[:2], storage[15:], torch.zeros(10)
+    inputs = [weight, head, tail, other, storage[::4]]
+    freezing.check_writes_spare_frozen([2, 3], [0], inputs)
+    for written in (1, 4):
+        with pytest.raises(freezing.UnprovableWrite) as refusal:
+            freezing.check_writes_spare_frozen([written], [0, 3], inputs)
+        assert (refusal.value.written, refusal.value.frozen) == (written, 0)

@@ -134,15 +134,25 @@ def _source_hash(extra: str) -> bytes:
 class BnFoldPass(tp.CustomGraphPass):
     """Joint-graph pass folding inference BatchNorm; its uuid keys Inductor's caches."""
 
-    def __init__(self, enabled_rules: frozenset[str], record: FoldRecord, state: Sequence[torch.Tensor]) -> None:
-        """``state``: the module state lifted for freezing, in AOTAutograd's order (``freezing.state_in_aot_order``)."""
+    def __init__(
+        self,
+        enabled_rules: frozenset[str],
+        record: FoldRecord,
+        state: Sequence[torch.Tensor],
+        effects: freezing.GraphEffects | None = None,
+    ) -> None:
+        """``state``: the module state lifted for freezing, in AOTAutograd's order (``freezing.state_in_aot_order``);
+        ``effects``, if given, is filled with what the graph writes (``freezing.GraphEffects``)."""
         self.enabled_rules = enabled_rules
         self.record = record
         self.state = state
+        self.effects = effects
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
         state, self.state = self.state, ()  # Inductor may keep the pass: it must not keep the weights
+        if self.effects is not None:
+            self.effects.observe(graph)
         try:
             frozen = freezing.frozen_values(graph, state)
         except freezing.FrozenValuesMismatch as mismatch:  # fold nothing rather than fold wrong
