@@ -80,6 +80,9 @@ class GraphCompiler:
 
     def __init__(self, gm: torch.fx.GraphModule, config: BnfuseConfig) -> None:
         self.gm, self.config = gm, config
+        #: The inputs this graph writes that are module state, once a compile has found them: a
+        #: refold starts from them and does not trace the graph twice again.
+        self._live: set[int] = set()
 
     def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
         if failure is None:
@@ -98,7 +101,7 @@ class GraphCompiler:
         """Freeze every parameter and buffer except those the graph writes. Which those are,
         AOTAutograd tells inside the compile; the first compile that finds one stops there (before
         folding) and the next keeps it live. A graph that writes no state compiles once."""
-        live: set[int] = set()
+        live = set(self._live)
         while True:
             lifted, kept = freezing.lift_module_state(self.gm, inputs, live)
             record = FoldRecord(traced_decisions(self.gm, autograd=False))
@@ -120,6 +123,8 @@ class GraphCompiler:
                     raise RuntimeError("bnfuse: lifted state the graph writes could not be kept live") from written
                 live |= found
                 freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
+        self._live = live
+        freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
         positions = freezing.input_positions(lifted, kept)
         frozen = [i for i, v in enumerate(inputs) if i not in set(kept) and isinstance(v, torch.Tensor)]
         freezing.check_writes_spare_frozen({positions[j] for j in effects.written}, frozen, inputs)

@@ -233,11 +233,14 @@ def _running_modules(model: torch.nn.Module) -> Iterator[list[str]]:
 def _fold(program: torch.export.ExportedProgram, rules: frozenset[str]) -> tuple[torch.fx.GraphModule, FoldRecord]:
     """The exported program with BN kept whole, its weights as attributes, folded by the rules."""
     record = FoldRecord(_traced_decisions(program.graph))
-    gm = tp.unlifted_module(program.run_decompositions({
+    decomposed = program.run_decompositions({
         **tp.decompositions_keeping_inference_bn(),
         torch.ops.aten.linear.default: _linear_on_rows,
-    }))
-    frozen = {node: _attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr")}
+    })
+    gm = tp.unlifted_module(decomposed)
+    # A buffer the program writes is state, not a weight: never folded (as in the backend).
+    written = set(decomposed.graph_signature.buffers_to_mutate.values())
+    frozen = {node: _attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}
     start = time.perf_counter()
     fold_graph(gm.graph, {n: v for n, v in frozen.items() if isinstance(v, torch.Tensor)}, rules, record)
     record.seconds = time.perf_counter() - start

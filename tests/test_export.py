@@ -220,6 +220,29 @@ def test_bn_without_running_statistics_is_kept(tmp_path):
     assert_matches_reference(compilefuse.load(tmp_path / "stats.pt2")(x), eager, float64_reference(model, x))
 
 
+class _WritesBnStatistics(_ConvBN):
+    """An eval-mode BN whose running mean the forward shifts after the BN has read it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        self.bn.running_mean.add_(0.25)
+        return y
+
+
+def test_a_buffer_the_program_writes_is_not_folded(tmp_path):
+    """Folded as exported, the running mean would be right at the first call and stale at the second."""
+    model = randomize_bn(_WritesBnStatistics()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model.bn.running_mean.clone()
+    report = compilefuse.export(model, (x,), tmp_path / "writes.pt2")
+    assert [row.folded for row in report.rows] == [False], str(report)
+    model.bn.running_mean.copy_(before)
+    package = compilefuse.load(tmp_path / "writes.pt2")
+    with torch.no_grad():
+        for call in range(3):
+            torch.testing.assert_close(package(x), model(x), rtol=1e-5, atol=1e-5, msg=f"call {call}")
+
+
 #: One built-in model per rule family (conv, conv-transpose, linear/Conv1d, refusals, branch merge, tokens).
 CUDA_MODELS = ["resnet_style", "dcgan_generator", "pointnet_head", "densenet_style", "mobileone_style", "levit_style"]
 
