@@ -103,15 +103,16 @@ class GraphCompiler:
         folding) and the next keeps it live. A graph that writes no state compiles once."""
         live = set(self._live)
         while True:
+            freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
             lifted, kept = freezing.lift_module_state(self.gm, inputs, live)
             record = FoldRecord(traced_decisions(self.gm, autograd=False))
             effects = freezing.GraphEffects()
-            fold_pass = BnFoldPass(self.config.rules, record, freezing.state_in_aot_order(lifted), effects)
+            state = freezing.state_in_aot_order(lifted)
             patches = {
                 **folded_graph_patches(inputs),
                 **self.config.inductor_patches,
                 "freezing": True,
-                "joint_custom_pre_pass": fold_pass,
+                "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, state, effects),
             }
             try:
                 with torch.no_grad(), weight_packing.packing(patches):
@@ -122,12 +123,13 @@ class GraphCompiler:
                 if not found or found <= live:  # the same state again: never loop
                     raise RuntimeError("bnfuse: lifted state the graph writes could not be kept live") from written
                 live |= found
-                freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
         self._live = live
-        freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
-        positions = freezing.input_positions(lifted, kept)
-        frozen = [i for i, v in enumerate(inputs) if i not in set(kept) and isinstance(v, torch.Tensor)]
-        freezing.check_writes_spare_frozen({positions[j] for j in effects.written}, frozen, inputs)
+        # Lifted state the graph writes stops the compile (FrozenStateWritten), so what it writes
+        # here are its own inputs, which AOTAutograd places after the lifted state.
+        written = [kept[j - len(state)] for j in effects.written if j >= len(state)]
+        if len(written) != len(effects.written):
+            raise RuntimeError("bnfuse: the graph writes lifted state that was frozen")
+        freezing.check_writes_spare_frozen(written, sorted(set(range(len(inputs))) - set(kept)), inputs)
         # Published once the graph has answered: Dynamo may restart a compile that raised midway,
         # and a graph that fails its first run falls back and is reported as that.
         return compiled_graph.Compiled(
@@ -139,11 +141,8 @@ class GraphCompiler:
             live=tuple(sorted(live)),
         )
 
-    def _input_name(self, index: int | None) -> str:
-        placeholders = self.gm.graph.find_nodes(op="placeholder")
-        if index is None or not 0 <= index < len(placeholders):
-            return "a tensor that is not a graph input"
-        return source_path(placeholders[index])
+    def _input_name(self, index: int) -> str:
+        return source_path(self.gm.graph.find_nodes(op="placeholder")[index])
 
     def plain(self, inputs: list[Any], record: Callable[[], FoldRecord]) -> Callable[..., Any]:
         """Plain Inductor, nothing frozen or folded; ``record()`` says why. This is the fallback, so

@@ -235,19 +235,18 @@ class CompiledGraph:
         # kernels do. A stale answer is never returned: on a change the call is answered again,
         # refolded. A graph with side effects is checked first, and so runs once. (An error of the
         # run itself, an out-of-memory say, is the user's to see, not a reason to stop folding.)
-        if variant.proven and not variant.compiled.side_effects:
+        launched = variant.proven and not variant.compiled.side_effects
+        if launched:
             out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
-            try:
-                if variant.frozen.match(args):
-                    return out
-            except Exception as error:  # noqa: BLE001 - the check failed: fall back, never crash
-                return self._fall_back(args, error).call(*args)
         try:
-            if not variant.frozen.match(args):
+            fresh = variant.frozen.match(args)
+            if fresh and launched:
+                return out
+            if not fresh:
                 variant = self._variant_for(args)
         except Exception as error:  # noqa: BLE001 - the check or a refold failed: fall back, never crash
             return self._fall_back(args, error).call(*args)
-        if variant.proven:
+        if variant.proven:  # checked before the run: a graph with side effects
             return variant.compiled.call(*[args[i] for i in variant.compiled.kept])
         return self._first_call(variant, args)
 

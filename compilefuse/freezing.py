@@ -48,7 +48,7 @@ class UnprovableWrite(Exception):
     """A tensor the graph writes may share memory with one that would be frozen: bnfuse cannot prove
     the write leaves the frozen value alone, so the graph is not folded. Indices are graph inputs."""
 
-    def __init__(self, written: int, frozen: int | None) -> None:
+    def __init__(self, written: int, frozen: int) -> None:
         super().__init__(f"graph input {written} is written and may alias frozen input {frozen}")
         self.written, self.frozen = written, frozen
 
@@ -71,13 +71,11 @@ def check_written_state_apart(written: Collection[int], state: Collection[int], 
         check_writes_spare_frozen([w], [s for s in state if s != w], inputs)
 
 
-def check_writes_spare_frozen(written: Collection[int | None], frozen: Collection[int], inputs: Sequence[Any]) -> None:
-    """Raise ``UnprovableWrite`` unless every written input (Dynamo's indices; None: an attribute
-    that is no graph input) is memory apart from every frozen one. Views share storage without
-    sharing identity, so this compares the bytes each tensor spans."""
-    for w in sorted(written, key=lambda i: -1 if i is None else i):
-        if w is None:
-            raise UnprovableWrite(-1, None)
+def check_writes_spare_frozen(written: Collection[int], frozen: Collection[int], inputs: Sequence[Any]) -> None:
+    """Raise ``UnprovableWrite`` unless every written input (Dynamo's indices) is memory apart from
+    every frozen one. Views share storage without sharing identity, so this compares the bytes each
+    tensor spans."""
+    for w in sorted(written):
         for f in frozen:
             if _may_overlap(inputs[w], inputs[f]):
                 raise UnprovableWrite(w, f)
@@ -135,9 +133,10 @@ def lift_module_state(
     sources = tp.param_sources(gm)
 
     kept: list[int] = []
+    lifts = set(module_state(gm, example_inputs)) - set(live)
     placeholders = list(graph.find_nodes(op="placeholder"))
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        if index in live or not (isinstance(value, torch.Tensor) and tp.is_module_state(node)):
+        if index not in lifts:
             kept.append(index)
             continue
         name = f"_bnfuse_state_{index}"
@@ -154,17 +153,6 @@ def lift_module_state(
     tp.set_param_sources(lifted, sources)
     lifted.recompile()
     return lifted, kept
-
-
-def input_positions(lifted: torch.fx.GraphModule, kept: Sequence[int]) -> list[int | None]:
-    """For each input of AOTAutograd's (the lifted state, then the graph's own inputs), the index of
-    the Dynamo graph input it is; None for an attribute that was not a graph input."""
-    names = [
-        *dict(lifted.named_parameters(remove_duplicate=False)),
-        *dict(lifted.named_buffers(remove_duplicate=False)),
-    ]
-    prefix = "_bnfuse_state_"
-    return [int(n[len(prefix):]) if n.startswith(prefix) else None for n in names] + list(kept)
 
 
 def state_in_aot_order(lifted: torch.fx.GraphModule) -> list[torch.Tensor]:

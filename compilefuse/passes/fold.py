@@ -139,10 +139,10 @@ class BnFoldPass(tp.CustomGraphPass):
         enabled_rules: frozenset[str],
         record: FoldRecord,
         state: Sequence[torch.Tensor],
-        effects: freezing.GraphEffects | None = None,
+        effects: freezing.GraphEffects,
     ) -> None:
         """``state``: the module state lifted for freezing, in AOTAutograd's order (``freezing.state_in_aot_order``);
-        ``effects``, if given, is filled with what the graph writes (``freezing.GraphEffects``)."""
+        ``effects`` is filled with what the graph writes and whether it draws random numbers."""
         self.enabled_rules = enabled_rules
         self.record = record
         self.state = state
@@ -151,8 +151,7 @@ class BnFoldPass(tp.CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
         state, self.state = self.state, ()  # Inductor may keep the pass: it must not keep the weights
-        if self.effects is not None:
-            self.effects.observe(graph)
+        self.effects.observe(graph)
         try:
             frozen = freezing.frozen_values(graph, state)
         except freezing.FrozenValuesMismatch as mismatch:  # fold nothing rather than fold wrong
