@@ -17,7 +17,8 @@ import torch
 from .backend import RECORDS, bnfuse
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord
-from .package import ExportedModel, ExportError, export, load
+from .exporting import export
+from .package import ExportedModel, ExportError, load
 from .report import FoldReport, collecting
 from .rules import RULE_IDS
 

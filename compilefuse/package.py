@@ -1,8 +1,9 @@
-"""``compilefuse.export`` / ``compilefuse.load``: bnfuse's folding ahead of time, in an AOTInductor package.
+"""The AOTInductor package of ``compilefuse.export``: building it from an exported program, and
+``compilefuse.load``.
 
-``torch.export`` traces the model; the backend's own rules, checks and float64 math fold its
-BatchNorms in the exported graph; AOTInductor compiles the result into a ``.pt2`` package with the
-folded weights inside and the fold report beside them. Loading needs only torch
+The backend's own rules, checks and float64 math fold the BatchNorms of the exported graph;
+AOTInductor compiles the result into a ``.pt2`` package with the folded weights inside and the fold
+report beside them (``exporting.export`` traces the model and calls ``build``). Loading needs only torch
 (``torch._inductor.aoti_load_package`` in Python, ``AOTIModelPackageLoader`` in C++).
 
 AOTInductor's compiled model does not check its inputs: a wrong shape or dtype runs and answers
@@ -11,14 +12,12 @@ garbage. ``load`` therefore checks each call against the input spec stored in th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,42 +43,6 @@ class ExportError(RuntimeError):
     """The model could not be exported, or the package could not be built or read."""
 
 
-def export(
-    model: torch.nn.Module,
-    args: Any,
-    path: str | os.PathLike[str],
-    *,
-    dynamic_shapes: Any = None,
-    options: dict[str, Any] | None = None,
-    tune: bool = False,
-) -> FoldReport:
-    """Export ``model`` on ``args``, fold its BatchNorms with bnfuse's rules, and write an
-    AOTInductor package to ``path`` (``.pt2``) for the device of ``args``.
-
-    ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
-    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) builds
-    the package with the Inductor settings no one choice of which wins everywhere, each in a fresh
-    process, times them on ``args`` and keeps the fastest (see ``package_tuning``). Returns the fold report, which the package
-    also keeps (``load(path).report``).
-    """
-    config = BnfuseConfig.from_options(options)
-    tp.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
-    path = _package_path(path)
-    args = args if isinstance(args, tuple) else (args,)
-    device = _device_of(args)
-    with torch.no_grad():
-        program = _trace(model, args, dynamic_shapes)
-    if tune and device == "cpu":
-        from . import package_tuning
-
-        report = package_tuning.build_fastest(program, args, path, options)
-    else:
-        report = build(program, args, path, config)
-    if config.report:
-        log.info("bnfuse fold report (exported to %s):\n%s", path, report)
-    return report
-
-
 def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: str, config: BnfuseConfig,
           patches: dict[str, Any] | None = None) -> FoldReport:
     """Fold ``program`` and write its package to ``path``, with Inductor ``patches`` on top."""
@@ -96,7 +59,7 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
     report = FoldReport.from_records([record])
     metadata = {
         "format": _FORMAT,
-        "device": _device_of(args),
+        "device": device_of(args),
         "torch": torch.__version__,
         "inputs": [dataclasses.asdict(spec) for spec in _input_specs(program)],
         "inductor": {"freezing": patches["freezing"]},
@@ -174,60 +137,12 @@ class ExportedModel:
 # --- export's steps ---------------------------------------------------------------------------
 
 
-def _package_path(path: str | os.PathLike[str]) -> str:
-    path = os.fspath(path)
-    if not path.endswith(".pt2"):
-        raise ValueError(f"compilefuse.export: the package path must end in .pt2, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"compilefuse.export: folder {folder!r} for the package does not exist")
-    return path
-
-
-def _device_of(args: tuple[Any, ...]) -> str:
+def device_of(args: tuple[Any, ...]) -> str:
     devices = {leaf.device.type for leaf in pytree.tree_leaves(args) if isinstance(leaf, torch.Tensor)}
     if len(devices) != 1:
         found = ", ".join(sorted(devices)) or "no tensors"
         raise ValueError(f"compilefuse.export: the example inputs must be tensors on one device type, found {found}")
     return devices.pop()
-
-
-def _trace(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
-    """``torch.export``, with a failure naming the innermost module that was running."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"compilefuse.export: expected a torch.nn.Module, got {type(model).__name__}")
-    with _running_modules(model) as running:
-        try:
-            return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
-        except Exception as error:
-            where = f" in module {running[-1]}" if running else ""
-            summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ExportError(
-                f"compilefuse.export: torch.export could not trace {type(model).__name__}{where}: "
-                f"{type(error).__name__}: {summary}"
-            ) from error
-
-
-@contextlib.contextmanager
-def _running_modules(model: torch.nn.Module) -> Iterator[list[str]]:
-    """The modules whose forward has started and not returned, innermost last (forward hooks)."""
-    running: list[str] = []
-
-    def entered(label: str) -> Any:
-        return lambda _module, _args: running.append(label)  # None: the input is left alone
-
-    def returned(_module: Any, _args: Any, _output: Any) -> None:
-        running.pop()  # returning None leaves the output alone
-
-    handles = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(entered(f"{name or '<root>'} ({type(module).__name__})")))
-        handles.append(module.register_forward_hook(returned))
-    try:
-        yield running
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _fold(program: torch.export.ExportedProgram, rules: frozenset[str]) -> tuple[torch.fx.GraphModule, FoldRecord]:

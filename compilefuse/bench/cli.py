@@ -18,9 +18,7 @@ import torch
 
 from . import _torch_private, catalog, cold_start
 from .harness import Row, benchmark_case, fail, interleaved_order
-from .systems import SYSTEMS, CompileSettings
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .systems import DTYPES, SYSTEMS, CompileSettings
 
 
 def parser() -> argparse.ArgumentParser:

@@ -48,8 +48,7 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from . import catalog
-    from .cli import DTYPES
-    from .systems import SYSTEMS, CompileSettings
+    from .systems import DTYPES, SYSTEMS, CompileSettings
 
     torch.set_num_threads(request["threads"])
     dtype, device = DTYPES[request["dtype"]], torch.device(request["device"])
@@ -62,10 +61,10 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     build_s = time.perf_counter() - start
     settings = CompileSettings(mode=request["mode"], dynamic=True if request["dynamic"] else None, threads=request["threads"])
     if request["system"] == "export":
-        from .. import package
+        from .. import exporting, package
 
         if request.get("build_package"):
-            package.export(model, (example,), request["package"])
+            exporting.export(model, (example,), request["package"])
             return {"answered_at": time.time(), "model_build_s": build_s}
         run = package.load(request["package"])
     else:

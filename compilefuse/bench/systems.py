@@ -22,6 +22,9 @@ from .._torch_private import inductor_mode_options
 from ..examples.models import is_batch_norm
 from . import _torch_private
 
+#: The dtypes the benchmark runs models in, by their command-line name.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 @dataclasses.dataclass(frozen=True)
 class CompileSettings:
@@ -118,12 +121,12 @@ def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings
     that builds once and loads in every replica runs. On CPU with ``tune=True`` (the fastest of
     its builds, measured at the benchmark's thread count). torch.compile's
     mode does not apply."""
-    from .. import package
+    from .. import exporting, package
 
     dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
     with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
         path = os.path.join(folder, "model.pt2")
-        package.export(model, (example,), path, dynamic_shapes=dynamic, tune=example.device.type == "cpu")
+        exporting.export(model, (example,), path, dynamic_shapes=dynamic, tune=example.device.type == "cpu")
         return package.load(path)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection
+from typing import Any, Protocol
 
 import torch
 import torch.fx
@@ -20,8 +21,14 @@ from .. import fold_math
 from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match
 from . import _channel_local, _constants, _tokens
 
-if TYPE_CHECKING:
-    from .rule import Producer
+
+class TokenOp(Protocol):
+    """What a site found through shape-only ops needs of its producer (``rule.Producer`` is one)."""
+
+    targets: Collection[Any]
+
+    def operands(self, node: torch.fx.Node) -> dict[str, Any] | None: ...
+
 
 Frozen = dict[torch.fx.Node, torch.Tensor]
 
@@ -173,7 +180,7 @@ class BnSite:
         )
 
     @classmethod
-    def through_shape_ops(cls, match: Match, producer: Producer, side: Side) -> BnSite | None:
+    def through_shape_ops(cls, match: Match, producer: TokenOp, side: Side) -> BnSite | None:
         """A BN and a Linear on token sequences, shape-only ops between them (None: no such site)."""
         if side is Side.OUTPUT:
             output = match.output_node()

@@ -1,0 +1,104 @@
+"""``compilefuse.export``: trace a model with ``torch.export`` and build its package, once
+(``package.build``) or as the fastest of several builds (``package_tuning``, ``tune=True``).
+
+This module sits above both, so neither imports the other's caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import _torch_private as tp
+from . import package, package_tuning
+from .config import BnfuseConfig
+from .report import FoldReport
+
+log = logging.getLogger("compilefuse")
+
+
+def export(
+    model: torch.nn.Module,
+    args: Any,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_shapes: Any = None,
+    options: dict[str, Any] | None = None,
+    tune: bool = False,
+) -> FoldReport:
+    """Export ``model`` on ``args``, fold its BatchNorms with bnfuse's rules, and write an
+    AOTInductor package to ``path`` (``.pt2``) for the device of ``args``.
+
+    ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
+    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) builds
+    the package with the Inductor settings no one choice of which wins everywhere, each in a fresh
+    process, times them on ``args`` and keeps the fastest (see ``package_tuning``). Returns the fold report, which the package
+    also keeps (``load(path).report``).
+    """
+    config = BnfuseConfig.from_options(options)
+    tp.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
+    path = _package_path(path)
+    args = args if isinstance(args, tuple) else (args,)
+    device = package.device_of(args)
+    with torch.no_grad():
+        program = _trace(model, args, dynamic_shapes)
+    if tune and device == "cpu":
+        report = package_tuning.build_fastest(program, args, path, options)
+    else:
+        report = package.build(program, args, path, config)
+    if config.report:
+        log.info("bnfuse fold report (exported to %s):\n%s", path, report)
+    return report
+
+
+def _package_path(path: str | os.PathLike[str]) -> str:
+    path = os.fspath(path)
+    if not path.endswith(".pt2"):
+        raise ValueError(f"compilefuse.export: the package path must end in .pt2, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"compilefuse.export: folder {folder!r} for the package does not exist")
+    return path
+
+
+def _trace(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """``torch.export``, with a failure naming the innermost module that was running."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compilefuse.export: expected a torch.nn.Module, got {type(model).__name__}")
+    with _running_modules(model) as running:
+        try:
+            return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+        except Exception as error:
+            where = f" in module {running[-1]}" if running else ""
+            summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise package.ExportError(
+                f"compilefuse.export: torch.export could not trace {type(model).__name__}{where}: "
+                f"{type(error).__name__}: {summary}"
+            ) from error
+
+
+@contextlib.contextmanager
+def _running_modules(model: torch.nn.Module) -> Iterator[list[str]]:
+    """The modules whose forward has started and not returned, innermost last (forward hooks)."""
+    running: list[str] = []
+
+    def entered(label: str) -> Any:
+        return lambda _module, _args: running.append(label)  # None: the input is left alone
+
+    def returned(_module: Any, _args: Any, _output: Any) -> None:
+        running.pop()  # returning None leaves the output alone
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(entered(f"{name or '<root>'} ({type(module).__name__})")))
+        handles.append(module.register_forward_hook(returned))
+    try:
+        yield running
+    finally:
+        for handle in handles:
+            handle.remove()
