@@ -48,17 +48,20 @@ def explain(
     options: dict[str, Any] | None = None,
     mode: str | None = None,
     dynamic: bool | None = None,
+    autograd: bool = False,
 ) -> FoldReport:
     """Compile ``model`` with bnfuse, run it once under ``torch.inference_mode()`` on the example
     inputs, and report every BatchNorm of every compiled graph. A graph bnfuse compiled before for
     the same model, options and inputs answers again, and is reported. (The run is a real call: a
-    model that writes its own state in ``forward`` writes it here too.)"""
+    model that writes its own state in ``forward`` writes it here too.) ``autograd=True`` runs the
+    forward with autograd instead, as a training step does, and reports its per-step folds."""
 
     def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
         # A backend object of its own: Dynamo recompiles instead of reusing an earlier bnfuse compile.
         return bnfuse(gm, inputs, mode=mode, options=options)
 
-    with collecting(reused=True) as records, torch.inference_mode():
+    grad_mode = torch.enable_grad() if autograd else torch.inference_mode()
+    with collecting(reused=True) as records, grad_mode:
         torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
     return FoldReport.from_records(records)
 

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import operator
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -298,6 +299,138 @@ def mark_frozen(value: torch.Tensor) -> None:
 def real_tensor_math() -> Any:
     """Context for eager math on real tensors inside a pass that runs under a fake-tensor mode."""
     return torch.utils._python_dispatch._disable_current_modes()
+
+
+# --- Training graphs: the forward in aten ops, before autograd ---------------------------------
+
+
+def _inference_batch_norm(
+    input: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool, momentum: float,
+    eps: float, cudnn_enabled: bool,
+) -> Any:
+    """``aten.batch_norm`` in inference mode as the op the rules know; anything else left alone."""
+    if training or running_mean is None or running_var is None:
+        return NotImplemented
+    return BN_INFERENCE_OP(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+
+
+def _transpose_2d(x: Any) -> Any:
+    return aten.permute.default(x, [1, 0]) if x.dim() == 2 else NotImplemented
+
+
+#: CompositeImplicitAutograd ops decomposed in a training graph before autograd, so that the rules
+#: see the ops of an inference graph (``convolution``, ``addmm`` or ``mm`` of a permuted weight).
+#: Autograd differentiates their decompositions anyway.
+_COMPOSITE_OPS = tuple(
+    getattr(getattr(aten, name), overload)
+    for name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                 "linear", "matmul")
+    for overload in ("default", "padding", "input")
+    if hasattr(getattr(aten, name), overload)
+)
+
+
+def _before_autograd_decompositions() -> dict[Any, Callable[..., Any]]:
+    """Only decompositions autograd is blind to: those of ``_COMPOSITE_OPS``, inference
+    ``batch_norm`` as the inference BN op, and a matrix ``t`` as the ``permute`` it is. Not
+    Inductor's table: some of its decompositions (max-pool's, into prims) have no derivative."""
+    table: dict[Any, Callable[..., Any]] = {op: op.decompose for op in _COMPOSITE_OPS}
+    table[aten.batch_norm.default] = _inference_batch_norm
+    table[aten.t.default] = _transpose_2d
+    return table
+
+
+def _trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
+    with fake_mode or contextlib.nullcontext(), torch.fx.traceback.preserve_node_meta():
+        return make_fx(fn, decomposition_table=_before_autograd_decompositions(), pre_dispatch=True)(*args)
+
+
+def unsupported_before_autograd(gm: torch.fx.GraphModule) -> str | None:
+    """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully (None: it can).
+    Higher-order ops (activation checkpointing, ``wrap``) do not trace there, and an autocast
+    region would lose its casts until AOTAutograd traces it again."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            return f"higher-order op {node.target.name()}"
+        if getattr(node.target, "__name__", "") in ("_enter_autocast", "_exit_autocast"):
+            return "an autocast region"
+    return None
+
+
+def forward_before_autograd(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A Dynamo graph as aten ops that autograd has not seen yet (``make_fx``'s pre-dispatch
+    tracing): AOTAutograd, compiling it, derives the backward of whatever a pass made of it. Traced
+    on Dynamo's own example values, so sizes Dynamo keeps symbolic stay symbolic; grad-mode changes
+    are kept as calls; each op keeps the metadata (module path) of the node it came from."""
+    values = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
+    traced = _trace_before_autograd(torch.fx.Interpreter(gm).run, values)
+    for node in reversed(traced.graph.find_nodes(op="call_function", target=operator.getitem)):
+        if not node.users:  # a BN's unused statistics: the rules match a BN read once
+            traced.graph.erase_node(node)
+    return traced
+
+
+def trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
+    """``fn`` traced on ``args`` (fake tensors) as ``forward_before_autograd`` traces a graph: the
+    pattern matcher's ``trace_fn`` for a replacement in such a graph."""
+    return _trace_before_autograd(fn, args)
+
+
+def recompute_in_backward(node: torch.fx.Node) -> None:
+    """Ask AOTAutograd's partitioner to recompute ``node`` in the backward rather than save it
+    (the tag selective activation checkpointing uses; the tracing keeps it on what the node
+    becomes). A per-step fold's weight is elementwise arithmetic on the weight itself, which
+    the backward has anyway: saving the folded copy would cost a weight-sized tensor per conv."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+    node.meta["ac_graph_id"] = 0
+
+
+def written_placeholders(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The inputs an aten graph that is not functionalised writes, data or metadata, directly or
+    through a view: each argument an op's schema marks as written, followed back through views."""
+    written = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for position, argument in enumerate(node.target._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = node.kwargs[argument.name] if argument.name in node.kwargs else (
+                node.args[position] if position < len(node.args) else None)
+            for arg in value if isinstance(value, (list, tuple)) else [value]:
+                base = _view_base(arg)
+                if isinstance(base, torch.fx.Node) and base.op == "placeholder":
+                    written.add(base)
+    # An input that shares memory with a written one (a buffer that is a view of a weight) is
+    # written too, as far as anything reading it knows.
+    storages = {_storage_of(node) for node in written} - {None}
+    return written | {node for node in graph.find_nodes(op="placeholder") if _storage_of(node) in storages}
+
+
+def _storage_of(node: torch.fx.Node) -> Any:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return None
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(value.untyped_storage())
+
+
+def _view_base(value: Any) -> Any:
+    """What a chain of view ops (outputs aliasing their first argument) starts from."""
+    while isinstance(value, torch.fx.Node) and value.op == "call_function" and isinstance(value.target, torch._ops.OpOverload):
+        returns = value.target._schema.returns
+        if not returns or returns[0].alias_info is None or not value.args:
+            break
+        value = value.args[0]
+    return value
 
 
 # --- Tensors ------------------------------------------------------------------------------------

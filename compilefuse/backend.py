@@ -2,14 +2,17 @@
 
 Inference graphs (grad disabled, or nothing requiring grad) are compiled with Inductor's freezing,
 module state lifted to frozen constants and the BN passes installed; ``CompiledGraph`` owns the
-result's life. Graphs that need autograd go to plain Inductor untouched: BN in them is not folded,
-and bnfuse says so once.
+result's life. Graphs that need autograd are traced to aten ops before autograd, the rules fold
+there per step (arithmetic on the live tensors, differentiated by AOTAutograd), and Inductor
+compiles the result; nothing is frozen, so nothing can go stale. With ``training=False`` they go
+to plain Inductor untouched, and bnfuse says so once.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +22,7 @@ from . import _torch_private as tp
 from . import compiled_graph, freezing, versions, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldRecord, sort_in_program_order, source_path, traced_decisions
-from .passes import BnFoldPass, folded_graph_patches
+from .passes import BnFoldPass, fold_graph_per_step, folded_graph_patches
 from .report import FoldReport, publish
 
 log = logging.getLogger("compilefuse")
@@ -49,6 +52,8 @@ def bnfuse(
         versions.warn_once_if_untested()
         needing_grad = _first_requiring_grad(gm, example_inputs)
         if needing_grad is not None:
+            if config.training:
+                return compile_graph.per_step(list(example_inputs))
             _log_autograd_once(needing_grad)
             return compile_graph.plain(list(example_inputs), lambda: FoldRecord(traced_decisions(gm, autograd=True)))
         placeholders = gm.graph.find_nodes(op="placeholder")
@@ -140,6 +145,28 @@ class GraphCompiler:
             side_effects=effects.any,
             live=tuple(sorted(live)),
         )
+
+    def per_step(self, inputs: list[Any]) -> Callable[..., Any]:
+        """A graph that needs autograd: folded per step in its aten ops before autograd, then
+        compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
+        module state the graph does not write; state that requires grad is read as it is."""
+        unsupported = tp.unsupported_before_autograd(self.gm)
+        if unsupported is not None:
+            reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
+            return self.plain(inputs, lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason)))
+        record = FoldRecord(traced_decisions(self.gm, autograd=False))
+        traced = tp.forward_before_autograd(self.gm)
+        placeholders = traced.graph.find_nodes(op="placeholder")
+        written = [i for i, node in enumerate(placeholders) if node in tp.written_placeholders(traced.graph)]
+        readable = freezing.read_only_state(self.gm, inputs, written)
+        start = time.perf_counter()
+        fold_graph_per_step(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
+                            self.config.rules, record)
+        record.seconds += time.perf_counter() - start
+        traced.recompile()
+        call = tp.compile_with_inductor(traced, inputs, dict(self.config.inductor_patches), keep_bn=False)
+        self._publish(record)
+        return call
 
     def _input_name(self, index: int) -> str:
         return source_path(self.gm.graph.find_nodes(op="placeholder")[index])

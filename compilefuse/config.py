@@ -15,6 +15,7 @@ OPTION_DOCS: dict[str, str] = {
     "rules": f"iterable of folding rule ids to enable (default: all of {', '.join(RULE_IDS)})",
     "inductor": "dict of extra torch._inductor.config settings for the compile",
     "report": "bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger",
+    "training": "bool: fold inference-mode BatchNorm in graphs that need autograd too, per step (default True)",
     "strict": "bool: raise when folding fails instead of falling back to plain Inductor "
     "(default: the COMPILEFUSE_STRICT environment variable, else False)",
 }
@@ -26,6 +27,8 @@ class BnfuseConfig:
     inductor_patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     report: bool = False
     strict: bool = False
+    #: Fold in graphs that need autograd (per step), not only in inference graphs.
+    training: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BnfuseConfig:
@@ -38,6 +41,7 @@ class BnfuseConfig:
             rules=_rules(options.get("rules", RULE_IDS)),
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
             report=_bool("report", options.get("report", False)),
+            training=_bool("training", options.get("training", True)),
             strict=_bool("strict", options.get("strict", os.environ.get("COMPILEFUSE_STRICT", "") == "1")),
         )
 

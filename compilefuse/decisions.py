@@ -25,14 +25,17 @@ class FoldDecision:
     producer: str | None = None
     producer_kind: str | None = None
     reason: str | None = None
+    #: Folded as arithmetic run at every step of a training graph, not into constants.
+    per_step: bool = False
 
     @property
     def status(self) -> str:
-        return "folded" if self.folded else "kept"
+        return ("folded per step" if self.per_step else "folded") if self.folded else "kept"
 
     def __str__(self) -> str:
         if self.folded:
-            return f"{self.bn}: folded into {self.producer_kind} {self.producer} ({self.rule})"
+            how = "folded per step" if self.per_step else "folded"
+            return f"{self.bn}: {how} into {self.producer_kind} {self.producer} ({self.rule})"
         return f"{self.bn}: kept ({self.reason})"
 
 
@@ -135,8 +138,13 @@ def _bn_arg(node: torch.fx.Node, name: str) -> object:
 
 
 def batch_norm_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The ``F.batch_norm`` calls of a Dynamo graph, in program order: one per BN site."""
-    return list(gm.graph.find_nodes(op="call_function", target=torch.nn.functional.batch_norm))
+    """The ``F.batch_norm`` calls of a Dynamo graph, in program order: one per BN site (those in
+    the bodies of higher-order ops, activation checkpointing's say, after the graph's own)."""
+    return [
+        node
+        for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.find_nodes(op="call_function", target=torch.nn.functional.batch_norm)
+    ]
 
 
 def traced_decisions(gm: torch.fx.GraphModule, *, autograd: bool, reason: str | None = None) -> list[FoldDecision]:

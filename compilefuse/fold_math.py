@@ -95,7 +95,10 @@ def fold_bias(
 
 def cast_like(folded: torch.Tensor, original: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Round a float64 result once to ``dtype`` (default ``original``'s), keeping ``original``'s
-    device and memory layout."""
+    device and memory layout. (One cast where the layouts already agree: a per-step fold is then
+    plain elementwise arithmetic that autograd's partitioner can recompute in the backward.)"""
+    if folded.device == original.device and folded.stride() == original.stride():
+        return folded.to(dtype or original.dtype)
     out = torch.empty_like(original, dtype=dtype)
     out.copy_(folded)
     return out

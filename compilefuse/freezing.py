@@ -62,6 +62,14 @@ def module_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> lis
     ]
 
 
+def read_only_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], written: Collection[int]) -> list[int]:
+    """The module state a training graph's per-step folds may read: every parameter and buffer it
+    does not write. Nothing there is a constant (state that requires grad changes every step, and
+    running statistics with ``load_state_dict``), so each fold reads it at every step; state the
+    graph writes would be read at the wrong point of the step, so no fold reads it."""
+    return [i for i in module_state(gm, example_inputs) if i not in set(written)]
+
+
 def check_written_state_apart(written: Collection[int], state: Collection[int], inputs: Sequence[Any]) -> None:
     """Raise ``UnprovableWrite`` if state the graph writes shares memory with other module state
     (a buffer that is a view of a weight, say). AOTAutograd then reports both as written, so both

@@ -11,11 +11,14 @@ a BN is reported as kept, with the first refusal, only if it is still in the gra
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
@@ -24,21 +27,26 @@ from .. import _torch_private as tp
 from .. import freezing
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..rules import RULES
-from ..rules.rule import Frozen, Rule
+from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
 
 
 def fold_graph(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
     """Fold every BN of ``graph`` that the enabled rules allow, given the real values of its frozen
     inputs, and add a decision for every BN to ``record``."""
-    run = _FoldRun(graph, frozen, enabled_rules, record)
-    record.bn_ops_before += _count_bn_ops(graph)
-    run.fold_to_fixed_point()
-    record.bn_ops_after += _count_bn_ops(graph)
-    run.record_kept()
+    _FoldRun(graph, frozen, enabled_rules, record).run()
+
+
+def fold_graph_per_step(
+    graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord
+) -> None:
+    """Fold every BN of a training graph (aten ops before autograd) that the enabled rules allow,
+    as arithmetic on the tensors themselves at every step. ``readable``: the graph inputs a fold
+    may read (module state the graph does not write), with their fake values."""
+    _PerStepRun(graph, readable, enabled_rules, record).run()
 
 
 class _FoldRun:
-    """One application of the rules to one graph."""
+    """One application of the rules to one graph: each fold becomes constants, computed once."""
 
     def __init__(self, graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         self.graph, self.frozen, self.enabled_rules, self.record = graph, frozen, enabled_rules, record
@@ -47,13 +55,23 @@ class _FoldRun:
         self.refused: dict[torch.fx.Node, FoldDecision] = {}
         self.merges = 0
         self.steps = 0
-        stages = sorted({rule.stage for rule in RULES})
+        rules = [rule for rule in RULES if self.takes(rule)]
+        stages = sorted({rule.stage for rule in rules})
         self.passes = [tp.PatternMatcherPass() for _ in stages]
-        for rule in RULES:
+        for rule in rules:
             for pattern in rule.patterns:
                 tp.register_graph_pattern(pattern, extra_check=rule.claims, pass_dict=self.passes[stages.index(rule.stage)])(
                     functools.partial(self.apply, rule)
                 )
+
+    def takes(self, rule: Rule) -> bool:
+        return True
+
+    def run(self) -> None:
+        self.record.bn_ops_before += _count_bn_ops(self.graph)
+        self.fold_to_fixed_point()
+        self.record.bn_ops_after += _count_bn_ops(self.graph)
+        self.record_kept()
 
     def fold_to_fixed_point(self) -> None:
         """A fold can make another site foldable (conv -> BN -> BN: the second BN follows a conv
@@ -93,6 +111,23 @@ class _FoldRun:
     def changes(self) -> int:
         return len(self.folded) + self.merges + self.steps
 
+    def evaluate(self, compute: Compute) -> Folded | Refused:
+        """The fold on the real frozen tensors, refused if not finite in the op's dtype."""
+        with tp.real_tensor_math():
+            result = compute(self.frozen)
+            if isinstance(result, Folded):
+                for name in ("weight", "bias"):
+                    value = getattr(result, name)
+                    if not torch.isfinite(value).all():
+                        return Refused(f"folded {name} is not finite in {value.dtype}")
+        return result
+
+    def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+        return self.add_constant(folded.weight, like), self.add_constant(folded.bias, like)
+
+    def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
+        match.replace_by_example(fn, args)
+
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
         gm = self.graph.owning_module
         name = next(f"_bnfuse_folded{i}" for i in itertools.count() if not hasattr(gm, f"_bnfuse_folded{i}"))
@@ -113,6 +148,87 @@ class _FoldRun:
         for bn in _bn_outputs(self.graph):
             if bn not in self.refused and bn not in self.folded:
                 self.record.decisions.append(FoldDecision(bn=module_path(bn), folded=False, reason=neighbours_description(bn)))
+
+
+class _PerStepRun(_FoldRun):
+    """The rules applied to a training graph: each fold is the same float64 arithmetic, traced
+    into the graph before the op it feeds, so that it runs at every step on the tensors of that
+    step and autograd differentiates it (the weight, bias, and BN affine get exact gradients).
+    Nothing is baked in; the values a rule sees are fake."""
+
+    def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+        super().__init__(graph, dict(readable), enabled_rules, record)
+        self.fake_mode = next((v.fake_mode for v in readable.values() if isinstance(v, torch._subclasses.FakeTensor)), None)
+
+    def takes(self, rule: Rule) -> bool:
+        return rule.per_step
+
+    def run(self) -> None:
+        with self.fake_mode or contextlib.nullcontext():
+            super().run()
+
+    def evaluate(self, compute: Compute) -> Folded | Refused:
+        """The fold on fake values: refused as the constant fold would be, and in float16, whose
+        range a per-step fold could leave where the BN would not (that cannot be checked ahead)."""
+        result = compute(self.frozen)
+        if isinstance(result, Folded) and result.weight.dtype == torch.float16:
+            return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
+        return result
+
+    def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+        reads = _ReadsRecorded(self.frozen)
+        compute(reads)
+        leaves = list(reads.read)
+
+        def fold(*values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            result = compute(dict(zip(leaves, values, strict=True)))
+            assert isinstance(result, Folded)
+            return result.weight, result.bias
+
+        traced = tp.trace_before_autograd(fold, [leaf.meta["val"] for leaf in leaves])
+        weight, bias = _inline(traced.graph, leaves, before=like)
+        for node in (weight, bias):
+            self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
+        return weight, bias
+
+    def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
+        match.replace_by_example(fn, args, trace_fn=tp.trace_before_autograd)
+
+    def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
+        super().fold(bn, dataclasses.replace(decision, per_step=True))
+
+
+class _ReadsRecorded(dict):  # type: ignore[type-arg]
+    """A frozen-value map that records the nodes a fold reads (looked up, or found present)."""
+
+    def __init__(self, values: Frozen) -> None:
+        super().__init__(values)
+        self.read: dict[torch.fx.Node, None] = {}
+
+    def __contains__(self, node: object) -> bool:
+        found = super().__contains__(node)
+        if found:
+            self.read[node] = None  # type: ignore[index]
+        return found
+
+    def __getitem__(self, node: torch.fx.Node) -> torch.Tensor:
+        self.read[node] = None
+        return super().__getitem__(node)
+
+
+def _inline(sub: torch.fx.Graph, inputs: list[torch.fx.Node], before: torch.fx.Node) -> list[torch.fx.Node]:
+    """Copy the ops of ``sub`` into ``before``'s graph, ahead of it, on ``inputs``; its outputs."""
+    env = dict(zip(sub.find_nodes(op="placeholder"), inputs, strict=True))
+    graph = before.graph
+    with graph.inserting_before(before):
+        for node in sub.nodes:
+            if node.op == "output":
+                return [env[out] for out in node.args[0]]
+            if node.op != "placeholder":
+                env[node] = graph.node_copy(node, env.__getitem__)
+                env[node].meta.update({k: v for k, v in before.meta.items() if k in ("nn_module_stack", "source_fn_stack")})
+                tp.recompute_in_backward(env[node])
+    raise RuntimeError("bnfuse: a traced fold has no output")
 
 
 def _count_bn_ops(graph: torch.fx.Graph) -> int:

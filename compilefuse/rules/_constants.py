@@ -24,8 +24,9 @@ from ..fold_math import FOLD_DTYPE
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
-#: Casts that autocast (or the user) puts between a frozen tensor and the op reading it.
-CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+#: Casts that autocast (or the user) puts between a frozen tensor and the op reading it (``to`` as
+#: a training graph's aten ops before autograd keep it).
+CASTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype)
 
 #: Ops a constant expression may use: shape changes, elementwise arithmetic and the reductions and
 #: products weight parametrisations use; nothing random, nothing that reads a run-time input. Casts

@@ -18,12 +18,14 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
+from .._torch_private import real_tensor_math
+
 aten = torch.ops.aten
 
 SHAPE_OPS = frozenset({
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
     aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.squeeze.default, aten.clone.default, aten.alias.default,
+    aten.squeeze.default, aten.clone.default, aten.alias.default, aten.flatten.using_ints,
 })
 
 
@@ -59,13 +61,14 @@ def _flat(value: object) -> list[object]:
 
 def channels_line_up(source: torch.fx.Node, chain: Sequence[torch.fx.Node]) -> bool:
     """Whether every element at channel (dimension 1) ``c`` of the chain's result is the element at
-    channel ``c`` of ``source``."""
+    channel ``c`` of ``source``. (Real tensors, whatever mode the caller traces in.)"""
     fake = source.meta["val"]
     channels = fake.shape[1]
-    index = torch.empty_strided(tuple(fake.shape), tuple(fake.stride()), dtype=torch.int32)
-    index.copy_(torch.arange(channels, dtype=torch.int32).reshape(1, channels, *([1] * (fake.dim() - 2))).expand(fake.shape))
-    moved = replay(chain, index)
-    if moved.dim() < 2 or moved.shape[1] != channels:
-        return False
-    expected = torch.arange(channels, dtype=torch.int32).reshape(1, channels, *([1] * (moved.dim() - 2)))
-    return bool((moved == expected).all())
+    with real_tensor_math():
+        index = torch.empty_strided(tuple(fake.shape), tuple(fake.stride()), dtype=torch.int32)
+        index.copy_(torch.arange(channels, dtype=torch.int32).reshape(1, channels, *([1] * (fake.dim() - 2))).expand(fake.shape))
+        moved = replay(chain, index)
+        if moved.dim() < 2 or moved.shape[1] != channels:
+            return False
+        expected = torch.arange(channels, dtype=torch.int32).reshape(1, channels, *([1] * (moved.dim() - 2)))
+        return bool((moved == expected).all())

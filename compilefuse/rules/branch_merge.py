@@ -70,6 +70,7 @@ class _Tree:
 class BranchMerge:
     id = RULE_ID
     stage = 2  # after the BN folds: the branch BNs are in their convs by then
+    per_step = False  # it reads the folded constants' values (a training graph has none)
     patterns = tuple(CallFunction(op, KeywordArg("a"), KeywordArg("b"), _users=MULTIPLE) for op in _SUMS)
 
     def claims(self, match: Match) -> bool:

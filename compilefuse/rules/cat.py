@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .._torch_private import KeywordArg, Match, real_tensor_math
+from .._torch_private import KeywordArg, Match
 from ..decisions import FoldDecision, module_path
 from .convolution import CONV_ARGS, Convolution, conv_kind
-from .rule import BN_TENSORS, BatchNormStats, BnSite, Folded, FoldRule, Refused, RewriteContext, Side, bn_of, erase_bn
+from .rule import BN_TENSORS, BatchNormStats, BnSite, Compute, Folded, FoldRule, Refused, RewriteContext, Side, bn_of, erase_bn
 
 aten = torch.ops.aten
 
@@ -30,6 +30,7 @@ _SLICE_RULE = FoldRule("cat_bn", Convolution(transposed=None), Side.OUTPUT)
 class CatBn:
     id = "cat_bn"
     stage = 0
+    per_step = True
     patterns = (bn_of(KeywordArg("input")),)
 
     def claims(self, match: Match) -> bool:
@@ -55,7 +56,7 @@ class CatBn:
             run.refuse(bn, decision(f"output also used by {module_path(next(u for u in cat.users if u is not bn.args[0]))}"))
             return
         norm = BatchNormStats({k: match.kwargs[k] for k in BN_TENSORS}, match.kwargs["eps"])
-        folds: list[tuple[torch.fx.Node, Folded]] = []
+        folds: list[tuple[torch.fx.Node, Compute, Folded]] = []
         offset = 0
         for part in parts:
             channels = part.meta["val"].shape[1]
@@ -64,16 +65,16 @@ class CatBn:
                 run.refuse(bn, decision(f"{where} do not come from a conv"))
                 return
             site = _slice_site(bn, part, norm, offset)
-            with real_tensor_math():
-                result = _SLICE_RULE.fold(site, run.frozen)
+            compute: Compute = lambda frozen, site=site: _SLICE_RULE.fold(site, frozen)  # noqa: E731
+            result = run.evaluate(compute)
             if isinstance(result, Refused):
                 run.refuse(bn, decision(f"{where}: {result.reason}"))
                 return
-            folds.append((part, result))
+            folds.append((part, compute, result))
             offset += channels
         graph = cat.graph
-        for part, folded in folds:
-            weight, bias = (run.add_constant(v, like=part) for v in (folded.weight, folded.bias))
+        for part, compute, folded in folds:
+            weight, bias = run.operands(compute, folded, like=part)
             with graph.inserting_before(part):
                 rebuilt = graph.call_function(aten.convolution.default, (part.args[0], weight, bias, *part.args[3:]))
             rebuilt.meta = dict(part.meta)  # same shape, dtype and layout: only its constants changed

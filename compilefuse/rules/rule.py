@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match, real_tensor_math
+from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match
 from ..decisions import FoldDecision, MergeDecision, module_path
 from . import _constants, _tokens
 from .site import BN_ARGS, BN_TENSORS, BatchNormStats, BnSite, Frozen, FrozenAffine, Side, affine_of, bn_of
@@ -28,6 +28,7 @@ __all__ = [
     "BN_TENSORS",
     "BatchNormStats",
     "BnSite",
+    "Compute",
     "FoldRule",
     "Folded",
     "Frozen",
@@ -46,12 +47,21 @@ __all__ = [
 aten = torch.ops.aten
 
 
-class RewriteContext(Protocol):
-    """What a rule's rewrite gets from the pass running it (``passes/fold.py``)."""
+#: A fold's arithmetic: the folded weight and bias from the values of the frozen nodes it reads.
+Compute = Callable[[Frozen], "Folded | Refused"]
 
-    frozen: Frozen  # the real value of every frozen node, folded constants included
+
+class RewriteContext(Protocol):
+    """What a rule's rewrite gets from the pass running it (``passes/fold.py``). The pass decides
+    what a fold becomes: constants computed once (an inference graph), or the same arithmetic in
+    the graph, run at every step (a training graph)."""
+
+    frozen: Frozen  # every frozen node's value (real, or a fake one per step), folds' outputs included
 
     def enabled(self, rule_id: str) -> bool: ...
+    def evaluate(self, compute: Compute) -> Folded | Refused: ...  # run ``compute``: refused, or its result
+    def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]: ...
+    def replace(self, match: Match, fn: Callable[..., Any], args: list[Any]) -> None: ...
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node: ...
     def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None: ...
     def refuse(self, bn: torch.fx.Node, decision: FoldDecision) -> None: ...
@@ -66,6 +76,8 @@ class Rule(Protocol):
     id: str
     stage: int
     patterns: tuple[Any, ...]
+    #: Whether the fold is exact as arithmetic run at every step (a training graph), too.
+    per_step: bool
 
     def claims(self, match: Match) -> bool: ...
     def rewrite(self, match: Match, run: RewriteContext) -> None: ...
@@ -129,6 +141,7 @@ class FoldRule:
     side: Side
     #: Whether shape-only ops (token reshapes) stand between the op and the BN.
     tokens: bool = False
+    per_step: ClassVar[bool] = True
 
     @property
     def stage(self) -> int:
@@ -185,8 +198,9 @@ class FoldRule:
         return None
 
     def fold(self, site: BnSite, frozen: Frozen) -> Folded | Refused:
-        """The folded weight and bias: computed in float64 from the real frozen tensors, rounded
-        once to the dtype the op reads its weight in, and refused if not finite there."""
+        """The folded weight and bias: computed in float64 from the frozen tensors, rounded once to
+        the dtype the op reads its weight in. Plain tensor arithmetic: on real values it gives the
+        constants, traced it gives the per-step fold."""
         reason = self.refusal(site, frozen)
         if reason:
             return Refused(reason)
@@ -200,11 +214,7 @@ class FoldRule:
             folded_weight, folded_bias = fold_math.fold_into_input_channels(
                 weight.value, bias, scale, shift, self.producer.groups(site)
             )
-        folded = Folded(fold_math.cast_like(folded_weight, weight.value, weight.dtype), folded_bias.to(weight.dtype))
-        for name in ("weight", "bias"):
-            if not torch.isfinite(getattr(folded, name)).all():
-                return Refused(f"folded {name} is not finite in {weight.dtype}")
-        return folded
+        return Folded(fold_math.cast_like(folded_weight, weight.value, weight.dtype), folded_bias.to(weight.dtype))
 
     def rewrite(self, match: Match, run: RewriteContext) -> None:
         """Fold the site ``match`` describes into new constants and rebuild the op on them, or
@@ -215,12 +225,12 @@ class FoldRule:
         if not run.enabled(self.id):
             run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
             return
-        with real_tensor_math():
-            result = self.fold(site, run.frozen)
+        compute: Compute = lambda frozen: self.fold(site, frozen)  # noqa: E731
+        result = run.evaluate(compute)
         if isinstance(result, Refused):
             run.refuse(site.bn, self.decision(site, result.reason))
             return
-        weight, bias = (run.add_constant(value, like=site.producer) for value in (result.weight, result.bias))
+        weight, bias = run.operands(compute, result, like=site.producer)
         data = site.input
         if site.side is Side.INPUT:  # this op (only) now reads what the BN normalised, moved the same way
             for reader in [*site.private, site.producer]:
@@ -229,7 +239,7 @@ class FoldRule:
         rebuild = self.producer.rebuild(site)
         if site.side is Side.OUTPUT and site.chain:  # the BN's place: the op, then the same shape ops
             rebuild = _then(rebuild, site.chain)
-        match.replace_by_example(rebuild, [data, weight, bias])
+        run.replace(match, rebuild, [data, weight, bias])
         keep_module_names(weight, site.producer)
         if site.side is Side.OUTPUT and site.chain:
             for node in [*reversed(site.chain), site.producer]:  # the unfolded op and its shape ops
