@@ -86,9 +86,22 @@ head_bn       folded  linear head          linear_bn
 folded 3 of 8 BatchNorms; <t> ms in the folding rules""")
 
     def test_report_for_autograd_graph(self):
-        model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+        model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4).train()).eval())
+        model[2].train()
         with compilefuse.report.collecting() as records:
             torch.compile(model, backend="bnfuse")(torch.randn(2, 3, 6, 6)).sum().backward()
+        self.assertExpectedInline(text(compilefuse.FoldReport.from_records(records)), """\
+batchnorm  status           folded into  rule / reason
+---------  ---------------  -----------  -------------
+1          folded per step  conv2d 0     conv_bn
+2          kept                          training mode
+folded 1 of 2 BatchNorms; <t> ms in the folding rules""")
+
+    def test_report_for_autograd_graph_with_training_folds_off(self):
+        model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+        with compilefuse.report.collecting() as records:
+            compiled = torch.compile(model, backend="bnfuse", options={"training": False})
+            compiled(torch.randn(2, 3, 6, 6)).sum().backward()
         self.assertExpectedInline(text(compilefuse.FoldReport.from_records(records)), """\
 batchnorm  status  folded into  rule / reason
 ---------  ------  -----------  -------------
@@ -161,7 +174,7 @@ def test_report_to_dict_and_json():
     assert (data["folded"], data["total"], data["graphs"]) == (4, 5, 1)
     assert data["rows"][0] == {
         "bn": "stem.1", "folded": True, "rule": "conv_bn", "producer": "stem.0",
-        "producer_kind": "conv2d", "reason": None, "status": "folded",
+        "producer_kind": "conv2d", "reason": None, "per_step": False, "status": "folded",
     }
     assert {type(row) for row in report.rows} == {compilefuse.FoldDecision}
 

@@ -260,7 +260,7 @@ def test_symbolic_sizes_with_a_counter():
 
 
 def test_bn_used_with_grad_enabled_then_without():
-    """``test_unfolded_bn``: the same BN compiled once for autograd (plain Inductor), then folded."""
+    """``test_unfolded_bn``: the same BN compiled once for autograd (per step), then folded."""
     bn = randomize_bn(nn.BatchNorm2d(8, eps=1e-3).eval())
     x = torch.rand(3, 8, 5, 5)
 

@@ -1,0 +1,441 @@
+"""Training graphs: inference-mode BatchNorm folded per step (fine-tuning with frozen statistics).
+
+Each fold is arithmetic in the graph, run at every step on that step's tensors and differentiated
+by AOTAutograd. Checked against a float64 eager copy of the same model: the loss and every
+parameter's gradient at most 2x plain Inductor's error, and the cases that must not fold (BN in
+training mode, without running statistics, reading state the graph writes) left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from helpers import randomize_bn
+from torch import nn
+
+import compilefuse
+from compilefuse.bench.training import eval_bn_for_finetuning, saved_bytes
+from compilefuse.examples.models import resnet_style
+
+#: Relative gradient error every system reaches: a few float32 roundings of the largest gradient.
+ROUNDING = 2e-6
+
+
+class Detectron2FrozenBN(nn.Module):
+    """detectron2's ``FrozenBatchNorm2d``: an affine map computed from buffers in ``forward``."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.empty(channels).uniform_(0.5, 2.0))
+        self.register_buffer("bias", torch.empty(channels).uniform_(-1.0, 1.0))
+        self.register_buffer("running_mean", torch.empty(channels).uniform_(-1.0, 1.0))
+        self.register_buffer("running_var", torch.empty(channels).uniform_(0.2, 3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        scale, bias = scale.reshape(1, -1, 1, 1), bias.reshape(1, -1, 1, 1)
+        return x * scale.to(x.dtype) + bias.to(x.dtype)
+
+
+class EverySite(nn.Module):
+    """One graph with a site of every per-step rule (one compile per system for all of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.up, self.up_bn = nn.ConvTranspose2d(8, 8, 3, stride=2, groups=2), nn.BatchNorm2d(8)
+        self.tv_conv, self.tv_frozen = nn.Conv2d(8, 8, 1), torchvision.ops.FrozenBatchNorm2d(8)
+        self.d2_conv, self.d2_frozen = nn.Conv2d(8, 8, 1, bias=False), Detectron2FrozenBN(8)
+        self.f_conv = nn.Conv2d(8, 8, 1)
+        self.register_buffer("f_mean", torch.empty(8).uniform_(-1, 1))
+        self.register_buffer("f_var", torch.empty(8).uniform_(0.2, 3))
+        self.pre_bn, self.reader_a, self.reader_b = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3)
+        self.cat_a, self.cat_b, self.cat_bn = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(8)
+        self.fc, self.fc_bn = nn.Linear(8, 6), nn.BatchNorm1d(6)
+        self.head_bn, self.head = nn.BatchNorm1d(6), nn.Linear(6, 5)
+        self.tokens, self.tokens_bn = nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8)  # LeViT's LinearNorm
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.bn(self.conv(x)).relu()  # conv_bn
+        y = self.up_bn(self.up(y)).relu()  # conv_transpose_bn
+        y = self.tv_frozen(self.tv_conv(y)).relu()  # conv_bn, torchvision's FrozenBatchNorm2d
+        y = self.d2_frozen(self.d2_conv(y)).relu()  # conv_bn, detectron2's
+        y = F.batch_norm(self.f_conv(y), self.f_mean, self.f_var, training=False).relu()  # conv_bn, functional
+        z = self.pre_bn(y)  # bn_conv, read by two convs without zero padding
+        a, b = self.reader_a(z)[..., 1:-1, 1:-1], self.reader_b(z)
+        y = self.cat_bn(torch.cat([self.cat_a(a), self.cat_b(b)], 1)).relu()  # cat_bn
+        pooled = y.mean((2, 3))
+        features = self.fc_bn(self.fc(pooled)).relu()  # linear_bn
+        logits = self.head(self.head_bn(features))  # bn_linear
+        tokens = y.flatten(2).transpose(1, 2)  # (N, L, C)
+        mixed = self.tokens_bn(self.tokens(tokens).transpose(1, 2))  # linear_tokens_bn
+        return logits, mixed
+
+    FOLDS: ClassVar[dict[str, str]] = {
+        "bn": "conv_bn", "up_bn": "conv_transpose_bn", "tv_frozen": "conv_bn", "d2_frozen": "conv_bn",
+        "batch_norm_2": "conv_bn", "pre_bn": "bn_conv", "cat_bn": "cat_bn", "fc_bn": "linear_bn",
+        "head_bn": "bn_linear", "tokens_bn": "linear_tokens_bn",
+    }
+
+
+def every_site() -> nn.Module:
+    return eval_bn_for_finetuning(randomize_bn(EverySite()))
+
+
+def loss_of(output) -> torch.Tensor:
+    outputs = [output] if isinstance(output, torch.Tensor) else output
+    return sum((o.double() ** 2).mean() for o in outputs)
+
+
+def step(fn, model: nn.Module, x: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward and backward: the loss and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(fn(x))
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def errors(loss: float, grads: dict[str, torch.Tensor], reference: tuple[float, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Relative error of the loss and of each gradient (max |g - g64| / max |g64|)."""
+    ref_loss, ref_grads = reference
+    assert set(grads) == set(ref_grads)
+    out = {"loss": abs(loss - ref_loss) / abs(ref_loss)}
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        out[name] = ((g.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return out
+
+
+def float64_step(model: nn.Module, x: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    reference = copy.deepcopy(model).double()
+    return step(reference, reference, x.double())
+
+
+def compiled_step(model: nn.Module, x: torch.Tensor, backend: str = "bnfuse", **kwargs):
+    model = copy.deepcopy(model)
+    with compilefuse.report.collecting() as records:
+        result = step(torch.compile(model, backend=backend, **kwargs), model, x)
+    return result, records
+
+
+def test_every_per_step_rule_folds_with_gradients_as_exact_as_inductor():
+    model, x = every_site(), torch.randn(2, 3, 8, 8)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    decisions = [d for r in records for d in r.decisions]
+    assert {d.bn: (d.status, d.rule) for d in decisions} == {
+        bn: ("folded per step", rule) for bn, rule in EverySite.FOLDS.items()
+    }
+    assert [r.bn_ops_after for r in records] == [0]  # every inference BN op is gone from the graph
+    ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
+    assert len(ours) == len([p for p in model.parameters()]) + 1
+    for name, error in ours.items():
+        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+
+
+def test_a_wrong_per_step_fold_would_be_caught():
+    """The comparison has teeth: a gradient with one BN's gamma off by 1e-4 fails it."""
+    model, x = every_site(), torch.randn(2, 3, 8, 8)
+    reference = float64_step(model, x)
+    skewed = copy.deepcopy(model)
+    with torch.no_grad():
+        skewed.fc_bn.weight.mul_(1 + 1e-4)
+    loss, grads = step(skewed, skewed, x)
+    assert max(errors(loss, grads, reference).values()) > 10 * ROUNDING
+
+
+def test_weights_after_optimizer_steps_match_eager():
+    model = eval_bn_for_finetuning(randomize_bn(resnet_style(width=8)))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, eager)]
+    with compilefuse.report.collecting() as records:
+        for i in range(4):
+            x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i))
+            for fn, optimizer in zip((compiled, eager), optimizers, strict=True):
+                optimizer.zero_grad()
+                loss_of(fn(x)).backward()
+                optimizer.step()
+    assert len(records) == 1 and all(d.per_step for d in records[0].decisions)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class ConvBnRelu(nn.Module):
+    def __init__(self, **bn_kwargs) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, **bn_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).relu()
+
+
+def test_bn_in_training_mode_is_not_folded_and_updates_its_statistics_as_eager():
+    model = randomize_bn(ConvBnRelu()).train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    with compilefuse.report.collecting() as records:
+        for _ in range(3):
+            x = torch.randn(4, 3, 6, 6)
+            out = compiled(x)
+            torch.testing.assert_close(out, eager(x))
+            loss_of(out).backward()
+    [decision] = [d for r in records for d in r.decisions]
+    assert (decision.folded, decision.reason) == (False, "training mode")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(model.bn, name), getattr(eager.bn, name), msg=name)
+
+
+def test_bn_without_running_statistics_is_not_folded():
+    model = ConvBnRelu(track_running_stats=False).eval()
+    x = torch.randn(4, 3, 6, 6)
+    (loss, grads), records = compiled_step(model, x)
+    [decision] = [d for r in records for d in r.decisions]
+    assert (decision.folded, decision.reason) == (False, "no running statistics (track_running_stats=False)")
+    eager_loss, eager_grads = step(model, model, x)
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], msg=name)
+
+
+def test_mode_switches_train_eval_and_inference():
+    model = randomize_bn(ConvBnRelu())
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+
+    def both(x: torch.Tensor) -> None:
+        out, expected = compiled(x), eager(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        if out.requires_grad:
+            loss_of(out).backward()
+            loss_of(expected).backward()
+
+    statuses = []
+    for mode in ("eval", "train", "eval", "no_grad", "inference_mode", "eval"):
+        with compilefuse.report.collecting() as records:
+            for m in (model, eager):
+                m.train(mode == "train")
+            x = torch.randn(2, 3, 6, 6)
+            if mode in ("no_grad", "inference_mode"):
+                with getattr(torch, mode)():
+                    both(x)
+            else:
+                both(x)
+        statuses.append([d.status for r in records for d in r.decisions])
+    # compiled once per mode (eval and inference graphs answer again from Dynamo's cache later)
+    assert statuses[:4] == [["folded per step"], ["kept"], [], ["folded"]]
+    for name in ("running_mean", "running_var"):  # the train-mode step updated them, as in eager
+        torch.testing.assert_close(getattr(model.bn, name), getattr(eager.bn, name), msg=name)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class StemAndHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.body, self.body_bn = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body_bn(self.body(self.stem_bn(self.stem(x)).relu()))
+
+
+def test_frozen_stem_next_to_trained_layers():
+    model = eval_bn_for_finetuning(randomize_bn(StemAndHead()))
+    model.stem.requires_grad_(False)
+    model.stem_bn.requires_grad_(False)
+    x = torch.randn(2, 3, 10, 10)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    assert sorted(grads) == ["body.bias", "body.weight", "body_bn.bias", "body_bn.weight"]
+    assert [(d.bn, d.status) for r in records for d in r.decisions] == [
+        ("stem_bn", "folded per step"), ("body_bn", "folded per step")]
+    assert max(errors(loss, grads, reference).values()) < 1e-5
+
+
+def test_each_step_reads_the_statistics_and_weights_of_that_step():
+    """Nothing is baked in: new running statistics (``load_state_dict``) and an optimizer's update
+    of gamma are read by the next step, without a recompile."""
+    model = eval_bn_for_finetuning(randomize_bn(ConvBnRelu()))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    with compilefuse.report.collecting() as records:
+        for _ in range(3):
+            x = torch.randn(2, 3, 6, 6)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+            state = randomize_bn(copy.deepcopy(eager)).state_dict()
+            for m in (model, eager):
+                m.load_state_dict(state)
+    assert len(records) == 1
+
+
+class WritesItsStatistics(ConvBnRelu):
+    """A forward that writes the BN's running variance before reading it (a hand-made recalibration)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.bn.running_var.mul_(1.5)
+        return super().forward(x)
+
+
+def test_state_the_graph_writes_is_not_read_by_a_fold():
+    model = eval_bn_for_finetuning(randomize_bn(WritesItsStatistics()))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    with compilefuse.report.collecting() as records:
+        for _ in range(2):
+            x = torch.randn(2, 3, 6, 6)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.bn.running_var, eager.bn.running_var)
+    [decision] = [d for r in records for d in r.decisions]
+    assert not decision.folded and "running_var" in decision.reason
+
+
+def test_checkpointed_graph_goes_to_plain_inductor_with_the_reason():
+    class Checkpointed(ConvBnRelu):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+
+    model = eval_bn_for_finetuning(randomize_bn(Checkpointed()))
+    x = torch.randn(2, 3, 6, 6)
+    (loss, grads), records = compiled_step(model, x)
+    [decision] = [d for r in records for d in r.decisions]
+    assert not decision.folded and "higher-order op" in decision.reason
+    eager_loss, eager_grads = step(model, model, x)
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_option_off_compiles_autograd_graphs_unfolded_with_one_warning(caplog, monkeypatch):
+    from compilefuse import backend
+
+    monkeypatch.setattr(backend, "_autograd_logged", False)
+    model = eval_bn_for_finetuning(randomize_bn(StemAndHead()))
+    x = torch.randn(2, 3, 10, 10)
+    with caplog.at_level(logging.WARNING, logger="compilefuse"):
+        (loss, grads), records = compiled_step(model, x, options={"training": False})
+    assert [d.reason for r in records for d in r.decisions] == [compilefuse.decisions.AUTOGRAD_REASON] * 2
+    [message] = [r.getMessage() for r in caplog.records if r.name == "compilefuse"]
+    assert "BatchNorm is not folded" in message
+    eager_loss, eager_grads = step(model, model, x)
+    assert loss == pytest.approx(eager_loss, rel=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], msg=name)
+
+
+def test_saved_for_backward_is_below_efficient_conv_bn_eval_and_three_quarters_of_inductor():
+    """Bytes autograd saves for backward (the model's own tensors left out), one step of a
+    ResNet-style model with every BN in eval mode."""
+    model, x = eval_bn_for_finetuning(randomize_bn(resnet_style(width=16))), torch.randn(4, 3, 32, 32)
+    saved = {}
+    for name, backend, options in [("inductor", "inductor", None), ("bnfuse", "bnfuse", None),
+                                   ("efficient", "inductor", {"efficient_conv_bn_eval_fx_passes": True})]:
+        torch._dynamo.reset()
+        copy_ = copy.deepcopy(model)
+        fn = torch.compile(copy_, backend=backend, options=options)
+        loss_of(fn(x)).backward()  # compiled (forward and backward) before measuring
+        saved[name] = saved_bytes(lambda fn=fn: loss_of(fn(x)), [*copy_.parameters(), *copy_.buffers()])
+    assert saved["bnfuse"] <= saved["efficient"], saved
+    assert saved["bnfuse"] <= 0.75 * saved["inductor"], saved
+
+
+def test_explain_reports_a_training_graph():
+    model = eval_bn_for_finetuning(randomize_bn(StemAndHead()))
+    report = compilefuse.explain(model, torch.randn(2, 3, 10, 10), autograd=True)
+    assert [str(row) for row in report.rows] == [
+        "stem_bn: folded per step into conv2d stem (conv_bn)",
+        "body_bn: folded per step into conv2d body (conv_bn)",
+    ]
+    assert "folded per step" in str(report)
+
+
+@pytest.mark.slow
+def test_torchvision_resnet_with_eval_bn():
+    model = eval_bn_for_finetuning(randomize_bn(torchvision.models.resnet18(num_classes=10)))
+    x = torch.randn(2, 3, 32, 32)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    decisions = [d for r in records for d in r.decisions]
+    assert len(decisions) == 20 and all(d.status == "folded per step" for d in decisions)
+    ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
+    for name, error in ours.items():
+        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+
+
+def frozen_bn_backbone(model: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``model.backbone`` replaced by torchvision's FrozenBatchNorm2d with
+    random statistics (as the detection builders do for pretrained backbones)."""
+    for module in list(model.backbone.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                setattr(module, child_name, frozen)
+    return randomize_bn(model)
+
+
+@pytest.mark.slow
+def test_fasterrcnn_training_step_with_frozen_bn_backbone():
+    torch.manual_seed(0)
+    model = frozen_bn_backbone(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=96,
+        rpn_batch_size_per_image=16, box_batch_size_per_image=16)).train()
+    images = [torch.rand(3, 96, 96) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 30.0, 40.0, 90.0]]), "labels": torch.tensor([2])}]
+    eager = copy.deepcopy(model)
+
+    def train_step(fn, module):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the samplers draw the same proposals in both
+        losses = fn(images, targets)
+        sum(losses.values()).backward()
+        return {k: v.item() for k, v in losses.items()}, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+    with compilefuse.report.collecting() as records:
+        losses, grads = train_step(torch.compile(model, backend="bnfuse"), model)
+    eager_losses, eager_grads = train_step(eager, eager)
+    decisions = [d for r in records for d in r.decisions]
+    assert sum(d.status == "folded per step" for d in decisions) >= 30, [str(d) for d in decisions]
+    assert losses.keys() == eager_losses.keys()
+    for key, value in losses.items():
+        assert value == pytest.approx(eager_losses[key], rel=1e-4, abs=1e-6), key
+    assert set(grads) == set(eager_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_dynamic_batch_folds_per_step_and_compiles_once():
+    model = eval_bn_for_finetuning(randomize_bn(StemAndHead()))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse", dynamic=True)
+    with compilefuse.report.collecting() as records:
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 10, 10)
+            for m, fn in ((model, compiled), (eager, eager)):
+                m.zero_grad()
+                loss_of(fn(x)).backward()
+            for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert [[d.status for d in r.decisions] for r in records] == [["folded per step"] * 2]
+
+
+def test_float16_weights_are_not_folded_per_step():
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4)).half()
+    eval_bn_for_finetuning(randomize_bn(model))
+    x = torch.randn(6, 8, dtype=torch.float16)
+    (loss, _), records = compiled_step(model, x)
+    [decision] = [d for r in records for d in r.decisions]
+    assert not decision.folded and "float16" in decision.reason
+    eager_loss, _ = step(model, model, x)
+    assert loss == pytest.approx(eager_loss, rel=1e-2)
