@@ -34,6 +34,10 @@ RATIOS = (
 def summarize(path: str) -> str:
     data = json.load(open(path))
     meta, rows = data["meta"], data["results"]
+    if rows and "step_ms" in rows[0]:  # compilefuse-bench --train
+        from compilefuse.bench.training import TrainRow, format_rows
+
+        return format_rows([TrainRow(**row) for row in rows])
     systems = [s for s in SYSTEMS if s in meta["systems"]]
     ratios = [(title, num, den) for title, num, den in RATIOS
               if num in systems and den({s: 1.0 for s in systems}) is not None]

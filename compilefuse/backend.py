@@ -153,6 +153,7 @@ class GraphCompiler:
         unsupported = tp.unsupported_before_autograd(self.gm)
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
+            _log_unsupported_once(reason)
             return self.plain(inputs, lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason)))
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         traced = tp.forward_before_autograd(self.gm)
@@ -200,6 +201,16 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         if isinstance(value, torch.Tensor) and value.requires_grad:
             return node.target
     return None
+
+
+_unsupported_logged = False
+
+
+def _log_unsupported_once(reason: str) -> None:
+    global _unsupported_logged
+    if not _unsupported_logged:
+        _unsupported_logged = True
+        log.warning("bnfuse: BatchNorm %s (the fold report names each BN; this warning is not repeated)", reason)
 
 
 def _log_autograd_once(name: str) -> None:

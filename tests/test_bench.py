@@ -218,3 +218,17 @@ def test_system_with_its_own_options_takes_a_mode_too():
     run = SYSTEMS_BY_NAME["inductor-freezing"].prepare(model, x, CompileSettings(mode="reduce-overhead"))
     with torch.no_grad(), SYSTEMS_BY_NAME["inductor-freezing"].call_context():
         torch.testing.assert_close(run(x), model(x))
+
+
+def test_train_reports_saved_bytes_step_time_and_gradient_error(tmp_path, capsys):
+    json_path = tmp_path / "train.json"
+    cli.main(["--train", "--model", "resnet_style", "--batch-size", "2", "--rounds", "1", "--threads", "2",
+              "--json", str(json_path)])
+    rows = {r["system"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert list(rows) == ["eager", "inductor", "inductor_efficient_conv_bn", "bnfuse"]
+    for row in rows.values():
+        assert row["step_ms"] > 0 and row["saved_mib"] > 0 and row["grad_err"] < 1e-4, row
+    assert (rows["bnfuse"]["bn_folded"], rows["bnfuse"]["bn_total"]) == (11, 11)
+    assert rows["bnfuse"]["saved_mib"] < rows["inductor"]["saved_mib"]
+    assert rows["inductor"]["x_inductor_saved"] == 1.0
+    assert "folded per step" in capsys.readouterr().out

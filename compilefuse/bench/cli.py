@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from . import _torch_private, catalog, cold_start
+from . import _torch_private, catalog, cold_start, training
 from .harness import Row, benchmark_case, fail, interleaved_order
 from .systems import DTYPES, SYSTEMS, CompileSettings
+from .training import TRAIN_SYSTEMS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,8 +37,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true", help="compile with dynamic=True")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch, the Timer and ONNX Runtime (default: torch's current count)")
-    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), metavar="SYSTEM",
-                   help=f"subset of {', '.join(SYSTEMS)} (default: all; onnxruntime on CPU when installed)")
+    p.add_argument("--systems", nargs="+", choices=list(dict.fromkeys([*SYSTEMS, *TRAIN_SYSTEMS])), metavar="SYSTEM",
+                   help=f"subset of {', '.join(SYSTEMS)} (default: all; onnxruntime on CPU when installed); "
+                   f"with --train, of {', '.join(TRAIN_SYSTEMS)}")
+    p.add_argument("--train", action="store_true",
+                   help="time one training step (forward + backward) with every BN in eval mode and its affine "
+                   "trained, and report bytes saved for backward, CUDA peak memory and gradient error "
+                   "(default model: resnet50, batch 8)")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per Timer measurement (default 0.2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--image-size", type=int, default=224, help="input size for torchvision image models")
@@ -66,12 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             p.error("--plot needs matplotlib: pip install 'compilefuse[bench]'")
+    default_models = ["resnet50"] if args.train else catalog.builtin_names()
     try:
-        specs = [catalog.resolve(name, args.image_size) for name in args.model or catalog.builtin_names()]
+        specs = [catalog.resolve(name, args.image_size) for name in args.model or default_models]
     except catalog.UnknownModel as error:
         p.error(str(error))
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    if args.train:
+        return run_training(p, specs, args)
     systems = [SYSTEMS[name] for name in args.systems or default_systems(args.device)]
     settings = CompileSettings(mode=args.mode, dynamic=True if args.dynamic else None, threads=threads)
     batches = args.batch_size or [1]
@@ -86,6 +95,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_csv(args.csv, rows)
     if args.plot:
         write_plot(args.plot, rows, meta)
+    return 0
+
+
+def run_training(p: argparse.ArgumentParser, specs: list[catalog.ModelSpec], args) -> int:
+    systems = args.systems or list(TRAIN_SYSTEMS)
+    unknown = sorted(set(systems) - set(TRAIN_SYSTEMS))
+    if unknown:
+        p.error(f"--train: unknown system(s) {unknown}; choose from {', '.join(TRAIN_SYSTEMS)}")
+    device = torch.device(args.device)
+    rows = []
+    with _torch_private.many_recompiles_allowed():
+        for spec in specs:
+            for batch in args.batch_size or [8]:
+                torch.compiler.reset()
+                rows += training.benchmark_training(spec.name, spec.build, spec.make_input(batch).to(device), systems,
+                                                    rounds=args.rounds)
+    print(training.format_rows(rows))
+    if args.json:
+        meta = metadata(args, torch.get_num_threads(), systems, args.batch_size or [8])
+        write_json(args.json, meta, rows)
     return 0
 
 
