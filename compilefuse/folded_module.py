@@ -60,7 +60,7 @@ def fold(
     gm.graph._tracer_cls = None  # export's tracer needs arguments a reloaded module cannot give it
     folded = torch.fx.GraphModule(gm, gm.graph, class_name=type(model).__name__ + "Folded")
     folded.report = FoldReport.from_records([record])
-    return folded
+    return folded.eval()  # an inference module (the flag changes nothing in its graph; exporters read it)
 
 
 def _hashable(size: Any) -> Any:

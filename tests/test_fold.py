@@ -118,3 +118,18 @@ class Branching(nn.Module):
 def test_a_model_that_does_not_export_names_the_module():
     with pytest.raises(compilefuse.ExportError, match=r"compilefuse.fold: .*Branching"):
         compilefuse.fold(Branching().eval(), (torch.randn(1, 3, 8, 8),))
+
+
+def test_exports_to_onnx_and_runs_in_onnx_runtime(repvgg, tmp_path):
+    import onnx
+    import onnxruntime
+
+    model, x, folded = repvgg
+    path = str(tmp_path / "folded.onnx")
+    torch.onnx.export(folded, (x,), path, dynamo=True)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert relative_error(torch.from_numpy(out), float64_reference(model, x)) < 1e-5
+    # the merged convs are what ONNX Runtime gets: one Conv per block, no BatchNormalization
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == len(list(model.blocks))
