@@ -42,7 +42,7 @@ def run(variant: str) -> None:
         if variant == "torch_own":
             torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,), dynamic_shapes=dynamic), package_path=path)
         elif variant in ("no_extra_files", "no_freezing"):
-            gm, _ = package._fold(exporting._trace(model, (x,), dynamic), BnfuseConfig.from_options(None).rules)
+            gm, _ = package.fold_program(exporting.trace_for_export(model, (x,), dynamic), BnfuseConfig.from_options(None).rules)
             files = _torch_private.aoti_compile(gm, (x,), {}, {"freezing": variant == "no_extra_files"})
             _package.package_pt2(path, aoti_files=files)
         else:

@@ -3,6 +3,7 @@
     model = torch.compile(model, backend="bnfuse")   # found through the entry point
     print(compilefuse.explain(model, example_input))  # what was folded, what was kept, and why
     compilefuse.export(model, (example_input,), "model.pt2")  # the same folds, in an AOTInductor package
+    folded = compilefuse.fold(model, (example_input,))  # the same folds, as a plain nn.Module
 
 Importing this package is not needed for the backend name to work; it gives access to the fold
 report and the backend callable itself.
@@ -18,6 +19,7 @@ from .backend import RECORDS, bnfuse
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord
 from .exporting import export
+from .folded_module import fold
 from .package import ExportedModel, ExportError, load
 from .report import FoldReport, collecting
 from .rules import RULE_IDS
@@ -36,6 +38,7 @@ __all__ = [
     "bnfuse",
     "explain",
     "export",
+    "fold",
     "last_record",
     "last_report",
     "load",

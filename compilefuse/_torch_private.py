@@ -530,9 +530,12 @@ def release_code_modules(modules: Sequence[Any]) -> None:
 # --- AOTInductor packages (compilefuse.export / load) ---------------------------------------------
 
 
-def unlifted_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+def unlifted_module(program: torch.export.ExportedProgram, *, input_guards: bool = False) -> torch.fx.GraphModule:
     """The exported program as a graph module whose weights are attributes (``get_attr`` nodes),
-    without the input guards AOTInductor does not compile (``check_guards`` is new in about 2.9)."""
+    by default without the input guards AOTInductor does not compile (``check_guards`` is new in
+    about 2.9)."""
+    if input_guards:
+        return program.module()
     try:
         return program.module(check_guards=False)
     except TypeError:

@@ -46,7 +46,7 @@ def export(
     args = args if isinstance(args, tuple) else (args,)
     device = package.device_of(args)
     with torch.no_grad():
-        program = _trace(model, args, dynamic_shapes)
+        program = trace_for_export(model, args, dynamic_shapes)
     if tune and device == "cpu":
         report = package_tuning.build_fastest(program, args, path, options)
     else:
@@ -66,10 +66,12 @@ def _package_path(path: str | os.PathLike[str]) -> str:
     return path
 
 
-def _trace(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
+def trace_for_export(
+    model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any, caller: str = "compilefuse.export"
+) -> torch.export.ExportedProgram:
     """``torch.export``, with a failure naming the innermost module that was running."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"compilefuse.export: expected a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{caller}: expected a torch.nn.Module, got {type(model).__name__}")
     with _running_modules(model) as running:
         try:
             return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
@@ -77,7 +79,7 @@ def _trace(model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -
             where = f" in module {running[-1]}" if running else ""
             summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise package.ExportError(
-                f"compilefuse.export: torch.export could not trace {type(model).__name__}{where}: "
+                f"{caller}: torch.export could not trace {type(model).__name__}{where}: "
                 f"{type(error).__name__}: {summary}"
             ) from error
 

@@ -47,7 +47,7 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
           patches: dict[str, Any] | None = None) -> FoldReport:
     """Fold ``program`` and write its package to ``path``, with Inductor ``patches`` on top."""
     with torch.no_grad():
-        gm, record = _fold(program, config.rules)
+        gm, record = fold_program(program, config.rules)
         patches = {
             "freezing": not _kept_bn_after_producer(gm.graph),
             **folded_graph_patches(pytree.tree_leaves(args)),
@@ -61,7 +61,7 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
         "format": _FORMAT,
         "device": device_of(args),
         "torch": torch.__version__,
-        "inputs": [dataclasses.asdict(spec) for spec in _input_specs(program)],
+        "inputs": [dataclasses.asdict(spec) for spec in input_specs(program)],
         "inductor": {"freezing": patches["freezing"]},
         "report": report.to_dict(),
     }
@@ -105,8 +105,8 @@ class InputSpec:
             return f"a {type(value).__name__} where the model takes a tensor"
         if value.device.type != self.device or str(value.dtype) != self.dtype:
             return f"{value.dtype} on {value.device} where the package takes {self.dtype} on {self.device}"
-        if value.dim() != len(self.sizes) or not all(map(_size_fits, value.shape, self.sizes)):
-            return f"shape {tuple(value.shape)} where the package takes {_describe(self.sizes)}"
+        if value.dim() != len(self.sizes) or not all(map(size_fits, value.shape, self.sizes)):
+            return f"shape {tuple(value.shape)} where the package takes {describe_sizes(self.sizes)}"
         return None
 
 
@@ -145,14 +145,18 @@ def device_of(args: tuple[Any, ...]) -> str:
     return devices.pop()
 
 
-def _fold(program: torch.export.ExportedProgram, rules: frozenset[str]) -> tuple[torch.fx.GraphModule, FoldRecord]:
-    """The exported program with BN kept whole, its weights as attributes, folded by the rules."""
+def fold_program(
+    program: torch.export.ExportedProgram, rules: frozenset[str], *, input_guards: bool = False
+) -> tuple[torch.fx.GraphModule, FoldRecord]:
+    """The exported program with BN kept whole, its weights as attributes, folded by the rules,
+    holding only the tensors the folded graph reads: what a package compiles and what
+    ``compilefuse.fold`` returns (``input_guards``: with export's checks of the inputs' sizes)."""
     record = FoldRecord(_traced_decisions(program.graph))
     decomposed = program.run_decompositions({
         **tp.decompositions_keeping_inference_bn(),
         torch.ops.aten.linear.default: _linear_on_rows,
     })
-    gm = tp.unlifted_module(decomposed)
+    gm = tp.unlifted_module(decomposed, input_guards=input_guards)
     # A buffer the program writes is state, not a weight: never folded (as in the backend).
     written = set(decomposed.graph_signature.buffers_to_mutate.values())
     frozen = {node: _attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}
@@ -215,7 +219,7 @@ def _kept_bn_after_producer(graph: torch.fx.Graph) -> bool:
     return any(bn.args[0].target in _BINARY_FOLDABLE for bn in graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
 
 
-def _input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
+def input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:
     nodes = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
     specs = []
     for name in program.graph_signature.user_inputs:
@@ -238,14 +242,14 @@ def _size_spec(size: Any, ranges: dict[Any, Any]) -> Any:
     return [int(bounds.lower), int(upper) if upper.is_finite else None]
 
 
-def _size_fits(size: int, spec: Any) -> bool:
+def size_fits(size: int, spec: Any) -> bool:
     if isinstance(spec, int):
         return size == spec
     low, high = spec
     return size >= low and (high is None or size <= high)
 
 
-def _describe(sizes: list[Any]) -> str:
+def describe_sizes(sizes: list[Any]) -> str:
     return "(" + ", ".join(str(s) if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else ''}" for s in sizes) + ")"
 
 

@@ -232,3 +232,12 @@ def test_train_reports_saved_bytes_step_time_and_gradient_error(tmp_path, capsys
     assert rows["bnfuse"]["saved_mib"] < rows["inductor"]["saved_mib"]
     assert rows["inductor"]["x_inductor_saved"] == 1.0
     assert "folded per step" in capsys.readouterr().out
+
+
+def test_folded_systems_run_the_plain_folded_module(tmp_path):
+    json_path = tmp_path / "out.json"
+    cli.main(["--model", "bench_fixtures:tiny", "--systems", "eager", "folded", "folded+inductor",
+              "--json", str(json_path), *QUICK])
+    rows = {r["system"]: r for r in json.loads(json_path.read_text())["results"]}
+    for name in ("folded", "folded+inductor"):
+        assert rows[name]["status"] == "ok" and rows[name]["max_rel_error"] < 1e-5, rows[name]

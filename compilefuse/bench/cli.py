@@ -137,7 +137,8 @@ def print_catalog() -> None:
 
 
 def default_systems(device: str) -> list[str]:
-    names = [name for name in SYSTEMS if name not in ("onnxruntime", "reparameterized")]  # the latter: on request
+    on_request = ("onnxruntime", "reparameterized", "folded", "folded+inductor")
+    names = [name for name in SYSTEMS if name not in on_request]
     if device == "cpu" and SYSTEMS["onnxruntime"].available() is None:
         names.append("onnxruntime")
     return names

@@ -130,6 +130,22 @@ def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings
         return package.load(path)
 
 
+def _folded(compile_with: str | None):
+    """``compilefuse.fold``: the folded model as a plain module, run as is (eager) or compiled by
+    another backend (Inductor): what any runtime gets from bnfuse without bnfuse."""
+
+    def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+        from ..folded_module import fold
+
+        dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
+        folded = fold(model, (example,), dynamic_shapes=dynamic)
+        if compile_with is None:
+            return folded
+        return torch.compile(folded, backend=compile_with, mode=settings.mode, dynamic=settings.dynamic)
+
+    return prepare
+
+
 SYSTEMS: dict[str, System] = {
     system.name: system
     for system in (
@@ -144,6 +160,8 @@ SYSTEMS: dict[str, System] = {
                _limit, same_function=False),
         System("export", "compilefuse.export (AOTInductor package, BN folded), loaded with compilefuse.load",
                _exported),
+        System("folded", "compilefuse.fold: the folded model as a plain module, eager", _folded(None)),
+        System("folded+inductor", "compilefuse.fold, then torch.compile with default Inductor", _folded("inductor")),
         System("reparameterized", "the model's own hand deploy step (reparameterize()), compiled as bnfuse compiles",
                _reparameterized),
         System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime,

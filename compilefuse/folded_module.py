@@ -1,0 +1,152 @@
+"""``compilefuse.fold``: the folded model as a plain ``nn.Module``, for every runtime.
+
+The same fold of an exported program that ``compilefuse.export`` packages (``package.fold_program``:
+bnfuse's rules, checks, float64 math and report) returned as the graph module itself. It holds only
+the tensors the folded program reads, so a runtime that fetches every parameter per call (Dynamo)
+or serialises them (ONNX, ``torch.save``) sees what a hand re-parameterisation would leave; and
+eager PyTorch, ``torch.compile`` with any backend, ``torch.export``, ONNX and PT2E quantization
+get bnfuse's folds and merges without bnfuse.
+
+Names: a folded weight and bias take the names of the weight and bias of the user's module the op
+came from (``layer1.0.conv1.weight``); a merged conv is named after its block, the deepest module
+holding all its branches (``stages.0.blocks.1.weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .config import BnfuseConfig
+from .decisions import module_path
+from .exporting import trace_for_export
+from .package import describe_sizes, fold_program, input_specs, size_fits
+from .report import FoldReport
+
+aten = torch.ops.aten
+_FOLDED_PREFIX = "_bnfuse_folded"
+
+
+def fold(
+    model: nn.Module, args: Any, *, dynamic_shapes: Any = None, options: dict[str, Any] | None = None
+) -> torch.fx.GraphModule:
+    """``model`` exported on ``args`` with its BatchNorms folded and its parallel branches merged,
+    as a plain module (a ``torch.fx.GraphModule``) whose parameters are only what it reads. The
+    fold report is ``.report``. ``model`` is left untouched. ``dynamic_shapes`` is
+    ``torch.export``'s; ``options`` takes the backend's ``rules``. For inference: a BatchNorm in
+    training mode is an error."""
+    config = BnfuseConfig.from_options(options)
+    training = [name or "<root>" for name, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    if training:
+        shown = ", ".join(training[:3]) + (f", ... ({len(training)} in all)" if len(training) > 3 else "")
+        raise ValueError(f"compilefuse.fold is for inference: BatchNorm {shown} is in training mode "
+                         "(it would normalise with batch statistics and update its running ones); call model.eval() first")
+    args = args if isinstance(args, tuple) else (args,)
+    with torch.no_grad():
+        program = trace_for_export(model, args, dynamic_shapes, caller="compilefuse.fold")
+        gm, record = fold_program(program, config.rules)
+    _name_after_modules(gm, record)
+    # A plain GraphModule (export's own module holds closures that do not pickle), which checks the
+    # sizes export traced on each call, in its own code (hooks would not survive pickling); dtype
+    # and device are left free (``.to()`` works).
+    sizes = tuple(None if spec.sizes is None else tuple(map(_hashable, spec.sizes)) for spec in input_specs(program))
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_function(check_input_sizes, (tuple(placeholders), sizes))
+    gm.graph._tracer_cls = None  # export's tracer needs arguments a reloaded module cannot give it
+    folded = torch.fx.GraphModule(gm, gm.graph, class_name=type(model).__name__ + "Folded")
+    folded.report = FoldReport.from_records([record])
+    return folded.eval()  # an inference module (the flag changes nothing in its graph; exporters read it)
+
+
+def _hashable(size: Any) -> Any:
+    return tuple(size) if isinstance(size, list) else size
+
+
+def check_input_sizes(inputs: tuple[Any, ...], sizes: tuple[Any, ...]) -> None:
+    """Each tensor input has the sizes the model was exported with (an int, or ``(low, high)``
+    for a dynamic size); called first in a folded module's code."""
+    for index, (value, expected) in enumerate(zip(inputs, sizes, strict=True)):
+        if expected is None or not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() != len(expected) or not all(map(size_fits, value.shape, expected)):
+            raise ValueError(f"compilefuse.fold: input {index} has shape {tuple(value.shape)}; the model was folded "
+                             f"for {describe_sizes(list(expected))} (pass dynamic_shapes to fold for other sizes)")
+
+
+# A leaf of FX tracing: a reloaded module re-traces its code, and must keep the check as a call.
+torch.fx.wrap("check_input_sizes")
+
+
+def _name_after_modules(gm: torch.fx.GraphModule, record: Any) -> None:
+    """Give each folded constant the name of what it replaces, as a parameter (no grad)."""
+    blocks = {merge.into: _common_prefix(merge.branches) for merge in record.merges}
+    for node in list(gm.graph.find_nodes(op="get_attr")):
+        if not node.target.startswith(_FOLDED_PREFIX):
+            continue
+        role, op = _role(node)
+        if op is None:
+            continue
+        owner = module_path(op)
+        owner = blocks.get(owner, owner)
+        value = getattr(gm, node.target)
+        target = _free_name(gm, f"{owner}.{role}" if owner and owner != "<root>" else role)
+        _set(gm, target, nn.Parameter(value, requires_grad=False))
+        delattr(gm, node.target)
+        node.target = target
+    gm.recompile()
+
+
+def _role(constant: torch.fx.Node) -> tuple[str, torch.fx.Node | None]:
+    """Whether a folded constant is the weight or the bias of the op reading it, and that op."""
+    for user in constant.users:
+        if user.target is aten.convolution.default:
+            return ("weight" if user.args[1] is constant else "bias"), user
+        if user.target is aten.permute.default:  # a Linear's weight, read transposed
+            op = next(iter(user.users), None)
+            return "weight", op
+        if user.target is aten.addmm.default:
+            return "bias", user
+    return "constant", next(iter(constant.users), None)
+
+
+def _common_prefix(paths: tuple[str, ...]) -> str:
+    parts = [p.split(".") for p in paths if p != "identity"]
+    prefix: list[str] = []
+    for names in zip(*parts, strict=False):
+        if len(set(names)) != 1:
+            break
+        prefix.append(names[0])
+    return ".".join(prefix)
+
+
+def _free_name(gm: torch.fx.GraphModule, name: str) -> str:
+    candidate, n = name, 1
+    while _exists(gm, candidate):
+        candidate, n = f"{name}_{n}", n + 1
+    return candidate
+
+
+def _exists(gm: nn.Module, dotted: str) -> bool:
+    owner, _, attr = dotted.rpartition(".")
+    try:
+        return hasattr(gm.get_submodule(owner), attr)
+    except AttributeError:
+        return False
+
+
+def _set(gm: nn.Module, dotted: str, value: nn.Parameter) -> None:
+    module = gm
+    *owners, attr = dotted.split(".")
+    for name in owners:
+        if not hasattr(module, name):
+            module.add_module(name, nn.Module())
+        module = getattr(module, name)
+    module.register_parameter(attr, value)
+
+
+__all__ = ["fold"]
