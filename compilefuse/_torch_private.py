@@ -340,7 +340,10 @@ def _before_autograd_decompositions() -> dict[Any, Callable[..., Any]]:
     return table
 
 
-def _trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
+def trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
+    """``fn`` traced on ``args`` (fake tensors) to aten ops autograd has not seen yet, with the
+    decompositions above: how ``forward_before_autograd`` traces a graph, and the pattern
+    matcher's ``trace_fn`` for a replacement in such a graph."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
@@ -368,17 +371,11 @@ def forward_before_autograd(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     on Dynamo's own example values, so sizes Dynamo keeps symbolic stay symbolic; grad-mode changes
     are kept as calls; each op keeps the metadata (module path) of the node it came from."""
     values = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
-    traced = _trace_before_autograd(torch.fx.Interpreter(gm).run, values)
+    traced = trace_before_autograd(torch.fx.Interpreter(gm).run, values)
     for node in reversed(traced.graph.find_nodes(op="call_function", target=operator.getitem)):
         if not node.users:  # a BN's unused statistics: the rules match a BN read once
             traced.graph.erase_node(node)
     return traced
-
-
-def trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
-    """``fn`` traced on ``args`` (fake tensors) as ``forward_before_autograd`` traces a graph: the
-    pattern matcher's ``trace_fn`` for a replacement in such a graph."""
-    return _trace_before_autograd(fn, args)
 
 
 def recompute_in_backward(node: torch.fx.Node) -> None:
@@ -530,12 +527,9 @@ def release_code_modules(modules: Sequence[Any]) -> None:
 # --- AOTInductor packages (compilefuse.export / load) ---------------------------------------------
 
 
-def unlifted_module(program: torch.export.ExportedProgram, *, input_guards: bool = False) -> torch.fx.GraphModule:
+def unlifted_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """The exported program as a graph module whose weights are attributes (``get_attr`` nodes),
-    by default without the input guards AOTInductor does not compile (``check_guards`` is new in
-    about 2.9)."""
-    if input_guards:
-        return program.module()
+    without the input guards AOTInductor does not compile (``check_guards`` is new in about 2.9)."""
     try:
         return program.module(check_guards=False)
     except TypeError:

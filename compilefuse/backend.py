@@ -158,7 +158,8 @@ class GraphCompiler:
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         traced = tp.forward_before_autograd(self.gm)
         placeholders = traced.graph.find_nodes(op="placeholder")
-        written = [i for i, node in enumerate(placeholders) if node in tp.written_placeholders(traced.graph)]
+        written_nodes = tp.written_placeholders(traced.graph)
+        written = [i for i, node in enumerate(placeholders) if node in written_nodes]
         readable = freezing.read_only_state(self.gm, inputs, written)
         start = time.perf_counter()
         fold_graph_per_step(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},

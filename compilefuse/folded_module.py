@@ -24,10 +24,10 @@ from .config import BnfuseConfig
 from .decisions import module_path
 from .exporting import trace_for_export
 from .package import describe_sizes, fold_program, input_specs, size_fits
+from .passes import FOLDED_PREFIX
 from .report import FoldReport
 
 aten = torch.ops.aten
-_FOLDED_PREFIX = "_bnfuse_folded"
 
 
 def fold(
@@ -51,7 +51,8 @@ def fold(
         gm, record = fold_program(program, config.rules)
     _name_after_modules(gm, record)
     # A plain GraphModule (export's own module holds closures that do not pickle), which checks the
-    # sizes export traced on each call, in its own code (hooks would not survive pickling); dtype
+    # sizes export traced on each call, in its own code (a forward hook would not survive
+    # ``torch.save``; a reload re-traces the code and loses this check too: limitations.md); dtype
     # and device are left free (``.to()`` works).
     sizes = tuple(None if spec.sizes is None else tuple(map(_hashable, spec.sizes)) for spec in input_specs(program))
     placeholders = gm.graph.find_nodes(op="placeholder")
@@ -78,15 +79,11 @@ def check_input_sizes(inputs: tuple[Any, ...], sizes: tuple[Any, ...]) -> None:
                              f"for {describe_sizes(list(expected))} (pass dynamic_shapes to fold for other sizes)")
 
 
-# A leaf of FX tracing: a reloaded module re-traces its code, and must keep the check as a call.
-torch.fx.wrap("check_input_sizes")
-
-
 def _name_after_modules(gm: torch.fx.GraphModule, record: Any) -> None:
     """Give each folded constant the name of what it replaces, as a parameter (no grad)."""
     blocks = {merge.into: _common_prefix(merge.branches) for merge in record.merges}
     for node in list(gm.graph.find_nodes(op="get_attr")):
-        if not node.target.startswith(_FOLDED_PREFIX):
+        if not node.target.startswith(FOLDED_PREFIX):
             continue
         role, op = _role(node)
         if op is None:

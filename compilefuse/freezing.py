@@ -67,7 +67,8 @@ def read_only_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], wri
     does not write. Nothing there is a constant (state that requires grad changes every step, and
     running statistics with ``load_state_dict``), so each fold reads it at every step; state the
     graph writes would be read at the wrong point of the step, so no fold reads it."""
-    return [i for i in module_state(gm, example_inputs) if i not in set(written)]
+    written = set(written)
+    return [i for i in module_state(gm, example_inputs) if i not in written]
 
 
 def check_written_state_apart(written: Collection[int], state: Collection[int], inputs: Sequence[Any]) -> None:

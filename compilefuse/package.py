@@ -145,18 +145,16 @@ def device_of(args: tuple[Any, ...]) -> str:
     return devices.pop()
 
 
-def fold_program(
-    program: torch.export.ExportedProgram, rules: frozenset[str], *, input_guards: bool = False
-) -> tuple[torch.fx.GraphModule, FoldRecord]:
+def fold_program(program: torch.export.ExportedProgram, rules: frozenset[str]) -> tuple[torch.fx.GraphModule, FoldRecord]:
     """The exported program with BN kept whole, its weights as attributes, folded by the rules,
     holding only the tensors the folded graph reads: what a package compiles and what
-    ``compilefuse.fold`` returns (``input_guards``: with export's checks of the inputs' sizes)."""
+    ``compilefuse.fold`` returns."""
     record = FoldRecord(_traced_decisions(program.graph))
     decomposed = program.run_decompositions({
         **tp.decompositions_keeping_inference_bn(),
         torch.ops.aten.linear.default: _linear_on_rows,
     })
-    gm = tp.unlifted_module(decomposed, input_guards=input_guards)
+    gm = tp.unlifted_module(decomposed)
     # A buffer the program writes is state, not a weight: never folded (as in the backend).
     written = set(decomposed.graph_signature.buffers_to_mutate.values())
     frozen = {node: _attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}

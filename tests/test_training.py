@@ -263,8 +263,8 @@ def test_frozen_stem_next_to_trained_layers():
 
 
 def test_each_step_reads_the_statistics_and_weights_of_that_step():
-    """Nothing is baked in: new running statistics (``load_state_dict``) and an optimizer's update
-    of gamma are read by the next step, without a recompile."""
+    """Nothing is baked in: new running statistics, gamma and beta (``load_state_dict``) are read by
+    the next step, without a recompile."""
     model = eval_bn_for_finetuning(randomize_bn(ConvBnRelu()))
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="bnfuse")

@@ -139,7 +139,6 @@ def benchmark_training(
                 model.zero_grad(set_to_none=True)
                 if example.is_cuda:
                     torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
                 _loss(fn(example)).backward()
                 if example.is_cuda:

@@ -29,6 +29,9 @@ from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, ne
 from ..rules import RULES
 from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
 
+#: The name (plus a number) of each constant a fold adds to the graph's module.
+FOLDED_PREFIX = "_bnfuse_folded"
+
 
 def fold_graph(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
     """Fold every BN of ``graph`` that the enabled rules allow, given the real values of its frozen
@@ -130,7 +133,7 @@ class _FoldRun:
 
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
         gm = self.graph.owning_module
-        name = next(f"_bnfuse_folded{i}" for i in itertools.count() if not hasattr(gm, f"_bnfuse_folded{i}"))
+        name = next(f"{FOLDED_PREFIX}{i}" for i in itertools.count() if not hasattr(gm, f"{FOLDED_PREFIX}{i}"))
         tp.mark_frozen(value)
         gm.register_buffer(name, value)
         with self.graph.inserting_before(like):
@@ -159,6 +162,8 @@ class _PerStepRun(_FoldRun):
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         super().__init__(graph, dict(readable), enabled_rules, record)
         self.fake_mode = next((v.fake_mode for v in readable.values() if isinstance(v, torch._subclasses.FakeTensor)), None)
+        #: The frozen nodes each evaluated fold read: the inputs of its traced arithmetic.
+        self.leaves: dict[Compute, list[torch.fx.Node]] = {}
 
     def takes(self, rule: Rule) -> bool:
         return rule.per_step
@@ -170,15 +175,15 @@ class _PerStepRun(_FoldRun):
     def evaluate(self, compute: Compute) -> Folded | Refused:
         """The fold on fake values: refused as the constant fold would be, and in float16, whose
         range a per-step fold could leave where the BN would not (that cannot be checked ahead)."""
-        result = compute(self.frozen)
+        reads = _ReadsRecorded(self.frozen)
+        result = compute(reads)
+        self.leaves[compute] = list(reads.read)
         if isinstance(result, Folded) and result.weight.dtype == torch.float16:
             return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
         return result
 
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
-        reads = _ReadsRecorded(self.frozen)
-        compute(reads)
-        leaves = list(reads.read)
+        leaves = self.leaves.pop(compute)
 
         def fold(*values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             result = compute(dict(zip(leaves, values, strict=True)))
