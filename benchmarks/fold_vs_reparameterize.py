@@ -6,7 +6,8 @@ Per model, batch 1, 224 px: tensors (parameters + buffers) as trained, re-parame
 folded; eager latency of the re-parameterised and the folded module; bnfuse (JIT) on each; ONNX
 Runtime on the as-trained and on the folded module's export; every output's error against a
 float64 copy of the as-trained model. Systems interleaved round by round, medians, the thread count
-set for torch, the Timer and ONNX Runtime alike. Needs timm, onnx, onnxscript, onnxruntime.
+set for torch, the Timer and ONNX Runtime alike (ONNX Runtime's threads not spinning between runs).
+Needs timm, onnx, onnxscript, onnxruntime.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def onnx_session(module: torch.nn.Module, x: torch.Tensor, threads: int, folder:
     torch.onnx.export(module, (x,), path, dynamo=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    # Its threads would otherwise spin after each run and slow the torch systems interleaved with it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed_name = session.get_inputs()[0].name
     return lambda: torch.from_numpy(session.run(None, {feed_name: x.numpy()})[0])

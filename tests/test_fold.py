@@ -80,9 +80,9 @@ def test_exports_again_and_survives_save_load_and_state_dict(repvgg):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert relative_error(loaded(x), reference) < 1e-5
-    with pytest.raises(ValueError, match="folded for"):  # the size check is part of its code
-        folded(torch.randn(3, 3, 32, 32))
-    # (a reloaded module re-traces its code, and loses the check: issue 22's open point)
+    for module in (folded, loaded):  # the size check is part of its code, and survives a reload
+        with pytest.raises(ValueError, match="folded for"):
+            module(torch.randn(3, 3, 32, 32))
     other = compilefuse.fold(randomize_bn(branchy.repvgg_style()).eval(), (x,))
     other.load_state_dict(folded.state_dict())
     assert relative_error(other(x), reference) < 1e-5
@@ -133,3 +133,46 @@ def test_exports_to_onnx_and_runs_in_onnx_runtime(repvgg, tmp_path):
     # the merged convs are what ONNX Runtime gets: one Conv per block, no BatchNormalization
     ops = [node.op_type for node in onnx.load(path).graph.node]
     assert "BatchNormalization" not in ops and ops.count("Conv") == len(list(model.blocks))
+
+
+def test_is_an_input_of_pt2e_quantization(repvgg):
+    """X86InductorQuantizer annotates ``conv2d`` and ``linear``: every weight of the folded module
+    is quantized, one per merged block, and the int8 model stays near the float one."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    model, x, folded = repvgg
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(folded, (x,)).module(), quantizer)
+    for _ in range(4):
+        prepared(torch.randn_like(x))
+    quantized = convert_pt2e(prepared)
+    quantized_weights = quantized.graph.find_nodes(
+        op="call_function", target=torch.ops.quantized_decomposed.dequantize_per_channel.default)
+    assert len(quantized_weights) == len(list(model.blocks)) + 1  # the blocks' convs and the head
+    with torch.no_grad():
+        assert relative_error(quantized(x), float64_reference(model, x)) < 0.25
+
+
+class SharedActivationInput(nn.Module):
+    """A conv's output read by an activation and by an add: the activation must not overwrite it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        z = self.bn2(self.conv2(torch.relu(y)))
+        return torch.sigmoid(z) + y
+
+
+def test_activations_overwrite_only_what_nothing_else_reads():
+    model = randomize_bn(SharedActivationInput()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = compilefuse.fold(model, (x,))
+    targets = [node.target for node in folded.graph.nodes if node.op == "call_function"]
+    assert torch.ops.aten.relu.default in targets and torch.ops.aten.sigmoid_.default in targets
+    assert torch.ops.aten.conv2d.default in targets and torch.ops.aten.convolution.default not in targets
+    assert relative_error(folded(x), float64_reference(model, x)) < 1e-5
