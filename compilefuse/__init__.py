@@ -4,27 +4,37 @@
     print(compilefuse.explain(model, example_input))  # what was folded, what was kept, and why
     compilefuse.export(model, (example_input,), "model.pt2")  # the same folds, in an AOTInductor package
     folded = compilefuse.fold(model, (example_input,))  # the same folds, as a plain nn.Module
+    compilefuse.load("model.pt2")(example_input)  # in a replica: needs torch only
 
 Importing this package is not needed for the backend name to work; it gives access to the fold
-report and the backend callable itself.
+report and the backend callable itself. It imports the compiler (Dynamo, Inductor, the rules) only
+when a name that needs it is first used, so a replica that only loads a package starts in
+``import torch`` plus a fraction of a second.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-import torch
-
-from .backend import RECORDS, bnfuse
-from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord
-from .exporting import export
-from .folded_module import fold
-from .package import ExportedModel, ExportError, load
+from .loading import ExportedModel, ExportError, load
 from .report import FoldReport, collecting
-from .rules import RULE_IDS
 
 __version__ = "0.1.0"
+
+#: The names whose modules import the compiler, and those modules.
+_COMPILER_NAMES = {
+    "RECORDS": "backend",
+    "bnfuse": "backend",
+    "BnfuseConfig": "config",
+    "RULE_IDS": "rules",
+    "export": "exporting",
+    "fold": "folded_module",
+    "explain": "inspection",
+    "last_record": "inspection",
+    "last_report": "inspection",
+}
 
 __all__ = [
     "RECORDS",
@@ -36,6 +46,7 @@ __all__ = [
     "FoldRecord",
     "FoldReport",
     "bnfuse",
+    "collecting",
     "explain",
     "export",
     "fold",
@@ -45,35 +56,14 @@ __all__ = [
 ]
 
 
-def explain(
-    model: torch.nn.Module,
-    *example_inputs: Any,
-    options: dict[str, Any] | None = None,
-    mode: str | None = None,
-    dynamic: bool | None = None,
-    autograd: bool = False,
-) -> FoldReport:
-    """Compile ``model`` with bnfuse, run it once under ``torch.inference_mode()`` on the example
-    inputs, and report every BatchNorm of every compiled graph. A graph bnfuse compiled before for
-    the same model, options and inputs answers again, and is reported. (The run is a real call: a
-    model that writes its own state in ``forward`` writes it here too.) ``autograd=True`` runs the
-    forward with autograd instead, as a training step does, and reports its per-step folds."""
-
-    def backend(gm: torch.fx.GraphModule, inputs: list[Any]) -> Any:
-        # A backend object of its own: Dynamo recompiles instead of reusing an earlier bnfuse compile.
-        return bnfuse(gm, inputs, mode=mode, options=options)
-
-    grad_mode = torch.enable_grad() if autograd else torch.inference_mode()
-    with collecting(reused=True) as records, grad_mode:
-        torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
-    return FoldReport.from_records(records)
+def __getattr__(name: str) -> Any:
+    module = _COMPILER_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'compilefuse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-def last_record() -> FoldRecord | None:
-    """The fold record of the most recently compiled bnfuse graph."""
-    return RECORDS[-1] if RECORDS else None
-
-
-def last_report() -> FoldReport | None:
-    """The fold report of the most recently compiled bnfuse graph."""
-    return FoldReport.from_records([RECORDS[-1]]) if RECORDS else None
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

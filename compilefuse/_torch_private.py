@@ -36,8 +36,22 @@ from torch._inductor.pattern_matcher import (  # noqa: F401  (re-exported for th
     register_graph_pattern,
 )
 
+from ._torch_runtime import dynamo_source, source_name  # noqa: F401  (re-exported: the compiler's callers)
+
 log = logging.getLogger("compilefuse")
 aten = torch.ops.aten
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." (its C++ extension loader says
+    it at the first CPU compile on any machine with a CUDA toolkit and no GPU): nothing a user
+    compiling for CPU can act on, and it was the first thing the README's demo printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
 
 #: The inference BatchNorm op that Inductor normally decomposes before any custom pass runs.
 BN_INFERENCE_OP = aten._native_batch_norm_legit_no_training.default
@@ -170,20 +184,8 @@ def cpu_conv_weight_packing(keep: Callable[[torch.fx.Node], bool]) -> Iterator[N
 # --- Dynamo: graph inputs, sources, exceptions --------------------------------------------------
 
 
-def dynamo_source(node: torch.fx.Node) -> Any:
-    """The Dynamo source of a graph input (None when it has none)."""
-    return getattr(node, "_dynamo_source", None)
-
-
 def set_dynamo_source(node: torch.fx.Node, source: Any) -> None:
     node._dynamo_source = source  # type: ignore[attr-defined]
-
-
-def source_name(source: Any) -> str:
-    """A Dynamo source's name, e.g. ``L['self'].layer1[0].bn1.weight``. ``Source.name`` is a method
-    up to torch 2.8 and a property after."""
-    name = source.name
-    return name() if callable(name) else str(name)
 
 
 def is_module_state(node: torch.fx.Node) -> bool:

@@ -9,7 +9,7 @@ import re
 import torch
 import torch.fx
 
-from . import _torch_private as tp
+from . import _torch_runtime as tp  # not _torch_private: a loaded package's report must not import Dynamo
 
 AUTOGRAD_REASON = "autograd enabled (run under torch.inference_mode() to fold)"
 _BN_ARG_POSITIONS = {"running_mean": 1, "training": 5}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import _torch_private as tp
-from . import package, package_tuning
+from . import loading, package, package_tuning
 from .config import BnfuseConfig
 from .report import FoldReport
 
@@ -78,7 +78,7 @@ def trace_for_export(
         except Exception as error:
             where = f" in module {running[-1]}" if running else ""
             summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise package.ExportError(
+            raise loading.ExportError(
                 f"{caller}: torch.export could not trace {type(model).__name__}{where}: "
                 f"{type(error).__name__}: {summary}"
             ) from error

@@ -23,7 +23,8 @@ from torch import nn
 from .config import BnfuseConfig
 from .decisions import module_path
 from .exporting import trace_for_export
-from .package import describe_sizes, fold_program, input_specs, size_fits
+from .loading import describe_sizes, size_fits
+from .package import fold_program, input_specs
 from .passes import FOLDED_PREFIX
 from .report import FoldReport
 

@@ -1,13 +1,9 @@
-"""The AOTInductor package of ``compilefuse.export``: building it from an exported program, and
-``compilefuse.load``.
+"""The AOTInductor package of ``compilefuse.export``: building it from an exported program.
 
 The backend's own rules, checks and float64 math fold the BatchNorms of the exported graph;
 AOTInductor compiles the result into a ``.pt2`` package with the folded weights inside and the fold
-report beside them (``exporting.export`` traces the model and calls ``build``). Loading needs only torch
-(``torch._inductor.aoti_load_package`` in Python, ``AOTIModelPackageLoader`` in C++).
-
-AOTInductor's compiled model does not check its inputs: a wrong shape or dtype runs and answers
-garbage. ``load`` therefore checks each call against the input spec stored in the package.
+report and input spec beside them (``exporting.export`` traces the model and calls ``build``).
+Loading needs only torch (``loading.load`` in Python, ``AOTIModelPackageLoader`` in C++).
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 import zipfile
 from typing import Any
@@ -28,19 +23,13 @@ from . import _torch_private as tp
 from . import weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
+from .loading import FORMAT, METADATA_FILE, InputSpec
 from .passes import fold_graph, folded_graph_patches
 from .report import FoldReport
 
 log = logging.getLogger("compilefuse")
 
-#: The package's own file (under the archive's ``extra/`` folder): report, input spec, device.
-METADATA_FILE = "compilefuse.json"
-_FORMAT = 1
 _BINARY_FOLDABLE = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported, or the package could not be built or read."""
 
 
 def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: str, config: BnfuseConfig,
@@ -58,7 +47,7 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
             files = tp.aoti_compile(gm, args, {}, patches)
     report = FoldReport.from_records([record])
     metadata = {
-        "format": _FORMAT,
+        "format": FORMAT,
         "device": device_of(args),
         "torch": torch.__version__,
         "inputs": [dataclasses.asdict(spec) for spec in input_specs(program)],
@@ -67,71 +56,6 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
     }
     tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
     return report
-
-
-def load(path: str | os.PathLike[str], *, check_inputs: bool = True) -> ExportedModel:
-    """Load a package written by ``export``; the result is called like the exported model.
-    ``check_inputs=False`` skips the per-call input check (a few microseconds)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"compilefuse.load: no package at {path!r}")
-    metadata = read_metadata(path)
-    device = metadata["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExportError(f"compilefuse.load: {path!r} was built for CUDA and this process has no CUDA device")
-    return ExportedModel(
-        tp.load_package(path),
-        device=device,
-        inputs=[InputSpec(**spec) for spec in metadata["inputs"]] if check_inputs else None,
-        report=FoldReport.from_dict(metadata["report"]),
-        metadata=metadata,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One flattened input of the exported model: a tensor's dtype, device type and sizes (an int,
-    or ``[low, high]`` for a dynamic size, ``high`` None when unbounded), or a constant."""
-
-    dtype: str | None
-    device: str | None
-    sizes: list[Any] | None
-    constant: Any = None
-
-    def problem(self, value: Any) -> str | None:
-        if self.dtype is None:
-            return None if value == self.constant else f"{value!r} where the model was exported with {self.constant!r}"
-        if not isinstance(value, torch.Tensor):
-            return f"a {type(value).__name__} where the model takes a tensor"
-        if value.device.type != self.device or str(value.dtype) != self.dtype:
-            return f"{value.dtype} on {value.device} where the package takes {self.dtype} on {self.device}"
-        if value.dim() != len(self.sizes) or not all(map(size_fits, value.shape, self.sizes)):
-            return f"shape {tuple(value.shape)} where the package takes {describe_sizes(self.sizes)}"
-        return None
-
-
-class ExportedModel:
-    """A loaded package: call it like the model. ``report`` is the fold report of its export;
-    ``metadata`` what else the package records (torch version, input spec, Inductor settings)."""
-
-    def __init__(
-        self, run: Any, *, device: str, inputs: list[InputSpec] | None, report: FoldReport, metadata: dict[str, Any]
-    ) -> None:
-        self._run, self._inputs = run, inputs
-        self.device, self.report, self.metadata = device, report, metadata
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._inputs is not None:
-            self._check(pytree.tree_leaves((args, kwargs)))
-        return self._run(*args, **kwargs)
-
-    def _check(self, leaves: list[Any]) -> None:
-        if len(leaves) != len(self._inputs):
-            raise ValueError(f"compilefuse: the package takes {len(self._inputs)} inputs, got {len(leaves)}")
-        for index, (value, spec) in enumerate(zip(leaves, self._inputs, strict=True)):
-            problem = spec.problem(value)
-            if problem is not None:
-                raise ValueError(f"compilefuse: input {index}: {problem}")
 
 
 # --- export's steps ---------------------------------------------------------------------------
@@ -246,37 +170,9 @@ def _size_spec(size: Any, ranges: dict[Any, Any]) -> Any:
     return [int(bounds.lower), int(upper) if upper.is_finite else None]
 
 
-def size_fits(size: int, spec: Any) -> bool:
-    if isinstance(spec, int):
-        return size == spec
-    low, high = spec
-    return size >= low and (high is None or size <= high)
-
-
-def describe_sizes(sizes: list[Any]) -> str:
-    return "(" + ", ".join(str(s) if isinstance(s, int) else f"{s[0]}..{s[1] if s[1] is not None else ''}" for s in sizes) + ")"
-
-
-def read_metadata(path: str) -> dict[str, Any]:
-    suffix = f"/{tp.package_extra_prefix()}{METADATA_FILE}"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith(suffix)), None)
-            if name is None:
-                raise ExportError(f"compilefuse.load: {path!r} is a package not written by compilefuse.export "
-                                  "(load it with torch._inductor.aoti_load_package)")
-            metadata = json.loads(archive.read(name))
-    except zipfile.BadZipFile:
-        raise ExportError(f"compilefuse.load: {path!r} is not a .pt2 package") from None
-    if metadata.get("format") != _FORMAT:
-        found = metadata.get("format")
-        raise ExportError(f"compilefuse.load: {path!r} has package format {found}, this compilefuse reads {_FORMAT}")
-    return metadata
-
-
 def copy_with_metadata(source: str, target: str, metadata: dict[str, Any]) -> None:
     """A copy of the package ``source`` at ``target`` with its compilefuse metadata replaced."""
-    suffix = f"/{tp.package_extra_prefix()}{METADATA_FILE}"
+    suffix = "/" + METADATA_FILE
     with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
         for info in old.infolist():
             new.writestr(info, json.dumps(metadata) if info.filename.endswith(suffix) else old.read(info))

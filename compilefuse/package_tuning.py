@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 
-from . import fresh_process, package
+from . import fresh_process, loading, package
 from .config import BnfuseConfig
 from .report import FoldReport
 
@@ -45,9 +45,9 @@ def build_fastest(program: torch.export.ExportedProgram, args: tuple[Any, ...], 
         torch.export.save(program, os.path.join(folder, "program.pt2"))
         torch.save({"args": args, "options": options, "candidates": candidates}, os.path.join(folder, "request.pt"))
         built = {name: _build_in_child(folder, name) for name in candidates}
-        timings = _median_ms({name: package.load(p, check_inputs=False) for name, p in built.items()}, args)
+        timings = _median_ms({name: loading.load(p, check_inputs=False) for name, p in built.items()}, args)
         best = min(timings, key=timings.__getitem__)
-        metadata = package.read_metadata(built[best])
+        metadata = loading.read_metadata(built[best])
         metadata["tuning"] = {"chosen": best, "median_ms": timings, "candidates": candidates,
                               "threads": torch.get_num_threads()}
         package.copy_with_metadata(built[best], path, metadata)
@@ -58,7 +58,7 @@ def _build_in_child(folder: str, name: str) -> str:
     try:
         fresh_process.run_module("compilefuse.package_tuning", folder, name)
     except fresh_process.ChildFailed as error:
-        raise package.ExportError(f"compilefuse.export: building the {name!r} candidate failed:\n{error}") from None
+        raise loading.ExportError(f"compilefuse.export: building the {name!r} candidate failed:\n{error}") from None
     return os.path.join(folder, f"{name}.pt2")
 
 

@@ -19,7 +19,8 @@ from torch import nn
 
 import compilefuse
 from compilefuse.examples.models import BUILTIN_MODELS, SmallCNN
-from compilefuse.package import METADATA_FILE, copy_with_metadata, read_metadata
+from compilefuse.loading import METADATA_FILE, read_metadata
+from compilefuse.package import copy_with_metadata
 
 BATCH = torch.export.Dim("batch", min=1, max=32)
 
@@ -51,6 +52,24 @@ def test_package_matches_float64_at_any_batch(small_cnn, batch):
     with torch.inference_mode():
         eager = model(x)
     assert_matches_reference(compilefuse.load(path)(x), eager, float64_reference(model, x))
+
+
+def test_a_replica_that_loads_a_package_imports_neither_dynamo_nor_inductor(small_cnn, tmp_path):
+    """``import compilefuse`` + ``compilefuse.load`` + a call, in a fresh process: what a replica
+    runs; it answers exactly what this process's load answers."""
+    _, _, path = small_cnn
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(compilefuse.load(path)(x), tmp_path / "expected.pt")
+    code = (
+        "import sys, torch, compilefuse\n"
+        f"out = compilefuse.load({str(path)!r})(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+        f"assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r}))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'compilefuse.backend') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert callable(compilefuse.bnfuse) and "conv_bn" in compilefuse.RULE_IDS  # imported when first used
 
 
 def test_report_is_kept_in_the_package(small_cnn):

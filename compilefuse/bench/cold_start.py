@@ -61,12 +61,12 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     build_s = time.perf_counter() - start
     settings = CompileSettings(mode=request["mode"], dynamic=True if request["dynamic"] else None, threads=request["threads"])
     if request["system"] == "export":
-        from .. import exporting, package
+        from .. import exporting, loading
 
         if request.get("build_package"):
             exporting.export(model, (example,), request["package"])
             return {"answered_at": time.time(), "model_build_s": build_s}
-        run = package.load(request["package"])
+        run = loading.load(request["package"])
     else:
         run = SYSTEMS[request["system"]].prepare(model, example, settings)
     system = SYSTEMS[request["system"]]

@@ -94,7 +94,9 @@ def _reparameterized(model: nn.Module, example: torch.Tensor, settings: CompileS
 
 def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
     """Export through ``torch.onnx`` (TorchScript exporter, no extra packages) and run on ORT's CPU
-    provider with the same thread count as torch."""
+    provider with the same thread count as torch, its threads not spinning after a run: spinning
+    threads take the cores from the torch systems measured next in the same process
+    (``benchmarks/ort_spinning.py`` measures how much; docs/benchmarks.md)."""
     import onnxruntime
 
     if example.device.type != "cpu":
@@ -108,6 +110,8 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
     options.intra_op_num_threads = settings.threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -121,13 +125,13 @@ def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings
     that builds once and loads in every replica runs. On CPU with ``tune=True`` (the fastest of
     its builds, measured at the benchmark's thread count). torch.compile's
     mode does not apply."""
-    from .. import exporting, package
+    from .. import exporting, loading
 
     dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
     with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
         path = os.path.join(folder, "model.pt2")
         exporting.export(model, (example,), path, dynamic_shapes=dynamic, tune=example.device.type == "cpu")
-        return package.load(path)
+        return loading.load(path)
 
 
 def _folded(compile_with: str | None):

@@ -1,0 +1,46 @@
+"""The private torch that a replica touches, kept apart from ``_torch_private`` (the compiler's)
+because importing it must not import Dynamo or Inductor: ``import compilefuse`` +
+``compilefuse.load`` costs ``import torch`` plus a fraction of a second, where importing
+``torch._inductor`` alone costs 1.8 s (it imports Dynamo). Like ``_torch_private``, the one file a
+torch upgrade should touch on this side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+
+class PackageRunner:
+    """An AOTInductor package, run as ``torch._inductor.aoti_load_package``'s model runs it, minus
+    what that costs on every call: it parses its call spec again (two ``treespec_loads``) and
+    flattens the inputs with pytree. Here the spec is parsed once, at load."""
+
+    def __init__(self, path: str) -> None:
+        # torch._inductor.package.load_package's own call, without importing torch._inductor.
+        self._loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+        in_spec, out_spec = self._loader.get_call_spec()
+        self.in_spec, self.out_spec = pytree.treespec_loads(in_spec), pytree.treespec_loads(out_spec)
+        self._single_output = self.out_spec.is_leaf()
+        #: The keyword arguments in the order the model was exported with (the spec is (args, kwargs)).
+        children = self.in_spec.children() if hasattr(self.in_spec, "children") else self.in_spec.children_specs
+        self.kwarg_names = list(children[1].context or []) if len(children) == 2 else []
+
+    def run(self, tensors: list[torch.Tensor]) -> Any:
+        """Run on the flattened tensor inputs; the outputs in the model's structure."""
+        outputs = self._loader.boxed_run(tensors)
+        return outputs[0] if self._single_output else pytree.tree_unflatten(outputs, self.out_spec)
+
+
+def dynamo_source(node: torch.fx.Node) -> Any:
+    """The Dynamo source of a graph input (None when it has none)."""
+    return getattr(node, "_dynamo_source", None)
+
+
+def source_name(source: Any) -> str:
+    """A Dynamo source's name, e.g. ``L['self'].layer1[0].bn1.weight``. ``Source.name`` is a method
+    up to torch 2.8 and a property after."""
+    name = source.name
+    return name() if callable(name) else str(name)
