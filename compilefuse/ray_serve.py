@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import urllib.request
 from typing import Any
 
@@ -28,6 +29,8 @@ import torch
 from ray import serve
 
 MODEL_HEADER = "x-compilefuse-model"
+#: How long the replica's model call took (ms): the rest of a request's latency is Ray and HTTP.
+COMPUTE_HEADER = "x-compilefuse-compute-ms"
 
 
 def file_digest(path: str) -> str:
@@ -59,11 +62,14 @@ class ModelReplica:
         from starlette.responses import Response
 
         x = torch.load(io.BytesIO(await request.body()), weights_only=True)
+        start = time.perf_counter()
         with torch.inference_mode():
             y = self.model(x)
+        compute_ms = (time.perf_counter() - start) * 1e3
         out = io.BytesIO()
         torch.save(y, out)
-        return Response(out.getvalue(), media_type="application/octet-stream", headers={MODEL_HEADER: self.digest})
+        headers = {MODEL_HEADER: self.digest, COMPUTE_HEADER: f"{compute_ms:.3f}"}
+        return Response(out.getvalue(), media_type="application/octet-stream", headers=headers)
 
 
 def application(path: str | os.PathLike[str], *, replicas: int = 1, threads: int = 1) -> Any:
@@ -75,12 +81,14 @@ def application(path: str | os.PathLike[str], *, replicas: int = 1, threads: int
     return ModelReplica.options(num_replicas=replicas, ray_actor_options=options).bind(path, threads)
 
 
-def ask(url: str, x: torch.Tensor, timeout: float = 30.0) -> tuple[torch.Tensor, str]:
+def ask(url: str, x: torch.Tensor, timeout: float = 30.0, *, compute_ms: list[float] | None = None) -> tuple[torch.Tensor, str]:
     """One request to a replica set served by ``application``: the answer, and the digest of the
-    model file that computed it."""
+    model file that computed it (the replica's compute time appended to ``compute_ms``, if given)."""
     body = io.BytesIO()
     torch.save(x, body)
     request = urllib.request.Request(url, data=body.getvalue(), method="POST",
                                      headers={"content-type": "application/octet-stream"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
+        if compute_ms is not None:
+            compute_ms.append(float(response.headers[COMPUTE_HEADER]))
         return torch.load(io.BytesIO(response.read()), weights_only=True), response.headers[MODEL_HEADER]

@@ -137,7 +137,7 @@ def print_catalog() -> None:
 
 
 def default_systems(device: str) -> list[str]:
-    on_request = ("onnxruntime", "reparameterized", "folded", "folded+inductor")
+    on_request = ("onnxruntime", "reparameterized", "folded", "folded+inductor", "export+tune")
     names = [name for name in SYSTEMS if name not in on_request]
     if device == "cpu" and SYSTEMS["onnxruntime"].available() is None:
         names.append("onnxruntime")

@@ -120,18 +120,22 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
     return run
 
 
-def _exported(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+def _exported(tune: bool):
     """``compilefuse.export`` to a package, then ``compilefuse.load`` (input check on): what a server
-    that builds once and loads in every replica runs. On CPU with ``tune=True`` (the fastest of
-    its builds, measured at the benchmark's thread count). torch.compile's
-    mode does not apply."""
-    from .. import exporting, loading
+    that builds once and loads in every replica runs. ``tune``: on CPU, the fastest of the tuning
+    builds, measured at the benchmark's thread count (four builds: on request, it multiplies the
+    system's build time). torch.compile's mode does not apply."""
 
-    dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
-    with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
-        path = os.path.join(folder, "model.pt2")
-        exporting.export(model, (example,), path, dynamic_shapes=dynamic, tune=example.device.type == "cpu")
-        return loading.load(path)
+    def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+        from .. import exporting, loading
+
+        dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
+        with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
+            path = os.path.join(folder, "model.pt2")
+            exporting.export(model, (example,), path, dynamic_shapes=dynamic, tune=tune and example.device.type == "cpu")
+            return loading.load(path)
+
+    return prepare
 
 
 def _folded(compile_with: str | None):
@@ -163,7 +167,9 @@ SYSTEMS: dict[str, System] = {
         System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
                _limit, same_function=False),
         System("export", "compilefuse.export (AOTInductor package, BN folded), loaded with compilefuse.load",
-               _exported),
+               _exported(tune=False)),
+        System("export+tune", "compilefuse.export(tune=True) on CPU: the fastest of its builds, loaded the same way",
+               _exported(tune=True)),
         System("folded", "compilefuse.fold: the folded model as a plain module, eager", _folded(None)),
         System("folded+inductor", "compilefuse.fold, then torch.compile with default Inductor", _folded("inductor")),
         System("reparameterized", "the model's own hand deploy step (reparameterize()), compiled as bnfuse compiles",
