@@ -18,6 +18,8 @@ Needs ``ray[serve]`` (the ``serve`` extra). Importing this module does not start
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import io
 import os
@@ -57,19 +59,27 @@ class ModelReplica:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         self.model, self.digest = load_model(path), file_digest(path)
+        # One model call at a time, off the event loop: the replica keeps reading the next request
+        # and answering Ray's health checks while it computes, and never oversubscribes its threads.
+        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
-    async def __call__(self, request: Any) -> Any:
-        from starlette.responses import Response
-
-        x = torch.load(io.BytesIO(await request.body()), weights_only=True)
+    def _answer(self, body: bytes) -> tuple[bytes, float]:
+        x = torch.load(io.BytesIO(body), weights_only=True)
         start = time.perf_counter()
         with torch.inference_mode():
             y = self.model(x)
         compute_ms = (time.perf_counter() - start) * 1e3
         out = io.BytesIO()
         torch.save(y, out)
+        return out.getvalue(), compute_ms
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        body = await request.body()
+        answer, compute_ms = await asyncio.get_running_loop().run_in_executor(self._compute, self._answer, body)
         headers = {MODEL_HEADER: self.digest, COMPUTE_HEADER: f"{compute_ms:.3f}"}
-        return Response(out.getvalue(), media_type="application/octet-stream", headers=headers)
+        return Response(answer, media_type="application/octet-stream", headers=headers)
 
 
 def application(path: str | os.PathLike[str], *, replicas: int = 1, threads: int = 1) -> Any:
