@@ -568,6 +568,3 @@ def package_extra_prefix() -> str:
     """Where a package keeps its extra files, below the archive's own top-level folder."""
     return _pt2_archive()[1].EXTRA_DIR
 
-
-def load_package(path: str) -> Callable[..., Any]:
-    return torch._inductor.aoti_load_package(path)

@@ -53,10 +53,15 @@ def load(path: str | os.PathLike[str], *, check_inputs: bool = True) -> Exported
     )
 
 
+def is_metadata_file(name: str) -> bool:
+    """Whether a package member is compilefuse's own file (whatever torch names the folder)."""
+    return name.endswith("/" + METADATA_FILE)
+
+
 def read_metadata(path: str) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("/" + METADATA_FILE)), None)
+            name = next((n for n in archive.namelist() if is_metadata_file(n)), None)
             if name is None:
                 raise ExportError(f"compilefuse.load: {path!r} is a package not written by compilefuse.export "
                                   "(load it with torch._inductor.aoti_load_package)")
@@ -124,12 +129,11 @@ class ExportedModel:
         self._runner, self._inputs = runner, inputs
         self._accepts = None if inputs is None else [spec.accepts() for spec in inputs]
         self._constants = inputs is not None and any(spec.dtype is None for spec in inputs)
-        self._kwarg_names = runner.kwarg_names
         self.device, self.report, self.metadata = device, report, metadata
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:  # in the order the model was exported with, as AOTInductor's own runner does
-            kwargs = {name: kwargs[name] for name in self._kwarg_names if name in kwargs} | kwargs
+            kwargs = {name: kwargs[name] for name in self._runner.kwarg_names if name in kwargs} | kwargs
             leaves = pytree.tree_leaves((args, kwargs))
         elif all(isinstance(a, torch.Tensor) for a in args):
             leaves = list(args)

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from ray import serve
 
+from .loading import load
+
 MODEL_HEADER = "x-compilefuse-model"
 #: How long the replica's model call took (ms): the rest of a request's latency is Ray and HTTP.
 COMPUTE_HEADER = "x-compilefuse-compute-ms"
@@ -45,9 +47,7 @@ def load_model(path: str) -> Any:
     """A package through ``compilefuse.load`` (its input check on); otherwise a ``torch.save``\\ d
     module, put in eval mode."""
     if path.endswith(".pt2"):
-        import compilefuse
-
-        return compilefuse.load(path)
+        return load(path)
     return torch.load(path, weights_only=False).eval()
 
 

@@ -58,11 +58,12 @@ def test_replicas_answer_exactly_and_a_rolling_update_fails_no_request(serve_on_
         finally:
             torch.set_num_threads(2)
     old, new = (str(tmp_path / f"model{seed}.pt2") for seed in (0, 1))
+    old_digest, new_digest = file_digest(old), file_digest(new)
 
     serve.run(application(old, replicas=2, threads=1), name="model", route_prefix="/model")
     for _ in range(6):
         y, digest = ask(url, x)
-        assert digest == file_digest(old) and torch.equal(y, expected[digest])
+        assert digest == old_digest and torch.equal(y, expected[digest])
 
     answers, failures, stop = [], [], threading.Event()
 
@@ -79,11 +80,11 @@ def test_replicas_answer_exactly_and_a_rolling_update_fails_no_request(serve_on_
         thread.start()
     serve.run(application(new, replicas=2, threads=1), name="model", route_prefix="/model")  # returns when rolled
     seen_new = time.monotonic() + 30
-    while time.monotonic() < seen_new and not any(d == file_digest(new) for _, d in answers[-5:]):
+    while time.monotonic() < seen_new and not any(d == new_digest for _, d in answers[-5:]):
         time.sleep(0.2)
     stop.set()
     for thread in clients:
         thread.join(timeout=60)
     assert not failures, failures[:3]
     assert answers and all(torch.equal(y, expected[d]) for y, d in answers)
-    assert answers[-1][1] == file_digest(new)
+    assert answers[-1][1] == new_digest
