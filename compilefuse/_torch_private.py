@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 from torch._functorch._aot_autograd.schemas import MutationType
 from torch._inductor import config as inductor_config
@@ -252,6 +253,12 @@ def tracing(fake_mode: Any | None) -> contextlib.AbstractContextManager:
     return torch._guards.tracing(torch._guards.TracingContext(mode))
 
 
+def outside_dynamo_tracing() -> contextlib.AbstractContextManager:
+    """No tracing context: a compile started from inside Dynamo's (``torch.export`` and
+    AOTInductor of a graph a backend received) as if it ran on its own."""
+    return torch._guards.tracing(None)
+
+
 def aot_parameters() -> tuple[list[Any], set[int]] | None:
     """Inside a freezing compile: the real values AOTAutograd lifted as the graph's leading inputs
     (the graph module's attributes, in order), and the indices of those freezing will *not* turn
@@ -411,6 +418,13 @@ def written_placeholders(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     # written too, as far as anything reading it knows.
     storages = {_storage_of(node) for node in written} - {None}
     return written | {node for node in graph.find_nodes(op="placeholder") if _storage_of(node) in storages}
+
+
+def outputs_alias_inputs(graph: torch.fx.Graph) -> bool:
+    """Whether a functional aten graph returns an input, a view of one, or memory an input shares."""
+    inputs = {_storage_of(node) for node in graph.find_nodes(op="placeholder")} - {None}
+    outputs = [arg for arg in pytree.tree_leaves(graph.find_nodes(op="output")[0].args) if isinstance(arg, torch.fx.Node)]
+    return any(_view_base(arg).op == "placeholder" or _storage_of(arg) in inputs for arg in outputs)
 
 
 def _storage_of(node: torch.fx.Node) -> Any:

@@ -44,3 +44,44 @@ def source_name(source: Any) -> str:
     up to torch 2.8 and a property after."""
     name = source.name
     return name() if callable(name) else str(name)
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's cache directory (``TORCHINDUCTOR_CACHE_DIR`` or its default). Imports Inductor:
+    called only where a compile or ``load_cache_artifacts`` has imported it already."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def register_cache_artifact(name: str, populate: Any) -> None:
+    """Make ``name`` a type of ``torch.compiler.save_cache_artifacts``' artifacts: each is a
+    ``(key, bytes)`` pair recorded with ``record_cache_artifact``; ``load_cache_artifacts`` hands it
+    to ``populate(key, content)``. Once per process. A torch without the mega-cache (before about
+    2.7) has nothing to register with: the compile cache then works without artifacts."""
+    try:
+        from torch.compiler._cache import CacheArtifact, CacheArtifactFactory
+    except ImportError:
+        return
+
+    class _Artifact(CacheArtifact):
+        def populate_cache(self) -> None:
+            populate(self.key, self.content)
+
+        @staticmethod
+        def type() -> str:
+            return name
+
+    try:
+        CacheArtifactFactory.register(_Artifact)
+    except AssertionError:  # registered already (this module imported twice under two names)
+        pass
+
+
+def record_cache_artifact(name: str, key: str, content: bytes) -> None:
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+    except ImportError:
+        return
+
+    CacheArtifactManager.record_artifact(name, key, content)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import _torch_private as tp
-from . import compiled_graph, freezing, versions, weight_packing
+from . import compiled_graph, freezing, graph_cache, versions, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldRecord, sort_in_program_order, source_path, traced_decisions
 from .passes import BnFoldPass, fold_graph_per_step, folded_graph_patches
@@ -105,7 +105,15 @@ class GraphCompiler:
     def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
         """Freeze every parameter and buffer except those the graph writes. Which those are,
         AOTAutograd tells inside the compile; the first compile that finds one stops there (before
-        folding) and the next keeps it live. A graph that writes no state compiles once."""
+        folding) and the next keeps it live. A graph that writes no state compiles once. With the
+        ``cache`` option, a graph that can be cached is loaded from (or built into) the compile
+        cache instead (``graph_cache``)."""
+        if self.config.cache and not self._live:
+            cached = graph_cache.compiled(self.gm, inputs, self.config)
+            if cached is not None:
+                model, kept, record = cached
+                return compiled_graph.Compiled(model, tuple(kept), on_first_answer=lambda: self._publish(record),
+                                               on_reuse=lambda: publish(record, reused=True))
         live = set(self._live)
         while True:
             freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)

@@ -16,6 +16,8 @@ OPTION_DOCS: dict[str, str] = {
     "inductor": "dict of extra torch._inductor.config settings for the compile",
     "report": "bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger",
     "training": "bool: fold inference-mode BatchNorm in graphs that need autograd too, per step (default True)",
+    "cache": "bool: keep each folded CPU inference graph as an AOTInductor package on disk, so a later "
+    "process compiling the same graph, inputs, weights and settings loads it (default False)",
     "strict": "bool: raise when folding fails instead of falling back to plain Inductor "
     "(default: the COMPILEFUSE_STRICT environment variable, else False)",
 }
@@ -29,6 +31,8 @@ class BnfuseConfig:
     strict: bool = False
     #: Fold in graphs that need autograd (per step), not only in inference graphs.
     training: bool = True
+    #: Keep folded CPU inference graphs as packages on disk (``graph_cache``).
+    cache: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BnfuseConfig:
@@ -42,6 +46,7 @@ class BnfuseConfig:
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
             report=_bool("report", options.get("report", False)),
             training=_bool("training", options.get("training", True)),
+            cache=_bool("cache", options.get("cache", False)),
             strict=_bool("strict", options.get("strict", os.environ.get("COMPILEFUSE_STRICT", "") == "1")),
         )
 

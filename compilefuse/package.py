@@ -78,7 +78,7 @@ def fold_program(program: torch.export.ExportedProgram, rules: frozenset[str]) -
     gm = tp.unlifted_module(decomposed)
     # A buffer the program writes is state, not a weight: never folded (as in the backend).
     written = set(decomposed.graph_signature.buffers_to_mutate.values())
-    frozen = {node: _attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}
+    frozen = {node: attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}
     start = time.perf_counter()
     fold_graph(gm.graph, {n: v for n, v in frozen.items() if isinstance(v, torch.Tensor)}, rules, record)
     record.seconds = time.perf_counter() - start
@@ -124,7 +124,8 @@ def _traced_decisions(graph: torch.fx.Graph) -> list[FoldDecision]:
     return decisions
 
 
-def _attribute(gm: torch.fx.GraphModule, target: str) -> Any:
+def attribute(gm: torch.fx.GraphModule, target: str) -> Any:
+    """The value a ``get_attr`` node reads."""
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner), name)
 
