@@ -17,7 +17,8 @@ OPTION_DOCS: dict[str, str] = {
     "report": "bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger",
     "training": "bool: fold inference-mode BatchNorm in graphs that need autograd too, per step (default True)",
     "cache": "bool: keep each folded CPU inference graph as an AOTInductor package on disk, so a later "
-    "process compiling the same graph, inputs, weights and settings loads it (default False)",
+    "process compiling the same graph, inputs, weights and settings loads it "
+    "(default: the COMPILEFUSE_CACHE environment variable, else False)",
     "strict": "bool: raise when folding fails instead of falling back to plain Inductor "
     "(default: the COMPILEFUSE_STRICT environment variable, else False)",
 }
@@ -46,7 +47,7 @@ class BnfuseConfig:
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
             report=_bool("report", options.get("report", False)),
             training=_bool("training", options.get("training", True)),
-            cache=_bool("cache", options.get("cache", False)),
+            cache=_bool("cache", options.get("cache", os.environ.get("COMPILEFUSE_CACHE", "") == "1")),
             strict=_bool("strict", options.get("strict", os.environ.get("COMPILEFUSE_STRICT", "") == "1")),
         )
 

@@ -1,5 +1,5 @@
 """``compilefuse.export``: trace a model with ``torch.export`` and build its package, once
-(``package.build``) or as the fastest of several builds (``package_tuning``, ``tune=True``).
+(``package.build``) or with the fastest of several settings (``package_tuning``, ``tune=True``).
 
 This module sits above both, so neither imports the other's caller.
 """
@@ -35,9 +35,9 @@ def export(
     AOTInductor package to ``path`` (``.pt2``) for the device of ``args``.
 
     ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
-    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) builds
-    the package with the Inductor settings no one choice of which wins everywhere, each in a fresh
-    process, times them on ``args`` and keeps the fastest (see ``package_tuning``). Returns the fold report, which the package
+    ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) times
+    the Inductor settings no one choice of which wins everywhere on ``args`` and builds the package
+    with the fastest (see ``package_tuning``). Returns the fold report, which the package
     also keeps (``load(path).report``).
     """
     config = BnfuseConfig.from_options(options)

@@ -33,16 +33,21 @@ _BINARY_FOLDABLE = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.def
 
 
 def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: str, config: BnfuseConfig,
-          patches: dict[str, Any] | None = None) -> FoldReport:
-    """Fold ``program`` and write its package to ``path``, with Inductor ``patches`` on top."""
+          patches: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> FoldReport:
+    """Fold ``program`` and write its package to ``path``, with Inductor ``patches`` on top and
+    ``metadata`` added to the package's own."""
     with torch.no_grad():
-        gm, record = fold_program(program, config.rules)
-        patches = {
-            "freezing": not _kept_bn_after_producer(gm.graph),
-            **folded_graph_patches(pytree.tree_leaves(args)),
-            **config.inductor_patches,
-            **(patches or {}),
-        }
+        folded = fold_program(program, config.rules)
+    return build_folded(folded, program, args, path, config, patches, metadata)
+
+
+def build_folded(folded: tuple[torch.fx.GraphModule, FoldRecord], program: torch.export.ExportedProgram,
+                 args: tuple[Any, ...], path: str, config: BnfuseConfig, patches: dict[str, Any] | None = None,
+                 metadata: dict[str, Any] | None = None) -> FoldReport:
+    """``build`` from ``fold_program(program)``'s result."""
+    gm, record = folded
+    with torch.no_grad():
+        patches = build_patches(gm, args, config, patches)
         with weight_packing.packing(patches):
             files = tp.aoti_compile(gm, args, {}, patches)
     report = FoldReport.from_records([record])
@@ -53,9 +58,23 @@ def build(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: st
         "inputs": [dataclasses.asdict(spec) for spec in input_specs(program)],
         "inductor": {"freezing": patches["freezing"]},
         "report": report.to_dict(),
+        **(metadata or {}),
     }
     tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
     return report
+
+
+def build_patches(gm: torch.fx.GraphModule, args: tuple[Any, ...], config: BnfuseConfig,
+                  patches: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Inductor settings a folded program is compiled with (``patches`` on top): freezing,
+    unless a kept BN reads a convolution or matrix product directly (freezing's binary folding
+    would fold it, unchecked)."""
+    return {
+        "freezing": not _kept_bn_after_producer(gm.graph),
+        **folded_graph_patches(pytree.tree_leaves(args)),
+        **config.inductor_patches,
+        **(patches or {}),
+    }
 
 
 # --- export's steps ---------------------------------------------------------------------------

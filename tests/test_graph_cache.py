@@ -39,7 +39,8 @@ if stage == "load":
 torch.manual_seed(0)
 model = randomize_bn(SmallCNN()).eval()
 x = torch.randn(2, 3, 16, 16)
-compiled = torch.compile(model, backend="bnfuse", options={"cache": True})
+# (the replica turns the cache on through the environment: COMPILEFUSE_CACHE=1)
+compiled = torch.compile(model, backend="bnfuse", options={"cache": True} if stage == "build" else None)
 with compilefuse.collecting() as records, torch.inference_mode():
     answer = compiled(x)
 folded = sum(d.folded for r in records for d in r.decisions)
@@ -55,7 +56,7 @@ def _packages(folder) -> list[str]:
 
 
 def _child(stage: str, cache_dir, tmp_path) -> dict:
-    env = {**os.environ, "COMPILEFUSE_CACHE_DIR": str(cache_dir),
+    env = {**os.environ, "COMPILEFUSE_CACHE_DIR": str(cache_dir), "COMPILEFUSE_CACHE": "1" if stage == "load" else "0",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     out = tmp_path / f"{stage}.pt"
     subprocess.run([sys.executable, "-c", CHILD, stage, str(tmp_path / "artifacts.bin"), str(out)],
@@ -170,6 +171,11 @@ def test_the_key_holds_the_frozen_weights_but_only_the_metadata_of_the_inputs():
         torch.set_num_threads(threads)
 
 
-def test_the_option_takes_a_bool():
+def test_the_option_takes_a_bool_and_defaults_to_the_environment(monkeypatch):
     with pytest.raises(Exception, match="'cache' must be True or False"):
         compilefuse.BnfuseConfig.from_options({"cache": "yes"})
+    monkeypatch.delenv("COMPILEFUSE_CACHE", raising=False)
+    assert not compilefuse.BnfuseConfig.from_options(None).cache
+    monkeypatch.setenv("COMPILEFUSE_CACHE", "1")
+    assert compilefuse.BnfuseConfig.from_options(None).cache
+    assert not compilefuse.BnfuseConfig.from_options({"cache": False}).cache

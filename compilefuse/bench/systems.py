@@ -123,8 +123,8 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
 def _exported(tune: bool):
     """``compilefuse.export`` to a package, then ``compilefuse.load`` (input check on): what a server
     that builds once and loads in every replica runs. ``tune``: on CPU, the fastest of the tuning
-    builds, measured at the benchmark's thread count (four builds: on request, it multiplies the
-    system's build time). torch.compile's mode does not apply."""
+    settings, measured at the benchmark's thread count (on request: about 2x the build time).
+    torch.compile's mode does not apply."""
 
     def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
         from .. import exporting, loading
