@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 
+import _results  # benchmarks/_results.py (the script's folder is on sys.path)
+
 CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
@@ -70,10 +72,7 @@ def main() -> None:
             "chosen": [s["chosen"] for s in kinds["tune"]],
             "all": kinds,
         }
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _results.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import time
 
+import _results  # benchmarks/_results.py (the script's folder is on sys.path)
 import numpy
 import onnxruntime
 import torch
@@ -70,10 +70,7 @@ def main() -> None:
                    "eager right after an ORT run ms": statistics.median(eager_after_ort)}
             result.setdefault("spinning on" if spinning else "spinning off", []).append(row)
             del ort
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _results.emit(result, args.json)
 
 
 if __name__ == "__main__":

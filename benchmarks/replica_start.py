@@ -15,7 +15,6 @@ Needs torchvision, onnx, onnxscript, onnxruntime and a C++ compiler.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ import sys
 import tempfile
 import time
 
+import _results  # benchmarks/_results.py (the script's folder is on sys.path)
 import torch
 import torch.utils.benchmark as benchmark
 
@@ -119,10 +119,7 @@ def main() -> None:
         result = {"model": args.model, "torch": torch.__version__, "runs": args.runs,
                   "start_s": {k: statistics.median(v) for k, v in starts.items()},
                   "start_s_all": starts, "per_call_us": per_call_us(folder, 7)}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _results.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ cache artifacts, and is reported apart; the measured runs are interleaved and re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import _results  # benchmarks/_results.py (the script's folder is on sys.path)
 
 CHILD = r"""
 import sys, time
@@ -92,10 +93,7 @@ def main() -> None:
             "warm_s_all": warm, "shipped_s_all": shipped,
         }
     result["warm_vs_inductor"] = {s: result["warm_s"][s] / result["warm_s"]["inductor"] for s in SYSTEMS}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _results.emit(result, args.json)
 
 
 if __name__ == "__main__":
