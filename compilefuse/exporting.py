@@ -47,6 +47,7 @@ def export(
     device = package.device_of(args)
     with torch.no_grad():
         program = trace_for_export(model, args, dynamic_shapes)
+    _warn_if_state_written(program)
     if tune and device == "cpu":
         report = package_tuning.build_fastest(program, args, path, options)
     else:
@@ -54,6 +55,17 @@ def export(
     if config.report:
         log.info("bnfuse fold report (exported to %s):\n%s", path, report)
     return report
+
+
+def _warn_if_state_written(program: torch.export.ExportedProgram) -> None:
+    """A package keeps no state between calls: a buffer the model writes starts every call from its
+    exported value (its inputs' writes do reach the caller)."""
+    buffers = program.graph_signature.inputs_to_buffers  # (export's graph lists no writes: the schemas do)
+    written = sorted({buffers[node.name] for node in tp.written_placeholders(program.graph) if node.name in buffers})
+    if written:
+        log.warning(
+            "compilefuse.export: the model writes buffer(s) %s; a package keeps no state between calls, so each "
+            "call starts from the exported values (eager would carry the writes over)", ", ".join(written))
 
 
 def _package_path(path: str | os.PathLike[str]) -> str:

@@ -109,14 +109,11 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
 def _build(lifted: torch.fx.GraphModule, args: tuple[Any, ...], key: str, config: BnfuseConfig) -> bool:
     """Export and build the package, and store it under ``key``; False if the graph turns out
     not to be cacheable (export says it writes, draws random numbers or returns an input's view)."""
-    # Not under inference_mode: export would keep in-place writes as they are, unlisted in the
-    # signature (and AOTInductor would then drop them).
-    with tp.outside_dynamo_tracing(), torch.inference_mode(False), torch.no_grad():
+    with tp.outside_dynamo_tracing(), torch.no_grad():
         program = torch.export.export(lifted, args, strict=False)
-        signature = program.graph_signature
+        # (export's graph is not functionalised: its signature lists no writes; the ops' schemas do)
         reason = (
-            "it writes its inputs or state" if signature.buffers_to_mutate or signature.user_inputs_to_mutate
-            or tp.written_placeholders(program.graph)
+            "it writes its inputs or state" if tp.written_placeholders(program.graph)
             else "it draws random numbers" if tp.draws_random_numbers(program.graph)
             else "it returns an input or a view of one" if tp.outputs_alias_inputs(program.graph)
             else None

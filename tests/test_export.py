@@ -5,6 +5,7 @@ and fails clearly on bad input."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import subprocess
@@ -342,3 +343,31 @@ def _without_metadata(source, target) -> None:
         for info in old.infolist():
             if not info.filename.endswith("/" + METADATA_FILE):
                 new.writestr(info, old.read(info))
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.bn(self.conv(x)) * self.calls
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_a_model_that_writes_a_buffer_is_exported_with_a_warning(context, tmp_path, caplog):
+    """A package keeps no state between calls: its answers are eager's first answer every time,
+    and export says so."""
+    model = randomize_bn(_CountsCalls()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="compilefuse"), (
+            torch.inference_mode() if context == "inference_mode" else torch.no_grad()):
+        compilefuse.export(model, (x,), tmp_path / "counts.pt2")
+    assert "writes buffer(s) calls" in caplog.text
+    run = compilefuse.load(tmp_path / "counts.pt2")
+    model.calls.zero_()
+    with torch.no_grad():
+        first = model(x)
+        assert torch.allclose(run(x), first, atol=1e-5) and torch.allclose(run(x), first, atol=1e-5)
