@@ -40,6 +40,8 @@ def compiled(
 ) -> tuple[loading.ExportedModel, list[int], FoldRecord] | None:
     """The graph's package from the cache, built and stored first on a miss: the loaded package,
     the indices of the inputs it takes and its fold record. None: not cacheable, compile as usual."""
+    if _no_packages():
+        return None
     reason = _not_cacheable(gm, inputs)
     if reason is not None:
         log.debug("bnfuse: graph not cached: %s", reason)
@@ -62,6 +64,18 @@ def compiled(
         return None
     report = model.report
     return model, kept, FoldRecord(list(report.rows), list(report.merges), report.fold_seconds)
+
+
+@functools.cache
+def _no_packages() -> bool:
+    """A torch without the PT2 archive format cannot write packages: said once, then nothing is cached."""
+    try:
+        tp.package_extra_prefix()
+    except RuntimeError:
+        log.warning("bnfuse: the compile cache needs torch's PT2 archive format (torch.export.pt2_archive), "
+                    "which torch %s lacks; graphs compile without it", torch.__version__)
+        return True
+    return False
 
 
 def _not_cacheable(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> str | None:
