@@ -46,14 +46,14 @@ def compiled(
     if reason is not None:
         log.debug("bnfuse: graph not cached: %s", reason)
         return None
-    lifted, kept = freezing.lift_module_state(gm, inputs)
-    args = tuple(inputs[i] for i in kept)
+    state = set(freezing.module_state(gm, inputs))  # what a miss lifts into the package
+    kept = [i for i in range(len(inputs)) if i not in state]
     key = cache_key(gm, inputs, kept, config)
     path = cache_store.path_for(key)
     try:
         if os.path.isfile(path):
             log.info("bnfuse: graph loaded from the compile cache (%s)", path)
-        elif not _build(lifted, args, key, config):
+        elif not _build(gm, inputs, key, config):
             return None
         model = loading.load(path, check_inputs=False)
     except Exception as error:  # the cache is a speed-up: without it the graph still compiles
@@ -89,8 +89,9 @@ def _not_cacheable(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> str | Non
     for node in gm.graph.nodes:
         if node.op == "call_module":
             return f"it calls submodule {node.target} (its code is not in the key)"
-        if node.op == "get_attr" and not isinstance(package.attribute(gm, node.target), torch.Tensor):
-            return f"it holds a {type(package.attribute(gm, node.target)).__name__} attribute"
+        value = package.attribute(gm, node.target) if node.op == "get_attr" else None
+        if node.op == "get_attr" and not isinstance(value, torch.Tensor):
+            return f"it holds a {type(value).__name__} attribute"
     return None
 
 
@@ -120,9 +121,12 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
     return digest.hexdigest()
 
 
-def _build(lifted: torch.fx.GraphModule, args: tuple[Any, ...], key: str, config: BnfuseConfig) -> bool:
-    """Export and build the package, and store it under ``key``; False if the graph turns out
-    not to be cacheable (export says it writes, draws random numbers or returns an input's view)."""
+def _build(gm: torch.fx.GraphModule, inputs: Sequence[Any], key: str, config: BnfuseConfig) -> bool:
+    """Export the graph with its module state lifted, build the package and store it under
+    ``key``; False if the graph turns out not to be cacheable (export says it writes, draws random
+    numbers or returns an input's view)."""
+    lifted, kept = freezing.lift_module_state(gm, inputs)
+    args = tuple(inputs[i] for i in kept)
     with tp.outside_dynamo_tracing(), torch.no_grad():
         program = torch.export.export(lifted, args, strict=False)
         # (export's graph is not functionalised: its signature lists no writes; the ops' schemas do)
@@ -140,9 +144,9 @@ def _build(lifted: torch.fx.GraphModule, args: tuple[Any, ...], key: str, config
             package.build(program, args, built, config)
             with open(built, "rb") as file:
                 content = file.read()
-    cache_store.store(key, content)
+    path = cache_store.store(key, content)
     cache_store.record(key, content)
-    log.info("bnfuse: graph compiled into the compile cache (%s)", cache_store.path_for(key))
+    log.info("bnfuse: graph compiled into the compile cache (%s)", path)
     return True
 
 
