@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import time
-import zipfile
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from . import _torch_private as tp
 from . import weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
-from .loading import FORMAT, METADATA_FILE, InputSpec, is_metadata_file
+from .loading import FORMAT, METADATA_FILE, InputSpec
 from .passes import fold_graph, folded_graph_patches
 from .report import FoldReport
 
@@ -188,10 +187,3 @@ def _size_spec(size: Any, ranges: dict[Any, Any]) -> Any:
         return [0, None]
     upper = bounds.upper
     return [int(bounds.lower), int(upper) if upper.is_finite else None]
-
-
-def copy_with_metadata(source: str, target: str, metadata: dict[str, Any]) -> None:
-    """A copy of the package ``source`` at ``target`` with its compilefuse metadata replaced."""
-    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
-        for info in old.infolist():
-            new.writestr(info, json.dumps(metadata) if is_metadata_file(info.filename) else old.read(info))

@@ -5,6 +5,7 @@ and fails clearly on bad input."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -20,8 +21,7 @@ from torch import nn
 
 import compilefuse
 from compilefuse.examples.models import BUILTIN_MODELS, SmallCNN
-from compilefuse.loading import METADATA_FILE, read_metadata
-from compilefuse.package import copy_with_metadata
+from compilefuse.loading import is_metadata_file, read_metadata
 
 BATCH = torch.export.Dim("batch", min=1, max=32)
 
@@ -337,11 +337,18 @@ def test_cuda_package_without_cuda(small_cnn, tmp_path):
         compilefuse.load(tmp_path / "cuda.pt2")
 
 
+def copy_with_metadata(source: str, target: str, metadata: dict) -> None:
+    """A copy of the package ``source`` at ``target`` with its compilefuse metadata replaced."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            new.writestr(info, json.dumps(metadata) if is_metadata_file(info.filename) else old.read(info))
+
+
 def _without_metadata(source, target) -> None:
     """A copy of a package without compilefuse's file: what plain AOTInductor packages look like."""
     with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
         for info in old.infolist():
-            if not info.filename.endswith("/" + METADATA_FILE):
+            if not is_metadata_file(info.filename):
                 new.writestr(info, old.read(info))
 
 
