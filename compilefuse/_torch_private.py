@@ -284,6 +284,11 @@ def aot_input_writes() -> tuple[set[int], set[int]]:
     return written, aliased
 
 
+def is_operator(target: Any) -> bool:
+    """An operator (ATen or custom, an overload or its packet), as opposed to a Python function."""
+    return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+
+
 def draws_random_numbers(graph: torch.fx.Graph) -> bool:
     """Whether an aten graph calls an op that draws from the random number generator."""
     return any(

@@ -10,8 +10,10 @@ inputs' metadata, the settings, the CPU's vector ISA, the thread count (weight p
 it) and the torch version and compilefuse sources: only a compile that would build the same
 package finds it.
 
-Cached: CPU graphs with static sizes and tensor inputs that write nothing, draw no random numbers
-and return no view of an input. Every other graph compiles as it does without the option.
+Cached: CPU graphs with static sizes and tensor inputs that write nothing, draw no random numbers,
+return no view of an input and call no function outside torch and Python's own (a user's function
+in the graph, ``allow_in_graph``, could change without the graph's code changing). Every other graph
+compiles as it does without the option.
 """
 
 from __future__ import annotations
@@ -89,10 +91,24 @@ def _not_cacheable(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> str | Non
     for node in gm.graph.nodes:
         if node.op == "call_module":
             return f"it calls submodule {node.target} (its code is not in the key)"
+        if node.op == "call_function" and not _code_in_the_key(node.target):
+            return f"it calls {getattr(node.target, '__qualname__', node.target)} (its code is not in the key)"
         value = package.attribute(gm, node.target) if node.op == "get_attr" else None
         if node.op == "get_attr" and not isinstance(value, torch.Tensor):
             return f"it holds a {type(value).__name__} attribute"
     return None
+
+
+# Functions whose code is fixed by torch's version (in the key) or is Python's own operators and math.
+# Operators, custom ones included, are keyed by name, as in Inductor's AOTAutograd cache.
+_KEYED_MODULES = frozenset({"torch", "_operator", "operator", "math", "builtins"})
+
+
+def _code_in_the_key(target: Any) -> bool:
+    if tp.is_operator(target):
+        return True
+    module = getattr(target, "__module__", None) or getattr(getattr(target, "__objclass__", None), "__module__", "")
+    return module.split(".")[0] in _KEYED_MODULES
 
 
 def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[int], config: BnfuseConfig) -> str:

@@ -134,10 +134,30 @@ class ReturnsItsInput(nn.Module):
         return self.body(x), x.flatten(1)
 
 
-@pytest.mark.parametrize("case", ["writes_state", "returns_a_view_of_its_input", "dynamic_batch"])
+@torch.compiler.allow_in_graph
+def shifted(x):
+    return x + 1
+
+
+class CallsAPythonFunction(nn.Module):
+    """Calls a function of the user's in its graph: its body could change and the graph's code not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return shifted(self.body(x))
+
+
+CANNOT_BE_CACHED = {"writes_state": CountsCalls, "returns_a_view_of_its_input": ReturnsItsInput,
+                    "dynamic_batch": CountsCalls, "calls_a_python_function": CallsAPythonFunction}
+
+
+@pytest.mark.parametrize("case", CANNOT_BE_CACHED)
 def test_graphs_that_cannot_be_cached_compile_as_without_the_option(case, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPILEFUSE_CACHE_DIR", str(tmp_path))
-    model = randomize_bn(ReturnsItsInput() if case == "returns_a_view_of_its_input" else CountsCalls()).eval()
+    model = randomize_bn(CANNOT_BE_CACHED[case]()).eval()
     x = torch.randn(2, 3, 8, 8)
     if case == "dynamic_batch":
         torch._dynamo.mark_dynamic(x, 0)
