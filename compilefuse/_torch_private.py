@@ -93,6 +93,12 @@ def inductor_config_keys() -> frozenset[str]:
     return frozenset(inductor_config.get_config_copy())
 
 
+def inductor_settings() -> list[tuple[str, Any]]:
+    """The user's Inductor settings as Inductor's own FX graph cache keys them (without paths,
+    trace options and custom passes), sorted."""
+    return sorted(inductor_config.save_config_portable().items())
+
+
 def file_hash(paths: Sequence[str], extra: str) -> bytes:
     return get_hash_for_files(tuple(paths), extra)
 
@@ -560,7 +566,13 @@ def unlifted_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModu
 def aoti_compile(gm: torch.fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], patches: dict[str, Any]) -> list[Any]:
     """AOTInductor on an unlifted exported module, as ``aoti_compile_and_package`` runs it: the
     files a package is made of."""
-    files = torch._inductor.aot_compile(gm, args, kwargs, options={**patches, "aot_inductor.package": True})
+    # (AOTInductor writes the device's metadata into the dict of its setting: a copy, or the global
+    # setting would change with the first build, and with it every later cache key.)
+    options = {**patches, "aot_inductor.package": True}
+    metadata = patches.get("aot_inductor.metadata", getattr(inductor_config.aot_inductor, "metadata", None))
+    if metadata is not None:
+        options["aot_inductor.metadata"] = dict(metadata)
+    files = torch._inductor.aot_compile(gm, args, kwargs, options=options)
     if not isinstance(files, list):
         raise RuntimeError(f"AOTInductor returned {type(files).__name__}, not the list of a package's files")
     return files

@@ -6,9 +6,9 @@ graph cache oneDNN-packed constants), so without this a warm start traces, folds
 A cached graph is compiled as ``compilefuse.export`` compiles a model: ``torch.export`` of the graph
 with its module state as attributes, the same rules and float64 math, AOTInductor. A package holds
 the folded weights, so its key holds a SHA-256 of the weights' bytes beside the graph's code, its
-inputs' metadata, the settings, the CPU's vector ISA, the thread count (weight packing depends on
-it) and the torch version and compilefuse sources: only a compile that would build the same
-package finds it.
+inputs' metadata, the settings (bnfuse's and Inductor's global ones), the CPU's vector ISA, the
+thread count (weight packing depends on it) and the torch version and compilefuse sources: only a
+compile that would build the same package finds it.
 
 Cached: CPU graphs with static sizes and tensor inputs that write nothing, draw no random numbers,
 return no view of an input and call no function outside torch and Python's own (a user's function
@@ -126,6 +126,7 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
     add((cache_store.ARTIFACT_TYPE, torch.__version__, _compilefuse_sources(),
          torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()))
     add((sorted(config.rules), sorted((k, repr(v)) for k, v in config.inductor_patches.items())))
+    add(tp.inductor_settings())
     add(gm.code)
     taken = set(kept)
     for index, value in enumerate(inputs):

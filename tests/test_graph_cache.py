@@ -183,6 +183,8 @@ def test_the_key_holds_the_frozen_weights_but_only_the_metadata_of_the_inputs():
     assert graph_cache.cache_key(gm, [x, nudged], [0], config) != key
     assert graph_cache.cache_key(gm, [torch.randn(2, 3, 8, 8), weight], [0], config) != key
     assert graph_cache.cache_key(gm, [x, weight], [0], BnfuseConfig(rules=frozenset({"conv_bn"}))) != key
+    with torch._inductor.config.patch(max_autotune=True):  # the user's global Inductor settings
+        assert graph_cache.cache_key(gm, [x, weight], [0], config) != key
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
