@@ -228,9 +228,30 @@ def compile_time_error(message: str) -> Exception:
     return BnfuseOptionError(message)
 
 
-def is_dynamo_control_flow(error: BaseException) -> bool:
-    """Exceptions Dynamo uses to restart or redirect a compile: they must pass through a backend."""
-    return isinstance(error, torch._dynamo.exc.TorchDynamoException)
+#: Dynamo's exceptions that restart or skip a frame's compile; a backend must let them through.
+#: Not every ``TorchDynamoException``: Inductor's own ``InductorError`` is one too (a
+#: ``BackendCompilerFailed``), and it is a failure to fall back from. (Both names exist in torch 2.6-2.14.)
+_DYNAMO_RESTARTS: tuple[type[BaseException], ...] = tuple(
+    getattr(torch._dynamo.exc, name) for name in ("RestartAnalysis", "SkipFrame") if hasattr(torch._dynamo.exc, name)
+)
+
+
+def is_dynamo_restart(error: BaseException) -> bool:
+    """Whether ``error`` is Dynamo restarting or skipping the compile (not a failure of it)."""
+    return isinstance(error, _DYNAMO_RESTARTS)
+
+
+def is_inductor_error(error: BaseException) -> bool:
+    """Whether ``error`` was raised by Inductor's lowering or code generation."""
+    return any(type(e).__name__ in ("InductorError", "LoweringException") for e in _causes(error))
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:

@@ -73,7 +73,7 @@ def bnfuse(
             input_names=[source_path(node) for node in placeholders],
         ))
     except Exception as error:  # bnfuse's own set-up failed: never the user's problem
-        if config.strict or tp.is_dynamo_control_flow(error):
+        if config.strict or tp.is_dynamo_restart(error):
             raise
         compiled_graph.warn_fallback_once(error)
         return compile_graph(list(example_inputs), error).call
@@ -85,14 +85,29 @@ class GraphCompiler:
 
     def __init__(self, gm: torch.fx.GraphModule, config: BnfuseConfig) -> None:
         self.gm, self.config = gm, config
-        #: The inputs this graph writes that are module state, once a compile has found them: a
+        #: The module state this graph writes (or that is written before every call), once found: a
         #: refold starts from them and does not trace the graph twice again.
         self._live: set[int] = set()
+        #: Whether Inductor's oneDNN weight packing is off for this graph (see ``folded``).
+        self._no_packing = False
+
+    def keep_live(self, indices: set[int]) -> None:
+        self._live |= set(indices)
 
     def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
         if failure is None:
             try:
-                return self.folded(inputs)
+                try:
+                    return self.folded(inputs)
+                except Exception as error:
+                    if self._no_packing or not tp.is_inductor_error(error):
+                        raise
+                    # Inductor's oneDNN packing under freezing fails on some graphs (a circular-padded
+                    # conv at batch >= 2, torchvision's detection transforms): fold without it.
+                    log.info("bnfuse: Inductor failed on the folded graph (%s); folding again without "
+                             "oneDNN weight packing", type(error).__name__)
+                    self._no_packing = True
+                    return self.folded(inputs)
             except freezing.UnprovableWrite as refusal:  # a decision, not a failure: strict too
                 reason = (f"not folded: {self._input_name(refusal.written)} and {self._input_name(refusal.frozen)} "
                           "share memory and the graph writes to it; compiled by plain Inductor")
@@ -126,6 +141,7 @@ class GraphCompiler:
                 **self.config.inductor_patches,
                 "freezing": True,
                 "joint_custom_pre_pass": BnFoldPass(self.config.rules, record, state, effects),
+                **({"cpp.weight_prepack": False} if self._no_packing else {}),
             }
             try:
                 with torch.no_grad(), weight_packing.packing(patches):
@@ -143,6 +159,11 @@ class GraphCompiler:
         if len(written) != len(effects.written):
             raise RuntimeError("bnfuse: the graph writes lifted state that was frozen")
         freezing.check_writes_spare_frozen(written, sorted(set(range(len(inputs))) - set(kept)), inputs)
+        if not self._no_packing and set(written) - set(freezing.module_state(self.gm, inputs)):
+            # With oneDNN packing, Inductor's freezing drops a write to a graph input that a convolution
+            # read first (``x.mul_(0.5)`` after ``conv(x)``): such a graph is folded without packing.
+            self._no_packing = True
+            return self.folded(inputs)
         # Published once the graph has answered: Dynamo may restart a compile that raised midway,
         # and a graph that fails its first run falls back and is reported as that.
         return compiled_graph.Compiled(
@@ -158,7 +179,7 @@ class GraphCompiler:
         """A graph that needs autograd: folded per step in its aten ops before autograd, then
         compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
         module state the graph does not write; state that requires grad is read as it is."""
-        unsupported = tp.unsupported_before_autograd(self.gm)
+        unsupported = tp.unsupported_before_autograd(self.gm) or _autocast_around()
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
             _log_unsupported_once(reason)
@@ -210,6 +231,13 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
         if isinstance(value, torch.Tensor) and value.requires_grad:
             return node.target
     return None
+
+
+def _autocast_around() -> str | None:
+    """Autocast entered around the compiled call: the per-step trace would lose its casts (the
+    convolutions would run in float32), so such a graph is not folded per step."""
+    on = [device for device in ("cpu", "cuda", "xpu", "mps") if torch.is_autocast_enabled(device)]
+    return f"autocast ({', '.join(on)}) around the compiled call" if on else None
 
 
 _unsupported_logged = False

@@ -6,7 +6,7 @@ tensors on every call. ``CompiledGraph`` owns everything that follows from that,
 - **Sharing.** Threads racing through their first call make Dynamo compile once per thread;
   ``shared`` hands them all one ``CompiledGraph`` for the same graph, options and inputs.
 - **Freshness.** Each call checks that every frozen tensor is the object it was at compile time,
-  unchanged (see ``FrozenTensors``). A change refolds: the graph is compiled again with the current
+  unchanged (``freshness.FrozenTensors``). A change refolds: the graph is compiled again with the current
   tensors before the call is answered, and the old code and constants are released. State the
   graph writes is never frozen (it is a live input), so a graph's own writes are no change.
 - **Exactly once.** A pure graph runs first and is checked after (on CUDA the check overlaps the
@@ -17,7 +17,9 @@ tensors on every call. ``CompiledGraph`` owns everything that follows from that,
   tensors live, at most ``MAX_VARIANTS``, least recently used dropped.
 - **Fallback.** Any exception from bnfuse's own work (compiling, the first run of a fresh compile,
   the per-call check) makes the graph plain Inductor instead, with one warning naming the cause;
-  ``strict`` raises instead.
+  ``strict`` raises instead. Inductor's own errors included: only Dynamo's restarts pass through.
+- **Written from outside.** A frozen tensor changed before every call is made a live input after
+  two refolds, with one warning.
 
 How a graph is compiled is not this module's business: ``compile(inputs, failure)`` does it,
 folding when ``failure`` is None and with plain Inductor (recording the failure) otherwise.
@@ -36,6 +38,8 @@ from typing import Any, Protocol
 import torch
 
 from . import _torch_private as tp
+from . import freshness
+from .freshness import FrozenTensors
 
 log = logging.getLogger("compilefuse")
 
@@ -62,97 +66,8 @@ class Compiled:
 class Compile(Protocol):
     def __call__(self, inputs: list[Any], failure: Exception | None) -> Compiled: ...
 
-
-class FrozenTensors:
-    """The frozen inputs of one variant, and how to tell on each call that they are unchanged.
-
-    For each frozen tensor, on every call: it is the tensor compiled from (identity, through a weak
-    reference, so a variant never keeps old weights alive), at the same version counter (every
-    tracked in-place op bumps it: ``load_state_dict``, an optimizer step, a BN statistics update,
-    ``copy_`` under ``no_grad``) and the same data pointer (``param.data = x`` changes it without a
-    version bump). One plain loop: faster than several C-level passes on CPython 3.11.
-
-    Inference tensors have no version counter. For them a ``load_state_dict`` on any module that
-    owns one is watched with a public load-state-dict post hook (registered on those modules, removed
-    with the variant); identity and data pointer are checked as for any tensor.
-    """
-
-    def __init__(self, indices: Sequence[int], inputs: Sequence[Any]) -> None:
-        self.indices = tuple(indices)
-        self.dead = False
-        refs = {i: weakref.ref(inputs[i], self._on_free) for i in self.indices}
-        self._first = (self.indices[0], refs[self.indices[0]]) if self.indices else None
-        self._entries = tp.FrozenEntries(
-            versioned=[(i, refs[i], tp.version_of(inputs[i]), inputs[i].data_ptr())
-                       for i in self.indices if not inputs[i].is_inference()],
-            unversioned=[(i, refs[i], inputs[i].data_ptr()) for i in self.indices if inputs[i].is_inference()],
-        )
-        self._reloads = _ReloadWatch([inputs[i] for i in self.indices if inputs[i].is_inference()])
-
-    def _on_free(self, _ref: weakref.ref) -> None:
-        self.dead = True
-
-    def match(self, args: Sequence[Any]) -> bool:
-        return not self.dead and not self._reloads.seen and tp.unchanged(args, self._entries)
-
-    def probably_for(self, args: Sequence[Any]) -> bool:
-        """Whether ``args`` are likely this variant's (its first frozen tensor is there): a cheap
-        guess that picks the variant to run before the full check."""
-        return self._first is None or args[self._first[0]] is self._first[1]()
-
-    def shares_any(self, args: Sequence[Any]) -> bool:
-        return any(args[i] is ref() for i, ref, *_ in (*self._entries.versioned, *self._entries.unversioned))
-
-    def changes(self, args: Sequence[Any], names: Sequence[str]) -> list[str]:
-        """What changed, in the user's names (for the refold warning)."""
-        if self._reloads.seen:
-            return ["load_state_dict on " + ", ".join(self._reloads.seen)]
-        changes = []
-        for i, ref, *state in (*self._entries.versioned, *self._entries.unversioned):
-            tensor = args[i]
-            now = (tensor.data_ptr(),) if tensor.is_inference() else (tp.version_of(tensor), tensor.data_ptr())
-            if tensor is not ref():
-                changes.append(f"{names[i]} replaced")
-            elif tuple(state) != now:
-                changes.append(f"{names[i]} modified in place")
-        return changes
-
-    def release(self) -> None:
-        self._reloads.remove()
-
-
-class _ReloadWatch:
-    """``load_state_dict`` on the modules that own some inference tensors (which have no version
-    counter): a post hook on each owner records it. Owners are found once, by a scan of the objects
-    the garbage collector tracks, and only when a graph freezes inference tensors."""
-
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.seen: list[str] = []
-        self._handles: list[Any] = []
-        if not tensors:
-            return
-        wanted = {id(t) for t in tensors}
-        for module in _modules_owning(wanted):
-            self._handles.append(module.register_load_state_dict_post_hook(self._loaded))
-
-    def _loaded(self, module: torch.nn.Module, _incompatible_keys: Any) -> None:
-        self.seen.append(type(module).__name__)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def _modules_owning(tensor_ids: set[int]) -> list[torch.nn.Module]:
-    import gc
-
-    return [
-        obj
-        for obj in gc.get_objects()
-        if issubclass(type(obj), torch.nn.Module)  # type(), not isinstance: no proxy is asked
-        and any(id(t) in tensor_ids for t in (*obj.parameters(recurse=False), *obj.buffers(recurse=False)))
-    ]
+    def keep_live(self, indices: set[int]) -> None:
+        """Compile these module-state inputs as live graph inputs from now on (never frozen)."""
 
 
 @dataclasses.dataclass
@@ -161,6 +76,7 @@ class _Variant:
     frozen: FrozenTensors
     modules: list[Any]  # the generated-code modules holding this variant's constants
     proven: bool = False  # whether it has answered a call yet
+    born: int = 0  # the graph's call count when it was compiled
 
 
 class CompiledGraph:
@@ -180,8 +96,13 @@ class CompiledGraph:
         #: Refolds run at call time, outside Dynamo's compile lock, possibly in several threads.
         self._lock = threading.Lock()
         self._plain: Compiled | None = None  # set once bnfuse has failed on this graph
+        self._calls = 0
+        #: Per frozen input of one variant (its key): how many refolds in a row found it changed at
+        #: the first call after a compile.
+        self._changed_in_a_row: tuple[Hashable, dict[int, int]] = ((), {})
         inputs = list(example_inputs)
         first = self._compile(inputs)
+        first.born = 1  # Dynamo compiles it inside the first call
         self._frozen_indices = first.frozen.indices
         # Keep only the graph's other example inputs: holding the frozen ones would keep old weights alive.
         frozen = set(self._frozen_indices)
@@ -194,19 +115,25 @@ class CompiledGraph:
     # -- compiling -------------------------------------------------------------------------------
 
     def _compile(self, inputs: list[Any]) -> _Variant:
-        """A folded compile of ``inputs``; plain Inductor if bnfuse fails (strict: raise)."""
+        """A folded compile of ``inputs``; plain Inductor if bnfuse fails (strict: raise). What the
+        freshness check compares against is recorded before the compile reads any value."""
+        recorded = freshness.Recorded(inputs)
         try:
-            with tp.loaded_code_modules() as modules:
-                compiled = self._compile_fn(inputs, None)
-        except Exception as error:  # noqa: BLE001 - any failure of bnfuse falls back (or raises, strict)
-            self._give_up_or_raise(error)
-            compiled, modules = self._compile_fn(inputs, error), []
+            try:
+                with tp.loaded_code_modules() as modules:
+                    compiled = self._compile_fn(inputs, None)
+            except Exception as error:  # noqa: BLE001 - any failure of bnfuse falls back (or raises, strict)
+                self._give_up_or_raise(error)
+                compiled, modules = self._compile_fn(inputs, error), []
+        except BaseException:
+            recorded.reloads.remove()
+            raise
         kept = set(compiled.kept)
         frozen = [i for i, v in enumerate(inputs) if i not in kept and isinstance(v, torch.Tensor)]
-        return _Variant(compiled, FrozenTensors(frozen, inputs), modules)
+        return _Variant(compiled, freshness.FrozenTensors(frozen, recorded), modules, born=self._calls)
 
     def _give_up_or_raise(self, error: Exception) -> None:
-        if self._strict or tp.is_dynamo_control_flow(error):
+        if self._strict or tp.is_dynamo_restart(error):
             raise error
         warn_fallback_once(error)
 
@@ -225,6 +152,7 @@ class CompiledGraph:
     def __call__(self, *args: Any) -> Any:
         if self._plain is not None:
             return self._plain.call(*args)
+        self._calls += 1
         try:
             variant = self._last
             if not variant.frozen.probably_for(args):  # another instance's weights: find its variant
@@ -283,11 +211,14 @@ class CompiledGraph:
                 (k for k, v in self._variants.items() if not v.frozen.dead and v.frozen.shares_any(args)), None
             )  # sharing the others is the one that changed
             if changed_key is not None:
-                changes = self._variants[changed_key].frozen.changes(args, self._input_names)
+                changed = self._variants[changed_key]
+                changes = changed.frozen.changes(args, self._input_names)
+                words = [text for _, text in changes]
                 log.warning(
                     "bnfuse: frozen tensors changed since compilation (%s); refolding and recompiling",
-                    ", ".join(changes[:3]) + (f", ... ({len(changes)} in all)" if len(changes) > 3 else ""),
+                    ", ".join(words[:3]) + (f", ... ({len(words)} in all)" if len(words) > 3 else ""),
                 )
+                self._keep_live_what_changes_every_call(changed_key, changed, [i for i, _ in changes if i is not None])
                 stale.append(changed_key)
             else:  # no tensor in common with any variant: another instance of the architecture
                 log.info(
@@ -308,6 +239,26 @@ class CompiledGraph:
                 self._drop(next(iter(self._variants)))
             self._last = variant
             return variant
+
+    def _keep_live_what_changes_every_call(self, key: Hashable, changed: _Variant, indices: list[int]) -> None:
+        """A tensor written outside the graph before every call (a ``torch._dynamo.disable``d helper
+        updating a buffer) would refold every call: one found changed at the first call after two
+        compiles in a row is compiled live from then on, as state the graph writes is."""
+        if self._calls - changed.born > 1:  # answered calls in between: an occasional change
+            self._changed_in_a_row = ((), {})
+            return
+        last_key, counts = self._changed_in_a_row
+        counts = {i: (counts.get(i, 0) if key == last_key else 0) + 1 for i in indices}
+        self._changed_in_a_row = (key, counts)
+        every_call = {i for i, n in counts.items() if n >= 2}
+        if every_call:
+            log.warning(
+                "bnfuse: %s changed before each of the last calls (written outside the compiled graph); "
+                "kept live from now on, read on every call instead of folded",
+                ", ".join(self._input_names[i] for i in sorted(every_call)),
+            )
+            self._compile_fn.keep_live(every_call)
+            self._changed_in_a_row = ((), {})
 
     def _drop(self, key: tuple[int, ...]) -> None:
         old = self._variants.pop(key, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from . import _torch_private as tp
@@ -36,12 +36,19 @@ class BnfuseConfig:
     cache: bool = False
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None, mode: str | None = None) -> BnfuseConfig:
+    def from_options(
+        cls, options: Mapping[str, Any] | None, mode: str | None = None, *, entry: str = "", takes: Collection[str] = ()
+    ) -> BnfuseConfig:
+        """``entry`` names an entry point that uses only the options ``takes``: the others are refused
+        by name, never silently ignored."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(OPTION_DOCS))
         if unknown:
             valid = "; ".join(f"{k!r}: {v}" for k, v in OPTION_DOCS.items())
             raise _error(f"bnfuse: unknown option(s) {unknown}. Valid options are {valid}.")
+        unused = sorted(set(options) - set(takes)) if entry else []
+        if unused:
+            raise _error(f"{entry} does not use option(s) {unused}; it takes {sorted(takes)}")
         return cls(
             rules=_rules(options.get("rules", RULE_IDS)),
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},

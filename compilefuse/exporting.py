@@ -40,7 +40,7 @@ def export(
     with the fastest (see ``package_tuning``). Returns the fold report, which the package
     also keeps (``load(path).report``).
     """
-    config = BnfuseConfig.from_options(options)
+    config = BnfuseConfig.from_options(options, entry="compilefuse.export", takes=("rules", "inductor", "report"))
     tp.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
     path = _package_path(path)
     args = args if isinstance(args, tuple) else (args,)
@@ -81,10 +81,11 @@ def _package_path(path: str | os.PathLike[str]) -> str:
 def trace_for_export(
     model: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any, caller: str = "compilefuse.export"
 ) -> torch.export.ExportedProgram:
-    """``torch.export``, with a failure naming the innermost module that was running."""
+    """``torch.export``, with a failure naming the innermost module that was running. The model is
+    left as it was: attributes its forward assigns are restored after tracing."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{caller}: expected a torch.nn.Module, got {type(model).__name__}")
-    with _running_modules(model) as running:
+    with _running_modules(model) as running, _attributes_restored(model):
         try:
             return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
         except Exception as error:
@@ -94,6 +95,20 @@ def trace_for_export(
                 f"{caller}: torch.export could not trace {type(model).__name__}{where}: "
                 f"{type(error).__name__}: {summary}"
             ) from error
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Every module's plain attributes as they were before the block. A forward that caches a tensor
+    on its module (ultralytics' ``Detect`` keeps ``anchors`` / ``strides``) would otherwise leave
+    torch.export's fake tensors there, and the eager model would answer with FakeTensors after."""
+    saved = [(module, dict(module.__dict__)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
 
 
 @contextlib.contextmanager

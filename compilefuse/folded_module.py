@@ -39,7 +39,7 @@ def fold(
     fold report is ``.report``. ``model`` is left untouched. ``dynamic_shapes`` is
     ``torch.export``'s; ``options`` takes the backend's ``rules``. For inference: a BatchNorm in
     training mode is an error."""
-    config = BnfuseConfig.from_options(options)
+    config = BnfuseConfig.from_options(options, entry="compilefuse.fold", takes=("rules",))
     training = [name or "<root>" for name, m in model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     if training:

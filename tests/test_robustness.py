@@ -127,7 +127,7 @@ STAGES = {
     "reading frozen values": ("compilefuse._torch_private", "aot_parameters"),
     "the fold pass": ("compilefuse.passes.fold", "fold_graph"),
     "building the report": ("compilefuse.backend.GraphCompiler", "_publish"),
-    "the per-call check": ("compilefuse.compiled_graph.FrozenTensors", "match"),
+    "the per-call check": ("compilefuse.freshness.FrozenTensors", "match"),
     "the torch version check": ("compilefuse.versions", "warn_once_if_untested"),
 }
 

@@ -17,14 +17,13 @@ import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
 from .. import _torch_private as tp
-from .. import freezing
+from .. import code_identity, freezing
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..rules import RULES
 from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
@@ -245,13 +244,6 @@ def _bn_outputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [next(iter(op.users)) for op in graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP) if op.users]
 
 
-def _source_hash(extra: str) -> bytes:
-    """A hash of the files that decide what the pass does to a graph (its cache identity)."""
-    package = Path(__file__).parent.parent
-    sources = [Path(__file__), package / "fold_math.py", package / "freezing.py", *sorted((package / "rules").glob("*.py"))]
-    return tp.file_hash([str(p) for p in sources], extra=extra)
-
-
 class BnFoldPass(tp.CustomGraphPass):
     """Joint-graph pass folding inference BatchNorm; its uuid keys Inductor's caches."""
 
@@ -287,4 +279,4 @@ class BnFoldPass(tp.CustomGraphPass):
             self.record.seconds += time.perf_counter() - start
 
     def uuid(self) -> bytes:
-        return _source_hash(extra=",".join(sorted(self.enabled_rules)))
+        return code_identity.code_hash(__name__, extra=",".join(sorted(self.enabled_rules)))

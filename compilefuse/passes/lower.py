@@ -8,8 +8,6 @@ which is what the refusal was there to prevent. An unfolded BN then costs what i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.fx
 
@@ -37,5 +35,3 @@ def lower_kept_bns(graph: torch.fx.Graph) -> None:
     tp.register_graph_pattern(PATTERN, pass_dict=lower)(_lower)
     lower.apply(graph)
 
-
-SOURCES = [__file__, str(Path(__file__).parent.parent / "rules" / "rule.py")]

@@ -6,6 +6,7 @@ import torch
 import torch.fx
 
 from .. import _torch_private as tp
+from .. import code_identity
 from . import lower, pool_relu
 
 
@@ -18,4 +19,4 @@ class PostGradPass(tp.CustomGraphPass):
         pool_relu.move_relu_after_max_pool(graph)
 
     def uuid(self) -> bytes:
-        return tp.file_hash([*lower.SOURCES, __file__, pool_relu.__file__], extra="post-grad")
+        return code_identity.code_hash(__name__, extra="post-grad")
