@@ -236,8 +236,15 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
 def _autocast_around() -> str | None:
     """Autocast entered around the compiled call: the per-step trace would lose its casts (the
     convolutions would run in float32), so such a graph is not folded per step."""
-    on = [device for device in ("cpu", "cuda", "xpu", "mps") if torch.is_autocast_enabled(device)]
+    on = [device for device in ("cpu", "cuda", "xpu", "mps") if _autocast_enabled(device)]
     return f"autocast ({', '.join(on)}) around the compiled call" if on else None
+
+
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except (RuntimeError, ValueError):  # a device type this torch build has no autocast for
+        return False
 
 
 _unsupported_logged = False
