@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import operator
 import sys
@@ -484,29 +483,6 @@ def _view_base(value: Any) -> Any:
 #: ``version_of(tensor)``: the version counter, read by the C getter itself (no attribute lookup:
 #: the per-call freshness check maps it over hundreds of tensors). Raises for inference tensors.
 version_of = torch.Tensor._version.__get__  # type: ignore[attr-defined]
-
-
-@dataclasses.dataclass
-class FrozenEntries:
-    """What ``unchanged`` compares: ``(input index, weak reference, version, data pointer)`` for
-    ordinary tensors, ``(input index, weak reference, data pointer)`` for inference tensors."""
-
-    versioned: list[tuple[int, Any, int, int]]
-    unversioned: list[tuple[int, Any, int]]
-
-
-def unchanged(args: Sequence[Any], entries: FrozenEntries) -> bool:
-    """Whether every entry's tensor is in ``args`` at its index, with its version and data pointer.
-    The per-call freshness check: a plain loop reading ``Tensor._version``, private to torch."""
-    for i, ref, version, pointer in entries.versioned:
-        tensor = args[i]
-        if tensor is not ref() or tensor._version != version or tensor.data_ptr() != pointer:
-            return False
-    for i, ref, pointer in entries.unversioned:
-        tensor = args[i]
-        if tensor is not ref() or tensor.data_ptr() != pointer:
-            return False
-    return True
 
 
 def version_counter(tensor: torch.Tensor) -> int | None:
