@@ -279,6 +279,25 @@ def tracing(fake_mode: Any | None) -> contextlib.AbstractContextManager:
     return torch._guards.tracing(torch._guards.TracingContext(mode))
 
 
+def compiled_root() -> torch.nn.Module | None:
+    """The model whose compiled call is running (``torch.compile(model)``'s ``OptimizedModule``, or
+    a module after ``model.compile()``), found on the Python stack while Dynamo compiles one of its
+    frames: the outermost, so a graph break's frames are named from the model the user compiled.
+    None for a compiled function."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    root = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, OptimizedModule):
+            root = owner._orig_mod
+        elif isinstance(owner, torch.nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
+            root = owner
+        frame = frame.f_back
+    return root
+
+
 def outside_dynamo_tracing() -> contextlib.AbstractContextManager:
     """No tracing context: a compile started from inside Dynamo's (``torch.export`` and
     AOTInductor of a graph a backend received) as if it ran on its own."""

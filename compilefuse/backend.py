@@ -21,9 +21,9 @@ import torch
 from . import _torch_private as tp
 from . import compiled_graph, freezing, graph_cache, versions, weight_packing
 from .config import BnfuseConfig
-from .decisions import FoldRecord, sort_in_program_order, source_path, traced_decisions
+from .decisions import FoldRecord, name_from_root, sort_in_program_order, source_path, traced_decisions
 from .passes import BnFoldPass, fold_graph_per_step, folded_graph_patches
-from .report import FoldReport, publish
+from .report import RERUNS_WANTED, FoldReport, publish
 
 log = logging.getLogger("compilefuse")
 
@@ -50,6 +50,7 @@ def bnfuse(
     compile_graph = GraphCompiler(gm, config)
     try:
         versions.warn_once_if_untested()
+        compile_graph.name(example_inputs)
         needing_grad = _first_requiring_grad(gm, example_inputs)
         if needing_grad is not None:
             if config.training:
@@ -94,7 +95,18 @@ class GraphCompiler:
     def keep_live(self, indices: set[int]) -> None:
         self._live |= set(indices)
 
+    def name(self, inputs: Sequence[Any]) -> None:
+        """Name the graph's modules by their path in the model the user compiled, for ``inputs``
+        (names only: a failure leaves Dynamo's names, and is never a reason to fall back)."""
+        try:
+            root = tp.compiled_root()
+            if root is not None:
+                name_from_root(root, self.gm, inputs)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            log.debug("bnfuse: graph named as Dynamo traced it (%s: %s)", type(error).__name__, error)
+
     def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
+        self.name(inputs)
         if failure is None:
             try:
                 try:
@@ -128,7 +140,7 @@ class GraphCompiler:
             if cached is not None:
                 model, kept, record = cached
                 return compiled_graph.Compiled(model, tuple(kept), on_first_answer=lambda: self._publish(record),
-                                               on_reuse=lambda: publish(record, reused=True))
+                                               on_rerun=lambda: publish(record, reused=True))
         live = set(self._live)
         while True:
             freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
@@ -170,7 +182,7 @@ class GraphCompiler:
             call,
             tuple(kept),
             on_first_answer=lambda: self._publish(record),
-            on_reuse=lambda: publish(record, reused=True),
+            on_rerun=lambda: publish(record, reused=True),
             side_effects=effects.any,
             live=tuple(sorted(live)),
         )
@@ -192,12 +204,12 @@ class GraphCompiler:
         readable = freezing.read_only_state(self.gm, inputs, written)
         start = time.perf_counter()
         fold_graph_per_step(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
-                            self.config.rules, record)
+                            {placeholders[i]: inputs[i] for i in readable}, self.config.rules, record)
         record.seconds += time.perf_counter() - start
         traced.recompile()
         call = tp.compile_with_inductor(traced, inputs, dict(self.config.inductor_patches), keep_bn=False)
         self._publish(record)
-        return call
+        return _ReportedAgain(call, record)
 
     def _input_name(self, index: int) -> str:
         return source_path(self.gm.graph.find_nodes(op="placeholder")[index])
@@ -207,10 +219,12 @@ class GraphCompiler:
         a failure to report never fails it (the report then lacks this graph, and the log says so)."""
         call = tp.compile_with_inductor(self.gm, inputs, dict(self.config.inductor_patches), keep_bn=False)
         try:
-            self._publish(record())
+            made = record()
+            self._publish(made)
         except Exception as error:  # noqa: BLE001 - see the docstring
             log.debug("bnfuse: could not report a graph compiled by plain Inductor (%s: %s)", type(error).__name__, error)
-        return call
+            return call
+        return _ReportedAgain(call, made)
 
     def _publish(self, record: FoldRecord) -> None:
         """Put the decisions in program order and publish the record of a compiled graph."""
@@ -221,6 +235,20 @@ class GraphCompiler:
             log.debug("bnfuse: %s", decision)
         if self.config.report:
             log.info("bnfuse fold report:\n%s", FoldReport.from_records([record]))
+
+
+class _ReportedAgain:
+    """A graph compiled without a ``CompiledGraph`` (per step, or by plain Inductor): reported at
+    its compile, and again at each later call while ``compilefuse.explain`` collects."""
+
+    def __init__(self, call: Callable[..., Any], record: FoldRecord) -> None:
+        self._call, self._record, self._answered = call, record, False
+
+    def __call__(self, *args: Any) -> Any:
+        if RERUNS_WANTED and self._answered:
+            publish(self._record, reused=True)
+        self._answered = True
+        return self._call(*args)
 
 
 def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:

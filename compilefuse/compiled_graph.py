@@ -40,6 +40,7 @@ import torch
 from . import _torch_private as tp
 from . import freshness
 from .freshness import FrozenTensors
+from .report import RERUNS_WANTED
 
 log = logging.getLogger("compilefuse")
 
@@ -55,8 +56,8 @@ class Compiled:
     kept: tuple[int, ...]
     #: Called once the graph has answered its first call (a graph that fails then is never reported).
     on_first_answer: Callable[[], None] = lambda: None
-    #: Called when a later compile of the same graph is answered by this one (its report again).
-    on_reuse: Callable[[], None] = lambda: None
+    #: Called when a call inside ``compilefuse.explain`` is answered by this compile (its report again).
+    on_rerun: Callable[[], None] = lambda: None
     #: Whether a call writes inputs or draws random numbers: then it must run exactly once per call.
     side_effects: bool = False
     #: Kept inputs that are module state the graph writes: live, read afresh on every call.
@@ -95,6 +96,7 @@ class CompiledGraph:
         self._input_names = list(input_names)
         #: Refolds run at call time, outside Dynamo's compile lock, possibly in several threads.
         self._lock = threading.Lock()
+        self._first_answer_lock = threading.Lock()
         self._plain: Compiled | None = None  # set once bnfuse has failed on this graph
         self._calls = 0
         #: Per frozen input of one variant (its key): how many refolds in a row found it changed at
@@ -150,6 +152,11 @@ class CompiledGraph:
     # -- calling ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
+        if RERUNS_WANTED:  # ``compilefuse.explain`` is running: report what answers
+            return self._call_reporting_rerun(args)
+        return self._answer(args)
+
+    def _answer(self, args: Sequence[Any]) -> Any:
         if self._plain is not None:
             return self._plain.call(*args)
         self._calls += 1
@@ -178,21 +185,33 @@ class CompiledGraph:
             return variant.compiled.call(*[args[i] for i in variant.compiled.kept])
         return self._first_call(variant, args)
 
-    def on_reuse(self) -> None:
-        """A later compile of this graph (another backend object, as ``compilefuse.explain`` uses)
-        is answered by this one: report it again."""
-        if self._last.proven:
-            self._last.compiled.on_reuse()
+    def _call_reporting_rerun(self, args: Sequence[Any]) -> Any:
+        """A call while ``compilefuse.explain`` collects: the variant that answers is reported again
+        if it was compiled before this call (a fresh one reports itself)."""
+        if self._plain is not None:
+            return self._plain.call(*args)
+        calls = self._calls
+        out = self._answer(args)
+        variant = self._last
+        if self._plain is None and variant.proven and variant.born <= calls:
+            variant.compiled.on_rerun()
+        return out
 
     def _first_call(self, variant: _Variant, args: Sequence[Any]) -> Any:
         """A fresh compile's first run. Inductor can miscompile in a way only running shows (a
-        layout assertion in the generated code, say); then the graph falls back."""
+        layout assertion in the generated code, say); then the graph falls back. Threads racing
+        through the same first run report it once."""
         try:
             out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
-            variant.compiled.on_first_answer()
         except Exception as error:  # noqa: BLE001 - a miscompile shows at the first run: fall back
             return self._fall_back(args, error).call(*args)
-        variant.proven = True
+        with self._first_answer_lock:
+            first, variant.proven = not variant.proven, True
+        if first:
+            try:
+                variant.compiled.on_first_answer()
+            except Exception as error:  # noqa: BLE001 - reporting is bnfuse's own work too: fall back
+                return self._fall_back(args, error).call(*args)
         return out
 
     def _ids(self, args: Sequence[Any]) -> tuple[int, ...]:
@@ -276,12 +295,10 @@ _SHARED: weakref.WeakValueDictionary[Hashable, CompiledGraph] = weakref.WeakValu
 
 
 def shared(key: Hashable, create: Callable[[], CompiledGraph]) -> CompiledGraph:
-    """The ``CompiledGraph`` for ``key``, created on first use (reused: it reports again)."""
+    """The ``CompiledGraph`` for ``key``, created on first use."""
     graph = _SHARED.get(key)
     if graph is None:
         graph = _SHARED[key] = create()
-    else:
-        graph.on_reuse()
     return graph
 
 

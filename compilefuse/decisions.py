@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.fx
@@ -95,8 +96,50 @@ def sort_in_program_order(record: FoldRecord, graph: torch.fx.Graph) -> None:
 
 def source_path(placeholder: torch.fx.Node) -> str:
     """The user's name for a Dynamo graph input, e.g. ``layer1.0.bn1.running_var``."""
+    if _FULL_NAME in placeholder.meta:
+        return placeholder.meta[_FULL_NAME]
     source = tp.dynamo_source(placeholder)
     return _clean_dynamo_path(tp.source_name(source)) if source is not None else placeholder.name
+
+
+_FULL_NAME = "compilefuse_full_name"
+_DYNAMO_STACK = "compilefuse_dynamo_module_stack"  # Dynamo's own, before ``name_from_root``
+_LOCAL = re.compile(r"^[LG]\['[^']*'\]")
+
+
+def name_from_root(root: torch.nn.Module, gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> None:
+    """Name ``gm``'s modules and inputs by their path in ``root``, the model the user compiled, for
+    these inputs (instances of one block share a graph, each with its own weights).
+
+    Dynamo names them from the frame it traced: after a graph break inside ``model[3]``, its frames
+    have ``self = model[3]`` and ``model[3].bn`` is called ``bn``, as is every other block's. A
+    parameter or buffer input tells which module the frame's ``self`` is (``3.bn.weight`` is
+    ``L['self'].bn.weight``), and each path under it gets that prefix."""
+    names = {id(t): name for name, t in (*root.named_parameters(remove_duplicate=False),
+                                          *root.named_buffers(remove_duplicate=False))}
+    prefixes: dict[str, str] = {}
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs, strict=True):
+        node.meta.pop(_FULL_NAME, None)
+        full, source = names.get(id(value)), tp.dynamo_source(node)
+        if full is None or source is None:
+            continue
+        raw = tp.source_name(source)
+        local, relative = _LOCAL.match(raw), _clean_dynamo_path(raw)
+        if local is not None and (full == relative or full.endswith("." + relative)):
+            prefixes.setdefault(local.group(0), full[: len(full) - len(relative)].rstrip("."))
+            node.meta[_FULL_NAME] = full
+    for node in gm.graph.nodes:
+        stack = node.meta.setdefault(_DYNAMO_STACK, node.meta.get("nn_module_stack"))
+        if stack:
+            node.meta["nn_module_stack"] = {key: (_prefixed(path, prefixes), *rest) for key, (path, *rest) in stack.items()}
+
+
+def _prefixed(path: str, prefixes: dict[str, str]) -> str:
+    """``L['self'].bn`` with ``L['self']`` at ``3`` -> ``L['self'].3.bn`` (cleaned: ``3.bn``)."""
+    local = _LOCAL.match(path)
+    if local is None or not prefixes.get(local.group(0)):
+        return path
+    return f"{local.group(0)}.{prefixes[local.group(0)]}{path[local.end():]}"
 
 
 def _clean_dynamo_path(path: str) -> str:

@@ -102,3 +102,24 @@ def cast_like(folded: torch.Tensor, original: torch.Tensor, dtype: torch.dtype |
     out = torch.empty_like(original, dtype=dtype)
     out.copy_(folded)
     return out
+
+
+def input_fold_growth(
+    running_mean: torch.Tensor, running_var: torch.Tensor, scale: torch.Tensor, beta: torch.Tensor | None
+) -> torch.Tensor:
+    """Per channel, how much a BN folded into the op *after* it grows the terms that op sums (RMS,
+    for an input distributed as the running statistics say), hence its rounding error.
+
+    Eager sums ``W * (scale * (x - mean) + beta)``; the fold sums ``(W * scale) * x`` and adds
+    ``W * shift`` back through the bias, so an input far from zero next to its spread (an offset
+    input, a large gain) is summed at its full size and cancelled afterwards:
+
+        growth = sqrt(scale² (mean² + var)) / sqrt(scale² var + beta²)
+
+    (1 for a centred input; infinite where eager's terms are all zero and the fold's are not).
+    """
+    mean, var = running_mean.to(FOLD_DTYPE), running_var.to(FOLD_DTYPE)
+    folded = scale.square() * (mean.square() + var)
+    eager = scale.square() * var + (0 if beta is None else beta.to(FOLD_DTYPE).square())
+    growth = (folded / eager).sqrt()
+    return torch.where(folded == 0, torch.ones_like(growth), growth)

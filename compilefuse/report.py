@@ -87,12 +87,14 @@ class FoldReport:
 
 
 _COLLECTORS: list[tuple[list[FoldRecord], bool]] = []
+#: The open ``collecting(reused=True)`` blocks: while any is, a compiled graph reports its record at
+#: every call (a plain list, so the per-call test is one truth test).
+RERUNS_WANTED: list[list[FoldRecord]] = []
 
 
 def publish(record: FoldRecord, *, reused: bool = False) -> None:
     """Hand a graph's record to every ``collecting()`` block that is open: a new compile's to all of
-    them, a reused compile's (one that answers a later compile of the same graph) to those that
-    asked for reused graphs too."""
+    them, a graph compiled before and run again to those that asked for those too."""
     for collector, wants_reused in _COLLECTORS:
         if wants_reused or not reused:
             collector.append(record)
@@ -101,11 +103,15 @@ def publish(record: FoldRecord, *, reused: bool = False) -> None:
 @contextlib.contextmanager
 def collecting(*, reused: bool = False) -> Iterator[list[FoldRecord]]:
     """Collect the records of every graph bnfuse compiles inside the block; with ``reused``, also of
-    the graphs compiled before that answer a compile inside it (``compilefuse.explain``)."""
+    every graph compiled before that runs inside it (``compilefuse.explain``)."""
     records: list[FoldRecord] = []
     entry = (records, reused)
     _COLLECTORS.append(entry)
+    if reused:
+        RERUNS_WANTED.append(records)
     try:
         yield records
     finally:
         _COLLECTORS.remove(entry)
+        if reused:
+            RERUNS_WANTED.remove(records)

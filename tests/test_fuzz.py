@@ -83,6 +83,17 @@ def build(case) -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
+def input_growth_fits(bn: nn.Module) -> bool:
+    """Whether a BN before the op passes the precision check (``FoldRule.numeric_refusal``): the
+    folded op sums the raw input, ``sqrt(mean² + var) * |scale|`` per channel, where eager sums
+    ``sqrt(scale² var + beta²)``; at most 2x in bfloat16, 16x in float32."""
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    scale = (var + bn.eps).rsqrt() * (bn.weight.double() if bn.affine else 1)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(mean)
+    growth = (scale.square() * (mean.square() + var) / (scale.square() * var + beta.square())).sqrt().max()
+    return float(growth) <= (2.0 if bn.running_mean.dtype == torch.bfloat16 else 16.0)
+
+
 @given(conv_bn_cases())
 def test_bnfuse_matches_eager_on_random_conv_bn(case):
     assume(output_size(case) >= 1)  # hypothesis counts these, and fails the run if there are too many
@@ -100,5 +111,5 @@ def test_bnfuse_matches_eager_on_random_conv_bn(case):
     assert relative_error(result.outputs, reference) <= tolerance, (case, result.decisions)
     kwargs = case["conv_kwargs"]
     no_zero_padding = kwargs["padding"] == 0 or kwargs.get("padding_mode", "zeros") != "zeros"
-    foldable = not case["bn_before"] or (not case["transposed"] and no_zero_padding)
+    foldable = not case["bn_before"] or (not case["transposed"] and no_zero_padding and input_growth_fits(model[0]))
     assert [d.folded for d in result.decisions] == [foldable], (case, result.decisions)

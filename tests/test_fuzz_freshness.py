@@ -8,22 +8,14 @@ Profiles (HYPOTHESIS_PROFILE): ``ci`` (default, 30 examples), ``long`` (300), ``
 
 from __future__ import annotations
 
-import os
-
 import torch
+from fuzzing import fuzz_settings
 from helpers import randomize_bn, relative_error
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-_EXAMPLES = {"ci": 30, "long": 300, "quick": 5}
-_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-FUZZ_SETTINGS = settings(
-    max_examples=_EXAMPLES.get(_PROFILE, _EXAMPLES["ci"]),
-    deadline=None,
-    derandomize=_PROFILE != "long",
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ_SETTINGS = fuzz_settings(ci=30, quick=5)
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "NAdam", "RAdam", "Adamax", "Adadelta", "ASGD", "Rprop")
 IMPLEMENTATIONS = ("fused", "foreach", "for-loop")

@@ -7,25 +7,17 @@ Profiles (HYPOTHESIS_PROFILE): ``ci`` (default, 25 examples), ``long`` (300), ``
 
 from __future__ import annotations
 
-import os
-
 import torch
+from fuzzing import fuzz_settings
 from helpers import randomize_bn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_state_writes import CONTEXTS, CountingBnfuse, assert_state_equal
 from torch import nn
 
 import compilefuse
 
-_EXAMPLES = {"ci": 25, "long": 300, "quick": 4}
-_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
-FUZZ_SETTINGS = settings(
-    max_examples=_EXAMPLES.get(_PROFILE, _EXAMPLES["ci"]),
-    deadline=None,
-    derandomize=_PROFILE != "long",
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ_SETTINGS = fuzz_settings(ci=25, quick=4)
 
 CHANNELS = 4
 WRITES = ("add_mean", "mul", "copy_channel_means", "index_copy", "fill_slice")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import pytest
@@ -327,3 +328,110 @@ def test_fold_and_export_leave_the_users_model_untouched(entry, tmp_path):
         out = model(x)
     assert not isinstance(out, torch._subclasses.FakeTensor)
     assert relative_error(out, float64_reference(model, x)) < 1e-5
+
+
+# -- the fold report: full module paths, one row per BN, one record per compile ----------------------
+
+
+class BrokenBlock(nn.Module):
+    """A block with a graph break inside: Dynamo traces its frames with ``self`` = the block."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        torch._dynamo.graph_break()
+        return x.relu()
+
+
+def test_explain_after_a_compile_names_each_bn_once_by_its_full_path():
+    """On main: ``bn`` ten times (and one BN counted twice, 11 of 11)."""
+    model, x = nn.Sequential(*[BrokenBlock(4, 4) for _ in range(6)]).eval(), torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.compile(model, backend="bnfuse")(x)
+        report = compilefuse.explain(model, x)
+    assert [row.bn for row in report.rows] == [f"{i}.bn" for i in range(6)]
+    assert [row.producer for row in report.rows] == [f"{i}.conv" for i in range(6)]
+    assert report.folded == report.total == 6
+
+
+def test_explain_after_a_compile_past_dynamos_recompile_limit_reports_what_alone_reports():
+    """Blocks of different widths each take a cache entry of the block's code; explain's own
+    compile used to hit the recompile limit after the user's and report 0 of 0. Now it reuses the
+    user's compiled graphs, and a BN in no graph (Dynamo ran it eagerly) has a row saying so."""
+    widths = [3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96]
+    model = nn.Sequential(*[BrokenBlock(a, b) for a, b in itertools.pairwise(widths)]).eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        alone = compilefuse.explain(model, x)
+        torch._dynamo.reset()
+        torch.compile(model, backend="bnfuse")(x)
+        after = compilefuse.explain(model, x)
+    limit = torch._dynamo.config.recompile_limit
+    for report in (alone, after):
+        assert [row.bn for row in report.rows] == [f"{i}.bn" for i in range(10)]
+        assert [row.folded for row in report.rows] == [True] * limit + [False] * (10 - limit)
+        assert all(row.reason == compilefuse.inspection.NOT_IN_ANY_GRAPH for row in report.rows[limit:])
+
+
+class ScaledBN(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2 + 1
+
+
+def test_a_bn_subclass_with_arithmetic_after_its_bn_is_one_row():
+    """On main: two rows ("folded 2 of 2") for one BN; its ``* 2 + 1`` still folds."""
+    model, x = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4)).eval()), torch.randn(1, 3, 8, 8)
+    report = compilefuse.explain(model, x)
+    assert [(row.bn, row.folded, row.producer) for row in report.rows] == [("1", True, "0")]
+    with torch.inference_mode():
+        out = torch.compile(model, backend="bnfuse")(x)
+    assert relative_error(out, float64_reference(model, x)) < 1e-5
+    assert compilefuse.last_record().bn_ops_after == 0
+
+
+class BnLinearBn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0, self.l1, self.bn1 = nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.l1(self.bn0(x)))
+
+
+def test_a_bn_folded_into_an_already_folded_linear_names_the_linear():
+    """On main: "bn0 folded into linear bn1"."""
+    report = compilefuse.explain(randomize_bn(BnLinearBn().eval()), torch.randn(4, 8))
+    assert {(row.bn, row.producer) for row in report.rows} == {("bn0", "l1"), ("bn1", "l1")}
+
+
+def test_threads_racing_through_refolds_publish_one_record_per_compile():
+    """On main: 8 threads through 6 refolds published 22-25 records."""
+    import threading
+
+    model, x = conv_bn(), torch.randn(1, 3, 8, 8)
+    compiled = torch.compile(model, backend="bnfuse")
+    states = [{k: v + 0.01 * i if v.is_floating_point() else v for k, v in model.state_dict().items()}
+              for i in range(1, 7)]
+
+    def call(barrier: threading.Barrier) -> None:
+        barrier.wait()
+        with torch.no_grad():
+            compiled(x)
+
+    with compilefuse.report.collecting() as records:
+        with torch.no_grad():
+            compiled(x)
+        for state in states:
+            model.load_state_dict(state)
+            barrier = threading.Barrier(8)
+            threads = [threading.Thread(target=call, args=(barrier,)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert len(records) == 7
+    assert_fresh(compiled, model, x, torch.no_grad)

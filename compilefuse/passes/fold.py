@@ -39,12 +39,15 @@ def fold_graph(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[s
 
 
 def fold_graph_per_step(
-    graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord
+    graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str], record: FoldRecord
 ) -> None:
     """Fold every BN of a training graph (aten ops before autograd) that the enabled rules allow,
     as arithmetic on the tensors themselves at every step. ``readable``: the graph inputs a fold
-    may read (module state the graph does not write), with their fake values."""
-    _PerStepRun(graph, readable, enabled_rules, record).run()
+    may read (module state the graph does not write), with their fake values; ``real``: their
+    values now, for the checks that judge values (``FoldRule.precision_refusal``)."""
+    run = _PerStepRun(graph, readable, enabled_rules, record)
+    run.real = dict(real)
+    run.run()
 
 
 class _FoldRun:
@@ -52,11 +55,13 @@ class _FoldRun:
 
     def __init__(self, graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         self.graph, self.frozen, self.enabled_rules, self.record = graph, frozen, enabled_rules, record
+        self.real: Frozen = frozen
         self.folded: set[torch.fx.Node] = set()
         #: The first reason each BN was refused for; reported only if no rule folds it in the end.
         self.refused: dict[torch.fx.Node, FoldDecision] = {}
         self.merges = 0
         self.steps = 0
+        self._bn_modules = frozenset(module_path(bn) for bn in _bn_outputs(graph))
         rules = [rule for rule in RULES if self.takes(rule)]
         stages = sorted({rule.stage for rule in rules})
         self.passes = [tp.PatternMatcherPass() for _ in stages]
@@ -108,6 +113,9 @@ class _FoldRun:
 
     def progress(self) -> None:
         self.steps += 1
+
+    def holds_bn_op(self, module: str) -> bool:
+        return module in self._bn_modules
 
     @property
     def changes(self) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match
+from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match, real_tensor_math
 from ..decisions import FoldDecision, MergeDecision, module_path
 from . import _constants, _tokens
 from .site import BN_ARGS, BN_TENSORS, BatchNormStats, BnSite, Frozen, FrozenAffine, Side, affine_of, bn_of
@@ -57,6 +57,7 @@ class RewriteContext(Protocol):
     the graph, run at every step (a training graph)."""
 
     frozen: Frozen  # every frozen node's value (real, or a fake one per step), folds' outputs included
+    real: Frozen  # the real values of the graph's frozen inputs (per step too: their values at compile time)
 
     def enabled(self, rule_id: str) -> bool: ...
     def evaluate(self, compute: Compute) -> Folded | Refused: ...  # run ``compute``: refused, or its result
@@ -68,6 +69,7 @@ class RewriteContext(Protocol):
     def refuse(self, bn: torch.fx.Node, decision: FoldDecision) -> None: ...
     def merge(self, merge: MergeDecision) -> None: ...
     def progress(self) -> None: ...  # a rewrite that is a step of a fold (more steps follow)
+    def holds_bn_op(self, module: str) -> bool: ...  # whether the user's module ``module`` has a BN op in the graph
 
 
 class Rule(Protocol):
@@ -130,6 +132,12 @@ class Producer:
         """``input``, ``weight`` and ``bias`` of ``node`` if it is this op (for sites found by walking
         the graph rather than by a pattern); None otherwise."""
         return None
+
+
+#: The most a BN folded into the op after it may grow the terms that op sums (``numeric_refusal``):
+#: 2x where eager's BN computes in float32 and the op in half precision; in float32 16x (16 float32
+#: roundings stay under 2e-6 relative, inside the 1e-5 bnfuse promises against float64).
+MAX_INPUT_FOLD_GROWTH = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32: 16.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +206,38 @@ class FoldRule:
             return f"the normalisation changes the dtype ({before} to {after})"
         return None
 
+    def numeric_refusal(self, site: BnSite, real: Frozen, dtype: torch.dtype) -> str | None:
+        """Why the fold, exact as arithmetic, would round or overflow where eager does not; None if
+        it would not. Judged on real values (a per-step fold: those at compile time); a site whose
+        values are computed in the graph has none and is not judged."""
+        try:
+            with real_tensor_math():
+                values = {node: real[node].detach() for node in site.norm.inputs(real).values() if node is not None}
+                if isinstance(site.norm, BatchNormStats):
+                    values.update({n: real[n].detach() for n in site.norm.tensors.values() if n is not None})
+                scale, _ = site.norm.scale_shift(values, site.normalised.meta["val"])
+                weight = _constants.frozen_operand(site.weight, {site.weight: real[site.weight].detach()}
+                                                   if site.weight in real else {})
+                return (self._growth_refusal(site, values, scale, dtype)
+                        or _overflow_refusal(self.side, scale, None if weight is None else weight.value, dtype))
+        except KeyError:
+            return None
+
+    def _growth_refusal(self, site: BnSite, values: Frozen, scale: torch.Tensor, dtype: torch.dtype) -> str | None:
+        """A BN before the op: the fold sums the raw input and cancels its offset afterwards
+        (``fold_math.input_fold_growth``). (A frozen affine map has no statistics of its input.)"""
+        if self.side is Side.OUTPUT or not isinstance(site.norm, BatchNormStats):
+            return None
+        tensors = {k: None if node is None else values[node] for k, node in site.norm.tensors.items()}
+        growth = float(fold_math.input_fold_growth(tensors["running_mean"], tensors["running_var"], scale,
+                                                   tensors["bn_bias"]).max())
+        limit = MAX_INPUT_FOLD_GROWTH.get(dtype, MAX_INPUT_FOLD_GROWTH[torch.float32])
+        if growth <= limit:
+            return None
+        return (f"folding would sum the input at up to {growth:.3g}x the size eager sums it (running_mean far "
+                f"from zero against the running variance), multiplying {str(dtype).removeprefix('torch.')} "
+                f"rounding error; limit {limit:g}x")
+
     def fold(self, site: BnSite, frozen: Frozen) -> Folded | Refused:
         """The folded weight and bias: computed in float64 from the frozen tensors, rounded once to
         the dtype the op reads its weight in. Plain tensor arithmetic: on real values it gives the
@@ -223,13 +263,21 @@ class FoldRule:
         site = self.site(match)
         if site is None or not site.recognised(run.frozen):
             return
+        # Arithmetic after the BN op in a BN module's own forward (``super().forward(x) * 2 + 1``)
+        # folds as a frozen affine map, yet is no BN of its own: the BN op's row speaks for it.
+        has_row = not (isinstance(site.norm, FrozenAffine) and run.holds_bn_op(module_path(site.bn)))
         if not run.enabled(self.id):
-            run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
+            if has_row:
+                run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
             return
         compute: Compute = lambda frozen: self.fold(site, frozen)  # noqa: E731
         result = run.evaluate(compute)
+        if isinstance(result, Folded):
+            reason = self.numeric_refusal(site, run.real, result.weight.dtype)
+            result = result if reason is None else Refused(reason)
         if isinstance(result, Refused):
-            run.refuse(site.bn, self.decision(site, result.reason))
+            if has_row:
+                run.refuse(site.bn, self.decision(site, result.reason))
             return
         weight, bias = run.operands(compute, result, like=site.producer)
         data = site.input
@@ -251,7 +299,10 @@ class FoldRule:
                 run.progress()
                 return
             erase_bn(site.bn)
-        run.fold(site.bn, self.decision(site))
+        if has_row:
+            run.fold(site.bn, self.decision(site))
+        else:
+            run.progress()
 
     def decision(self, site: BnSite, reason: str | None = None) -> FoldDecision:
         """The report row of ``site``: folded (no reason) or kept for ``reason``."""
@@ -263,6 +314,24 @@ class FoldRule:
             producer_kind=self.producer.kind(site),
             reason=reason,
         )
+
+
+def _overflow_refusal(side: Side, scale: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) -> str | None:
+    """Where the fold would change whether the result is finite. A zero scale after the op turns
+    eager's ``inf * 0 = nan`` (an overflowing output) into beta; a folded weight above
+    sqrt(max) of the dtype and larger than the weight it replaces overflows its products with
+    inputs eager's products take (``x * (w * s)`` against ``(x * w) * s`` after the sum)."""
+    if side is Side.OUTPUT and bool((scale == 0).any()):
+        return "the BN's scale is 0 in some channel: eager gives nan there when the op's output overflows, the fold beta"
+    if weight is None:
+        return None
+    largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
+    grown = largest * float(scale.abs().max())
+    headroom = torch.finfo(dtype).max ** 0.5
+    if grown > headroom and grown > largest:
+        return (f"the folded weight reaches {grown:.3g} (over the square root of the {str(dtype).removeprefix('torch.')} "
+                f"maximum): its products overflow with inputs the unfolded op takes")
+    return None
 
 
 def erase_bn(bn: torch.fx.Node) -> None:
@@ -277,12 +346,20 @@ def erase_bn(bn: torch.fx.Node) -> None:
 
 
 def keep_module_names(constant: torch.fx.Node, op: torch.fx.Node) -> None:
-    """Name the op rebuilt on ``constant`` (its only reader) after the user's module ``op`` came
-    from, as the report and any later rule see it (the matcher names it after what it replaced)."""
-    for rebuilt in constant.users:
-        for key in ("nn_module_stack", "source_fn_stack"):
-            if key in op.meta:
-                rebuilt.meta[key] = op.meta[key]
+    """Name the op rebuilt on ``constant`` after the user's module ``op`` came from, as the report
+    and any later rule see it (the matcher names it after what it replaced): every node from the
+    constant through ops of it alone (a linear's ``permute``) to the op that reads it with data."""
+    frontier, seen = [constant], set()
+    while frontier:
+        for user in frontier.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            for key in ("nn_module_stack", "source_fn_stack"):
+                if key in op.meta:
+                    user.meta[key] = op.meta[key]
+            if len(user.all_input_nodes) == 1:  # still computing the weight
+                frontier.append(user)
 
 
 def _tokens_refusal(site: BnSite) -> str | None:
