@@ -56,7 +56,7 @@ def main() -> None:
     assert frozen.match(call_args)
     check_s = timed("frozen.match(call_args)", 1)
     # The check as it was before (a Python loop: identity and version counter, no data pointer).
-    scope["old"] = [(i, ref, version) for i, ref, version, _ in frozen._entries.versioned]
+    scope["old"] = [(i, ref, version) for i, ref, version, _ in frozen._versioned]
     old_s = timed("all(call_args[i] is ref() and call_args[i]._version == v for i, ref, v in old)", 1)
     model_s = timed(f"compiled(x); {sync}", 3)
     raw_s = timed(f"raw(*kept); {sync}", 3)
