@@ -334,6 +334,13 @@ def is_operator(target: Any) -> bool:
     return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
 
 
+def is_pure_operator(target: Any) -> bool:
+    """An aten operator that writes none of its inputs and draws no random numbers (its output is a
+    function of its inputs alone)."""
+    return (isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
 def draws_random_numbers(graph: torch.fx.Graph) -> bool:
     """Whether an aten graph calls an op that draws from the random number generator."""
     return any(

@@ -464,3 +464,77 @@ def test_float16_weights_are_not_folded_per_step():
     assert not decision.folded and "float16" in decision.reason
     eager_loss, _ = step(model, model, x)
     assert loss == pytest.approx(eager_loss, rel=1e-2)
+
+
+def parametrised_conv_bn(parametrize, train: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrize(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    model = randomize_bn(model)
+    return eval_bn_for_finetuning(model) if train else model.eval()
+
+
+@pytest.mark.parametrize(("parametrize", "train"), [
+    (torch.nn.utils.parametrizations.weight_norm, True),
+    (torch.nn.utils.parametrizations.spectral_norm, False),
+])
+def test_a_parametrised_weight_folds_per_step_with_gradients_as_exact_as_inductor(parametrize, train):
+    """Issue 31: the weight is computed in the graph (``g * v / |v|``, ``W / sigma``); the fold is
+    elementwise on that value at every step. On main: "weight is not a frozen parameter or buffer"."""
+    model, x = parametrised_conv_bn(parametrize, train), torch.randn(2, 3, 8, 8)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    assert [(d.status, d.rule) for r in records for d in r.decisions] == [("folded per step", "conv_bn")]
+    ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
+    for name, error in ours.items():
+        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+
+
+def test_spectral_norm_in_training_mode_updates_its_vectors_as_eager():
+    """In training mode spectral_norm's power iteration writes ``_u`` / ``_v``: the weight is then
+    computed from state the graph writes, and is not folded; the vectors end as eager's."""
+    model = parametrised_conv_bn(torch.nn.utils.parametrizations.spectral_norm, True)
+    x = torch.randn(2, 3, 8, 8)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    for _ in range(2):
+        loss_of(compiled(x)).backward()
+        loss_of(eager(x)).backward()
+    for (name, ours), theirs in zip(model.state_dict().items(), eager.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, theirs, msg=name)
+
+
+class PadsThenConvolves(nn.Module):
+    """mmcv's ConvModule with ``order=("norm", "conv", "act")``: BN, then a padded conv."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.bn, self.conv = mode, nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(self.bn(x), (1, 1, 1, 1), mode=self.mode)).relu()
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_bn_before_a_reflect_replicate_or_circular_padded_conv_folds_per_step(mode):
+    """Issue 31: before autograd the padding is one ``aten.pad``; it moves values within channels,
+    so the BN folds into the conv (on main: "no conv or linear next to it"). Compared with eager's
+    error: plain Inductor fails to compile the replicate case (torch 2.14.1's fake kernel of
+    ``replication_pad2d_backward`` gives other strides than the real one); folded, the pad reads
+    the input, which needs no gradient, and compiles."""
+    model, x = eval_bn_for_finetuning(randomize_bn(PadsThenConvolves(mode))), torch.randn(2, 4, 8, 8)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    eager = copy.deepcopy(model)
+    assert [(d.status, d.rule) for r in records for d in r.decisions] == [("folded per step", "bn_conv")]
+    ours, eagers = errors(loss, grads, reference), errors(*step(eager, eager, x), reference)
+    for name, error in ours.items():
+        assert error <= 2 * eagers[name] + ROUNDING, f"{name}: {error:.2e} vs eager's {eagers[name]:.2e}"
+
+
+def test_bn_before_a_zero_padded_conv_is_not_folded_per_step():
+    model, x = eval_bn_for_finetuning(randomize_bn(PadsThenConvolves("constant"))), torch.randn(2, 4, 8, 8)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    assert [d.folded for r in records for d in r.decisions] == [False]
+    assert max(errors(loss, grads, reference).values()) < 1e-5

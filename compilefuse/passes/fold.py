@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -167,7 +168,7 @@ class _PerStepRun(_FoldRun):
     Nothing is baked in; the values a rule sees are fake."""
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
-        super().__init__(graph, dict(readable), enabled_rules, record)
+        super().__init__(graph, _with_values_computed_from(graph, readable), enabled_rules, record)
         self.fake_mode = next((v.fake_mode for v in readable.values() if isinstance(v, torch._subclasses.FakeTensor)), None)
         #: The frozen nodes each evaluated fold read: the inputs of its traced arithmetic.
         self.leaves: dict[Compute, list[torch.fx.Node]] = {}
@@ -198,6 +199,7 @@ class _PerStepRun(_FoldRun):
             return result.weight, result.bias
 
         traced = tp.trace_before_autograd(fold, [leaf.meta["val"] for leaf in leaves])
+        _hoist_before(leaves, like)
         weight, bias = _inline(traced.graph, leaves, before=like)
         for node in (weight, bias):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
@@ -208,6 +210,39 @@ class _PerStepRun(_FoldRun):
 
     def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
         super().fold(bn, dataclasses.replace(decision, per_step=True))
+
+
+def _with_values_computed_from(graph: torch.fx.Graph, readable: Frozen) -> Frozen:
+    """``readable`` and every tensor the graph computes from it alone by pure ops: a parametrised
+    weight (``weight_norm``, ``spectral_norm`` in eval mode), a frozen affine's scale. A per-step
+    fold is arithmetic on the step's values, so a computed weight folds as a stored one does."""
+    values, computed = dict(readable), set(readable)
+    for node in graph.nodes:
+        if node.op != "call_function" or not node.all_input_nodes:
+            continue
+        if all(n in computed for n in node.all_input_nodes) and (
+                node.target is operator.getitem or tp.is_pure_operator(node.target)):
+            computed.add(node)
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                values[node] = node.meta["val"]
+    return values
+
+
+def _hoist_before(leaves: list[torch.fx.Node], like: torch.fx.Node) -> None:
+    """Move the computed leaves a fold reads (and what they are computed from) ahead of ``like``,
+    where the fold's arithmetic goes: a frozen affine's scale may be computed after the conv it
+    folds into. They are pure functions of module state (``_with_values_computed_from``), so
+    computing them earlier changes nothing."""
+    position = {node: i for i, node in enumerate(like.graph.nodes)}
+    late: set[torch.fx.Node] = set()
+    pending = [leaf for leaf in leaves if position[leaf] > position[like]]
+    while pending:
+        node = pending.pop()
+        if node not in late and node.op == "call_function" and position[node] > position[like]:
+            late.add(node)
+            pending.extend(node.all_input_nodes)
+    for node in sorted(late, key=position.__getitem__):
+        like.prepend(node)
 
 
 class _ReadsRecorded(dict):  # type: ignore[type-arg]

@@ -3,8 +3,9 @@
 A per-channel affine map commutes with any op that only moves or copies values *within* a channel
 (dimensions 0 and 1 untouched, no new values made up): ``move(x * s + t) == move(x) * s + t``.
 Reflect, replicate and circular padding lower to exactly such ops (``_unsafe_index`` with clamped
-or reflected spatial indices; slices and slice-scatters into a fresh buffer), which is why a BN
-before a conv that pads that way still folds. Zero padding makes up values, so it never passes.
+or reflected spatial indices; slices and slice-scatters into a fresh buffer; before autograd, one
+``aten.pad`` naming its mode), which is why a BN before a conv that pads that way still folds.
+Zero padding makes up values, so it never passes.
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def _moved_inputs(node: torch.fx.Node) -> list[torch.fx.Node] | None:
         return [args[0]]
     if target in _PADS or target is aten.clone.default:
         return [args[0]]
+    if target is aten.pad.default:  # before autograd (a training graph), padding is still one op
+        mode = node.kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+        spatial = len(args[1]) <= 2 * (node.meta["val"].dim() - 2)
+        return [args[0]] if mode in ("reflect", "replicate", "circular") and spatial else None
     return None
 
 
