@@ -233,7 +233,8 @@ def _hoist_before(leaves: list[torch.fx.Node], like: torch.fx.Node) -> None:
     where the fold's arithmetic goes: a frozen affine's scale may be computed after the conv it
     folds into. They are pure functions of module state (``_with_values_computed_from``), so
     computing them earlier changes nothing."""
-    position = {node: i for i, node in enumerate(like.graph.nodes)}
+    nodes = list(like.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
     late: set[torch.fx.Node] = set()
     pending = [leaf for leaf in leaves if position[leaf] > position[like]]
     while pending:
@@ -241,6 +242,13 @@ def _hoist_before(leaves: list[torch.fx.Node], like: torch.fx.Node) -> None:
         if node not in late and node.op == "call_function" and position[node] > position[like]:
             late.add(node)
             pending.extend(node.all_input_nodes)
+    if not late:
+        return
+    passed = nodes[position[like]:max(position[n] for n in late)]
+    if any(node.op == "call_function" and not tp.is_operator(node.target) and node.target is not operator.getitem
+           for node in passed):  # a grad-mode change (or another call) would now lie on the other side
+        raise RuntimeError("bnfuse: a value a per-step fold reads is computed after the op, past a grad-mode "
+                           "change or a non-aten call; it cannot be moved ahead")
     for node in sorted(late, key=position.__getitem__):
         like.prepend(node)
 
