@@ -590,3 +590,26 @@ def test_a_value_computed_under_no_grad_after_the_op_is_never_moved_out_of_it():
     assert "g" not in grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dict(eager.named_parameters())[name].grad, msg=name)
+
+
+class ScaledAndShiftedByANumber(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.g = nn.Conv2d(3, 4, 3), nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.g.view(1, -1, 1, 1) + 1
+
+
+def test_a_fold_with_a_python_number_in_it_folds_per_step():
+    """The traced fold makes the ``1`` a tensor constant; main copied its node into the graph
+    without the tensor ("references nonexistent attribute _tensor_constant0") and fell back."""
+    torch.manual_seed(0)
+    model, x = ScaledAndShiftedByANumber(), torch.randn(2, 3, 8, 8)
+    reference = float64_step(model, x)
+    (loss, grads), records = compiled_step(model, x)
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    assert [d.status for r in records for d in r.decisions] == ["folded per step"]
+    ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
+    for name, error in ours.items():
+        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"

@@ -200,7 +200,7 @@ class _PerStepRun(_FoldRun):
 
         traced = tp.trace_before_autograd(fold, [leaf.meta["val"] for leaf in leaves])
         _hoist_before(leaves, like)
-        weight, bias = _inline(traced.graph, leaves, before=like)
+        weight, bias = _inline(traced, leaves, before=like)
         for node in (weight, bias):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
         return weight, bias
@@ -271,15 +271,22 @@ class _ReadsRecorded(dict):  # type: ignore[type-arg]
         return super().__getitem__(node)
 
 
-def _inline(sub: torch.fx.Graph, inputs: list[torch.fx.Node], before: torch.fx.Node) -> list[torch.fx.Node]:
-    """Copy the ops of ``sub`` into ``before``'s graph, ahead of it, on ``inputs``; its outputs."""
-    env = dict(zip(sub.find_nodes(op="placeholder"), inputs, strict=True))
+def _inline(sub: torch.fx.GraphModule, inputs: list[torch.fx.Node], before: torch.fx.Node) -> list[torch.fx.Node]:
+    """Copy the ops of ``sub`` into ``before``'s graph, ahead of it, on ``inputs``; its outputs.
+    A constant the trace made (a Python number of the fold, as a tensor) goes along with it."""
+    env = dict(zip(sub.graph.find_nodes(op="placeholder"), inputs, strict=True))
     graph = before.graph
     with graph.inserting_before(before):
-        for node in sub.nodes:
+        for node in sub.graph.nodes:
             if node.op == "output":
                 return [env[out] for out in node.args[0]]
-            if node.op != "placeholder":
+            if node.op == "get_attr":
+                owner = graph.owning_module
+                name = next(f"_bnfuse_traced_{i}" for i in itertools.count() if not hasattr(owner, f"_bnfuse_traced_{i}"))
+                owner.register_buffer(name, functools.reduce(getattr, node.target.split("."), sub))
+                env[node] = graph.get_attr(name)
+                env[node].meta.update(node.meta)
+            elif node.op != "placeholder":
                 env[node] = graph.node_copy(node, env.__getitem__)
                 env[node].meta.update({k: v for k, v in before.meta.items() if k in ("nn_module_stack", "source_fn_stack")})
                 tp.recompute_in_backward(env[node])
