@@ -144,7 +144,7 @@ def _prefixed(path: str, prefixes: dict[str, str]) -> str:
 
 def _clean_dynamo_path(path: str) -> str:
     """``L['self'].layer1[0].bn1`` / ``L['self']._modules['bn']`` -> ``layer1.0.bn1`` / ``bn``."""
-    path = re.sub(r"^[LG]\['[^']*'\]", "", path)
+    path = _LOCAL.sub("", path)
     path = re.sub(r"\._(modules|parameters|buffers)\['", ".", path)
     path = path.replace("['", ".").replace("']", "")
     path = path.replace("[", ".").replace("]", "")

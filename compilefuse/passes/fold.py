@@ -45,10 +45,8 @@ def fold_graph_per_step(
     """Fold every BN of a training graph (aten ops before autograd) that the enabled rules allow,
     as arithmetic on the tensors themselves at every step. ``readable``: the graph inputs a fold
     may read (module state the graph does not write), with their fake values; ``real``: their
-    values now, for the checks that judge values (``FoldRule.precision_refusal``)."""
-    run = _PerStepRun(graph, readable, enabled_rules, record)
-    run.real = dict(real)
-    run.run()
+    values now, for the checks that judge values (``FoldRule.numeric_refusal``)."""
+    _PerStepRun(graph, readable, real, enabled_rules, record).run()
 
 
 class _FoldRun:
@@ -167,8 +165,10 @@ class _PerStepRun(_FoldRun):
     step and autograd differentiates it (the weight, bias, and BN affine get exact gradients).
     Nothing is baked in; the values a rule sees are fake."""
 
-    def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+    def __init__(self, graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
+                 record: FoldRecord) -> None:
         super().__init__(graph, _with_values_computed_from(graph, readable), enabled_rules, record)
+        self.real = dict(real)
         self.fake_mode = next((v.fake_mode for v in readable.values() if isinstance(v, torch._subclasses.FakeTensor)), None)
         #: The frozen nodes each evaluated fold read: the inputs of its traced arithmetic.
         self.leaves: dict[Compute, list[torch.fx.Node]] = {}

@@ -213,13 +213,9 @@ class FoldRule:
         try:
             with real_tensor_math():
                 values = {node: real[node].detach() for node in site.norm.inputs(real).values() if node is not None}
-                if isinstance(site.norm, BatchNormStats):
-                    values.update({n: real[n].detach() for n in site.norm.tensors.values() if n is not None})
                 scale, _ = site.norm.scale_shift(values, site.normalised.meta["val"])
-                weight = _constants.frozen_operand(site.weight, {site.weight: real[site.weight].detach()}
-                                                   if site.weight in real else {})
-                return (self._growth_refusal(site, values, scale, dtype)
-                        or _overflow_refusal(self.side, scale, None if weight is None else weight.value, dtype))
+                weight = real[site.weight].detach() if site.weight in real else None
+                return self._growth_refusal(site, values, scale, dtype) or _overflow_refusal(self.side, scale, weight, dtype)
         except KeyError:
             return None
 
