@@ -114,6 +114,12 @@ def errors(loss: float, grads: dict[str, torch.Tensor], reference: tuple[float, 
     return out
 
 
+def assert_within_twice(ours: dict[str, float], theirs: dict[str, float], whose: str) -> None:
+    """Each of our errors (loss, every gradient) is at most 2x ``whose`` error, plus rounding."""
+    for name, error in ours.items():
+        assert error <= 2 * theirs[name] + ROUNDING, f"{name}: {error:.2e} vs {whose}'s {theirs[name]:.2e}"
+
+
 def float64_step(model: nn.Module, x: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     reference = copy.deepcopy(model).double()
     return step(reference, reference, x.double())
@@ -138,8 +144,7 @@ def test_every_per_step_rule_folds_with_gradients_as_exact_as_inductor():
     assert [r.bn_ops_after for r in records] == [0]  # every inference BN op is gone from the graph
     ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
     assert len(ours) == len([p for p in model.parameters()]) + 1
-    for name, error in ours.items():
-        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+    assert_within_twice(ours, inductors, "Inductor")
 
 
 def test_a_wrong_per_step_fold_would_be_caught():
@@ -390,8 +395,7 @@ def test_torchvision_resnet_with_eval_bn():
     decisions = [d for r in records for d in r.decisions]
     assert len(decisions) == 20 and all(d.status == "folded per step" for d in decisions)
     ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
-    for name, error in ours.items():
-        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+    assert_within_twice(ours, inductors, "Inductor")
 
 
 def frozen_bn_backbone(model: nn.Module) -> nn.Module:
@@ -486,8 +490,7 @@ def test_a_parametrised_weight_folds_per_step_with_gradients_as_exact_as_inducto
     (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
     assert [(d.status, d.rule) for r in records for d in r.decisions] == [("folded per step", "conv_bn")]
     ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
-    for name, error in ours.items():
-        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+    assert_within_twice(ours, inductors, "Inductor")
 
 
 def test_spectral_norm_in_training_mode_updates_its_vectors_as_eager():
@@ -528,8 +531,7 @@ def test_bn_before_a_reflect_replicate_or_circular_padded_conv_folds_per_step(mo
     eager = copy.deepcopy(model)
     assert [(d.status, d.rule) for r in records for d in r.decisions] == [("folded per step", "bn_conv")]
     ours, eagers = errors(loss, grads, reference), errors(*step(eager, eager, x), reference)
-    for name, error in ours.items():
-        assert error <= 2 * eagers[name] + ROUNDING, f"{name}: {error:.2e} vs eager's {eagers[name]:.2e}"
+    assert_within_twice(ours, eagers, "eager")
 
 
 def test_bn_before_a_zero_padded_conv_is_not_folded_per_step():
@@ -611,5 +613,4 @@ def test_a_fold_with_a_python_number_in_it_folds_per_step():
     (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
     assert [d.status for r in records for d in r.decisions] == ["folded per step"]
     ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
-    for name, error in ours.items():
-        assert error <= 2 * inductors[name] + ROUNDING, f"{name}: {error:.2e} vs Inductor's {inductors[name]:.2e}"
+    assert_within_twice(ours, inductors, "Inductor")
