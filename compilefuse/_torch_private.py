@@ -279,6 +279,24 @@ def tracing(fake_mode: Any | None) -> contextlib.AbstractContextManager:
     return torch._guards.tracing(torch._guards.TracingContext(mode))
 
 
+@contextlib.contextmanager
+def static_tracing() -> Iterator[Callable[[Any], Any]]:
+    """A fresh tracing context for a compile of static sizes, yielding the conversion of its
+    example inputs to fake tensors of that mode. Unlike ``tracing(None)`` it has a shape
+    environment (with none, AOTAutograd's and the FX graph cache both bypass: "No shape env"),
+    and the inputs are fake already, so none gets a symbolic size."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = torch._subclasses.fake_tensor.FakeTensorMode(shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        yield lambda value: mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
+
+
+def static_fake(value: torch.Tensor) -> Any:
+    """``value`` as a fake tensor of static sizes in the fake mode of the compile under way."""
+    return torch._guards.detect_fake_mode().from_tensor(value, static_shapes=True)
+
+
 def compiled_root() -> torch.nn.Module | None:
     """The model whose compiled call is running (``torch.compile(model)``'s ``OptimizedModule``, or
     a module after ``model.compile()``), found on the Python stack while Dynamo compiles one of its
@@ -367,6 +385,40 @@ def real_tensor_math() -> Any:
     return torch.utils._python_dispatch._disable_current_modes()
 
 
+# --- oneDNN: convolution weights packed ahead, read as data ------------------------------------
+
+#: The oneDNN convolution Inductor's freezing rewrites a packed convolution to (and fuses unary and
+#: binary ops into, in its post-grad passes, frozen or not).
+MKLDNN_CONV_POINTWISE = torch.ops.mkldnn._convolution_pointwise.default
+
+
+def pack_conv_weight(weight: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int],
+                     groups: int, input_size: list[int]) -> torch.Tensor:
+    """``weight`` reordered for oneDNN's convolution of an input of ``input_size`` (as Inductor's
+    freezing packs a frozen weight)."""
+    return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), padding, stride, dilation, groups,
+                                                        input_size)
+
+
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether oneDNN convolves in ``dtype`` on this CPU."""
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def attribute(owner: torch.nn.Module, target: str) -> Any:
+    """The value a ``get_attr`` node of ``owner``'s graph reads."""
+    value: Any = owner
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
+
+
 # --- Training graphs: the forward in aten ops, before autograd ---------------------------------
 
 
@@ -390,7 +442,7 @@ def _transpose_2d(x: Any) -> Any:
 _COMPOSITE_OPS = tuple(
     getattr(getattr(aten, name), overload)
     for name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                 "linear", "matmul")
+                 "linear", "matmul", "reshape_as", "view_as", "expand_as")
     for overload in ("default", "padding", "input")
     if hasattr(getattr(aten, name), overload)
 )

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from . import _torch_private as tp
-from . import compiled_graph, freezing, graph_cache, versions, weight_packing
+from . import compiled_graph, fold_prologue, freezing, graph_cache, versions, weight_packing
 from .config import BnfuseConfig
-from .decisions import FoldRecord, name_from_root, sort_in_program_order, source_path, traced_decisions
-from .passes import BnFoldPass, fold_graph_per_step, folded_graph_patches
+from .decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
+from .passes import BnFoldPass, PostGradPass, fold_graph_as_data, fold_graph_per_step, folded_graph_patches, merges_when_frozen
 from .report import RERUNS_WANTED, FoldReport, publish
 
 log = logging.getLogger("compilefuse")
@@ -91,26 +91,32 @@ class GraphCompiler:
         self._live: set[int] = set()
         #: Whether Inductor's oneDNN weight packing is off for this graph (see ``folded``).
         self._no_packing = False
+        #: Whether folding with the weights as data failed on this graph (it folds frozen from then on).
+        self._as_data_failed = False
+        #: The frame prefixes the graph was last named with for a compile (``name``).
+        self._prefixes: dict[str, str] = {}
 
     def keep_live(self, indices: set[int]) -> None:
         self._live |= set(indices)
 
-    def name(self, inputs: Sequence[Any]) -> None:
+    def name(self, inputs: Sequence[Any]) -> dict[str, str]:
         """Name the graph's modules by their path in the model the user compiled, for ``inputs``
-        (names only: a failure leaves Dynamo's names, and is never a reason to fall back)."""
+        (names only: a failure leaves Dynamo's names, and is never a reason to fall back); the
+        prefix of each frame local (``decisions.name_from_root``)."""
         try:
             root = tp.compiled_root()
             if root is not None:
-                name_from_root(root, self.gm, inputs)
+                return name_from_root(root, self.gm, inputs)
         except Exception as error:  # noqa: BLE001 - see the docstring
             log.debug("bnfuse: graph named as Dynamo traced it (%s: %s)", type(error).__name__, error)
+        return {}
 
     def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
-        self.name(inputs)
+        self._prefixes = self.name(inputs)
         if failure is None:
             try:
                 try:
-                    return self.folded(inputs)
+                    return self.as_data(inputs) if self._as_data_allowed() else self.folded(inputs)
                 except Exception as error:
                     if self._no_packing or not tp.is_inductor_error(error):
                         raise
@@ -128,6 +134,90 @@ class GraphCompiler:
             reason = f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}"
         record = lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason))  # noqa: E731
         return compiled_graph.Compiled(self.plain(inputs, record), tuple(range(len(inputs))))
+
+    def _as_data_allowed(self) -> bool:
+        return not (self.config.cache or self.config.freeze or self._as_data_failed) and \
+            tp.unsupported_before_autograd(self.gm) is None and _autocast_around() is None
+
+    def as_data(self, inputs: list[Any]) -> compiled_graph.Compiled:
+        """Fold with the module state as data (``fold_prologue``): the folds traced into the graph and
+        split out into a prologue that runs once per set of weights, the rest compiled by Inductor
+        without freezing. A new set of weights then refits the compiled code instead of
+        recompiling it. Weights a fold's check refuses, and any failure of this route, fold frozen
+        instead (``folded``)."""
+        try:
+            return self._as_data(inputs)
+        except fold_prologue.RefitRefused as refusal:
+            log.warning("bnfuse: these weights fail a fold's check (%s); compiled frozen, that BatchNorm kept", refusal)
+        except _MergesWhenFrozen:
+            log.debug("bnfuse: branches merge with the weights as constants; folded frozen")
+        except freezing.UnprovableWrite:
+            raise
+        except Exception as error:
+            if tp.is_dynamo_restart(error) or self.config.strict:
+                raise
+            log.info("bnfuse: folding with the weights as data failed (%s: %s); folding them frozen instead",
+                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            self._as_data_failed = True
+        return self.folded(inputs)
+
+    def _as_data(self, inputs: list[Any]) -> compiled_graph.Compiled:
+        traced = tp.forward_before_autograd(self.gm)
+        placeholders = traced.graph.find_nodes(op="placeholder")
+        written_nodes = tp.written_placeholders(traced.graph)
+        written = {i for i, node in enumerate(placeholders) if node in written_nodes}
+        state = freezing.module_state(self.gm, inputs)
+        live = self._live | (written & set(state))
+        freezing.check_written_state_apart(live, state, inputs)
+        readable = freezing.read_only_state(self.gm, inputs, live | written)
+        if merges_when_frozen(traced, {placeholders[i]: inputs[i] for i in readable}, self.config.rules):
+            raise _MergesWhenFrozen
+        record = FoldRecord(traced_decisions(self.gm, autograd=False))
+        start = time.perf_counter()
+        checks = fold_graph_as_data(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
+                                    self.config.rules, record)
+        traced.recompile()
+        patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
+        # Inductor drops a write to a graph input that a oneDNN convolution read first (as under
+        # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
+        no_packing = self._no_packing or bool(written - set(state))
+        pack = (lambda _convolution: False) if no_packing else fold_prologue.packing_choice(patches)
+        parts = fold_prologue.split(traced, readable, checks, pack)
+        freezing.check_writes_spare_frozen(sorted(written), parts.prologue.reads, inputs)
+        prepared = parts.prologue(inputs)
+        record.seconds += time.perf_counter() - start
+        sort_in_program_order(record, self.gm.graph)
+        named = dict(self._prefixes)
+
+        def report_for(new_inputs: Sequence[Any]) -> tuple[Callable[[], None], Callable[[], None]]:
+            """Publishing the record for a refit (another instance of a graph-broken block names its rows anew)."""
+            again = renamed(record, named, self.name(new_inputs))
+            return lambda: self._publish(again, sort=False), lambda: publish(again, reused=True)
+
+        # The prologue's outputs are tensors Dynamo has not seen: in its fake mode a recompile
+        # would give them symbolic sizes no guard can name. A static graph compiles in a fresh
+        # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
+        examples = [*prepared, *[inputs[i] for i in parts.kept]]
+        with torch.no_grad():
+            if tp.has_symbolic_shapes(self.gm):
+                examples[:len(prepared)] = [tp.static_fake(value) for value in prepared]
+                call = tp.compile_with_inductor(parts.main, examples, patches, keep_bn=False)
+            else:
+                with tp.static_tracing() as fake:
+                    call = tp.compile_with_inductor(parts.main, [fake(value) for value in examples], patches,
+                                                    keep_bn=False)
+        return compiled_graph.Compiled(
+            call,
+            parts.kept,
+            on_first_answer=lambda: self._publish(record, sort=False),
+            on_rerun=lambda: publish(record, reused=True),
+            side_effects=bool(written) or tp.draws_random_numbers(traced.graph),
+            live=tuple(sorted(live)),
+            refit=parts.prologue,
+            prepared=tuple(prepared),
+            watched=parts.prologue.reads,
+            report_for=report_for,
+        )
 
     def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
         """Freeze every parameter and buffer except those the graph writes. Which those are,
@@ -226,15 +316,20 @@ class GraphCompiler:
             return call
         return _ReportedAgain(call, made)
 
-    def _publish(self, record: FoldRecord) -> None:
-        """Put the decisions in program order and publish the record of a compiled graph."""
-        sort_in_program_order(record, self.gm.graph)
+    def _publish(self, record: FoldRecord, *, sort: bool = True) -> None:
+        """Put the decisions in program order (unless they are) and publish the record of a compiled graph."""
+        if sort:
+            sort_in_program_order(record, self.gm.graph)
         RECORDS.append(record)
         publish(record)
         for decision in record.decisions:
             log.debug("bnfuse: %s", decision)
         if self.config.report:
             log.info("bnfuse fold report:\n%s", FoldReport.from_records([record]))
+
+
+class _MergesWhenFrozen(Exception):
+    """The graph has parallel branches that merge only with the weights as constants."""
 
 
 class _ReportedAgain:

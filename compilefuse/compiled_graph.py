@@ -39,6 +39,7 @@ import torch
 
 from . import _torch_private as tp
 from . import freshness
+from .fold_prologue import RefitRefused
 from .freshness import FrozenTensors
 from .report import RERUNS_WANTED
 
@@ -62,6 +63,16 @@ class Compiled:
     side_effects: bool = False
     #: Kept inputs that are module state the graph writes: live, read afresh on every call.
     live: tuple[int, ...] = ()
+    #: A graph whose module state is data: what it computes from a set of module tensors (the
+    #: graph inputs), passed before the kept inputs; ``RefitRefused`` if the folds cannot take
+    #: them (``fold_prologue.Prologue``). None: the weights are in the code.
+    refit: Callable[[Sequence[Any]], list[torch.Tensor]] | None = None
+    #: What ``refit`` computed from the inputs the graph was compiled with.
+    prepared: tuple[Any, ...] = ()
+    #: The inputs a call is stale without (default: every tensor input not kept).
+    watched: tuple[int, ...] | None = None
+    #: For a refit: ``on_first_answer`` and ``on_rerun`` of the variant for these inputs.
+    report_for: Callable[[Sequence[Any]], tuple[Callable[[], None], Callable[[], None]]] | None = None
 
 
 class Compile(Protocol):
@@ -78,6 +89,18 @@ class _Variant:
     modules: list[Any]  # the generated-code modules holding this variant's constants
     proven: bool = False  # whether it has answered a call yet
     born: int = 0  # the graph's call count when it was compiled
+    prepared: tuple[Any, ...] = ()  # its weights, where they are data (``Compiled.refit``)
+    #: A refit's own report (its rows named for its instance): (on first answer, on rerun).
+    reports: tuple[Callable[[], None], Callable[[], None]] | None = None
+
+    def run(self, args: Sequence[Any]) -> Any:
+        return self.compiled.call(*self.prepared, *[args[i] for i in self.compiled.kept])
+
+    def on_first_answer(self) -> None:
+        (self.reports[0] if self.reports else self.compiled.on_first_answer)()
+
+    def on_rerun(self) -> None:
+        (self.reports[1] if self.reports else self.compiled.on_rerun)()
 
 
 class CompiledGraph:
@@ -105,6 +128,8 @@ class CompiledGraph:
         inputs = list(example_inputs)
         first = self._compile(inputs)
         first.born = 1  # Dynamo compiles it inside the first call
+        #: The compile whose weights are data: a new set of weights refits it (None: recompile).
+        self._refittable: Compiled | None = first.compiled if first.compiled.refit is not None else None
         self._frozen_indices = first.frozen.indices
         # Keep only the graph's other example inputs: holding the frozen ones would keep old weights alive.
         frozen = set(self._frozen_indices)
@@ -131,8 +156,31 @@ class CompiledGraph:
             recorded.reloads.remove()
             raise
         kept = set(compiled.kept)
-        frozen = [i for i, v in enumerate(inputs) if i not in kept and isinstance(v, torch.Tensor)]
-        return _Variant(compiled, freshness.FrozenTensors(frozen, recorded), modules, born=self._calls)
+        frozen = list(compiled.watched) if compiled.watched is not None else [
+            i for i, v in enumerate(inputs) if i not in kept and isinstance(v, torch.Tensor)]
+        return _Variant(compiled, freshness.FrozenTensors(frozen, recorded), modules, born=self._calls,
+                        prepared=compiled.prepared)
+
+    def _refit(self, inputs: list[Any]) -> _Variant | None:
+        """A variant for a new set of weights that reuses the compiled code: the prologue run on
+        them. None if a fold's check refuses them (they get a compile of their own)."""
+        compiled = self._refittable
+        assert compiled is not None and compiled.refit is not None and compiled.watched is not None
+        recorded = freshness.Recorded(inputs)
+        try:
+            prepared = compiled.refit(inputs)
+        except RefitRefused as refusal:
+            recorded.reloads.remove()
+            log.warning("bnfuse: the new weights fail a fold's check (%s); compiling them with that BatchNorm kept",
+                        refusal)
+            return None
+        except BaseException:
+            recorded.reloads.remove()
+            raise
+        # Unproven: its first answer publishes the fold record again, as a refold's compile does.
+        reports = compiled.report_for(inputs) if compiled.report_for is not None else None
+        return _Variant(compiled, freshness.FrozenTensors(compiled.watched, recorded), [], born=self._calls,
+                        prepared=tuple(prepared), reports=reports)
 
     def _give_up_or_raise(self, error: Exception) -> None:
         if self._strict or tp.is_dynamo_restart(error):
@@ -145,6 +193,7 @@ class CompiledGraph:
         with self._lock, self._recompile_context():
             if self._plain is None:
                 self._plain = self._compile_fn(list(args), error)
+            self._refittable = None
             for key in list(self._variants):
                 self._drop(key)
         return self._plain
@@ -172,7 +221,7 @@ class CompiledGraph:
         # run itself, an out-of-memory say, is the user's to see, not a reason to stop folding.)
         launched = variant.proven and not variant.compiled.side_effects
         if launched:
-            out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+            out = variant.run(args)
         try:
             fresh = variant.frozen.match(args)
             if fresh and launched:
@@ -182,7 +231,7 @@ class CompiledGraph:
         except Exception as error:  # noqa: BLE001 - the check or a refold failed: fall back, never crash
             return self._fall_back(args, error).call(*args)
         if variant.proven:  # checked before the run: a graph with side effects
-            return variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+            return variant.run(args)
         return self._first_call(variant, args)
 
     def _call_reporting_rerun(self, args: Sequence[Any]) -> Any:
@@ -194,7 +243,7 @@ class CompiledGraph:
         out = self._answer(args)
         variant = self._last
         if self._plain is None and variant.proven and variant.born <= calls:
-            variant.compiled.on_rerun()
+            variant.on_rerun()
         return out
 
     def _first_call(self, variant: _Variant, args: Sequence[Any]) -> Any:
@@ -202,14 +251,14 @@ class CompiledGraph:
         layout assertion in the generated code, say); then the graph falls back. Threads racing
         through the same first run report it once."""
         try:
-            out = variant.compiled.call(*[args[i] for i in variant.compiled.kept])
+            out = variant.run(args)
         except Exception as error:  # noqa: BLE001 - a miscompile shows at the first run: fall back
             return self._fall_back(args, error).call(*args)
         with self._first_answer_lock:
             first, variant.proven = not variant.proven, True
         if first:
             try:
-                variant.compiled.on_first_answer()
+                variant.on_first_answer()
             except Exception as error:  # noqa: BLE001 - reporting is bnfuse's own work too: fall back
                 return self._fall_back(args, error).call(*args)
         return out
@@ -234,8 +283,9 @@ class CompiledGraph:
                 changes = changed.frozen.changes(args, self._input_names)
                 words = [text for _, text in changes]
                 log.warning(
-                    "bnfuse: frozen tensors changed since compilation (%s); refolding and recompiling",
+                    "bnfuse: frozen tensors changed since compilation (%s); refolding%s",
                     ", ".join(words[:3]) + (f", ... ({len(words)} in all)" if len(words) > 3 else ""),
+                    "" if self._refittable is not None else " and recompiling",
                 )
                 self._keep_live_what_changes_every_call(changed_key, changed, [i for i, _ in changes if i is not None])
                 stale.append(changed_key)
@@ -246,24 +296,34 @@ class CompiledGraph:
                     self._input_names[self._frozen_indices[0]] if self._frozen_indices else "none",
                     len(self._variants) + 1,
                 )
-            inputs = list(self._example_inputs)
-            for i in (*self._frozen_indices, *self._last.compiled.live):
-                inputs[i] = args[i]
-            with self._recompile_context():
-                variant = self._compile(inputs)
+            refitted = self._refit(list(args)) if self._refittable is not None else None
+            if refitted is not None:
+                variant = refitted
+            else:
+                inputs = list(self._example_inputs)
+                for i in (*self._frozen_indices, *self._last.compiled.live):
+                    inputs[i] = args[i]
+                with self._recompile_context():
+                    variant = self._compile(inputs)
+                if variant.compiled.refit is not None:
+                    self._refittable = variant.compiled
             for old in stale:
                 self._drop(old)
             self._variants[key] = variant
-            while len(self._variants) > MAX_VARIANTS:
-                self._drop(next(iter(self._variants)))
+            compiled_apart = [k for k, v in self._variants.items() if v.modules]  # refits share their code
+            for old in compiled_apart[:max(0, len(compiled_apart) - MAX_VARIANTS)]:
+                self._drop(old)
             self._last = variant
             return variant
 
     def _keep_live_what_changes_every_call(self, key: Hashable, changed: _Variant, indices: list[int]) -> None:
         """A tensor written outside the graph before every call (a ``torch._dynamo.disable``d helper
         updating a buffer) would refold every call: one found changed at the first call after two
-        compiles in a row is compiled live from then on, as state the graph writes is."""
-        if self._calls - changed.born > 1:  # answered calls in between: an occasional change
+        compiles in a row is compiled live from then on, as state the graph writes is. A change of
+        every frozen tensor at once is new weights (a ``load_state_dict`` before each call), not a
+        helper: those are folded each time."""
+        if self._calls - changed.born > 1 or len(set(indices)) >= len(changed.frozen.indices):
+            # answered calls in between: an occasional change; or all of them: new weights
             self._changed_in_a_row = ((), {})
             return
         last_key, counts = self._changed_in_a_row
@@ -277,12 +337,15 @@ class CompiledGraph:
                 ", ".join(self._input_names[i] for i in sorted(every_call)),
             )
             self._compile_fn.keep_live(every_call)
+            self._refittable = None  # the next set of weights compiles, with these live
             self._changed_in_a_row = ((), {})
 
     def _drop(self, key: tuple[int, ...]) -> None:
         old = self._variants.pop(key, None)
         if old is not None:
             old.frozen.release()
+            if old.compiled is self._refittable or any(v.compiled is old.compiled for v in self._variants.values()):
+                return  # its code serves other sets of weights
             try:
                 tp.release_code_modules(old.modules)  # its constants go with its graph
             except Exception as error:  # noqa: BLE001 - releasing is an optimisation, never a reason to fail

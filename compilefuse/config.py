@@ -19,6 +19,8 @@ OPTION_DOCS: dict[str, str] = {
     "cache": "bool: keep each folded CPU inference graph as an AOTInductor package on disk, so a later "
     "process compiling the same graph, inputs, weights and settings loads it "
     "(default: the COMPILEFUSE_CACHE environment variable, else False)",
+    "freeze": "bool: bake the folded weights into the compiled code (Inductor's freezing) instead of passing "
+    "them as data; then every weight change and every instance of the architecture recompiles (default False)",
     "strict": "bool: raise when folding fails instead of falling back to plain Inductor "
     "(default: the COMPILEFUSE_STRICT environment variable, else False)",
 }
@@ -34,6 +36,8 @@ class BnfuseConfig:
     training: bool = True
     #: Keep folded CPU inference graphs as packages on disk (``graph_cache``).
     cache: bool = False
+    #: Bake folded weights into the code (freezing) rather than pass them as data (``fold_prologue``).
+    freeze: bool = False
 
     @classmethod
     def from_options(
@@ -54,6 +58,7 @@ class BnfuseConfig:
             inductor_patches={**_mode_patches(mode), **_inductor(options.get("inductor", {}))},
             report=_bool("report", options.get("report", False)),
             training=_bool("training", options.get("training", True)),
+            freeze=_bool("freeze", options.get("freeze", False)),
             cache=_bool("cache", options.get("cache", os.environ.get("COMPILEFUSE_CACHE", "") == "1")),
             strict=_bool("strict", options.get("strict", os.environ.get("COMPILEFUSE_STRICT", "") == "1")),
         )

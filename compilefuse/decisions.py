@@ -107,7 +107,7 @@ _DYNAMO_STACK = "compilefuse_dynamo_module_stack"  # Dynamo's own, before ``name
 _LOCAL = re.compile(r"^[LG]\['[^']*'\]")
 
 
-def name_from_root(root: torch.nn.Module, gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> None:
+def name_from_root(root: torch.nn.Module, gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> dict[str, str]:
     """Name ``gm``'s modules and inputs by their path in ``root``, the model the user compiled, for
     these inputs (instances of one block share a graph, each with its own weights).
 
@@ -132,6 +132,27 @@ def name_from_root(root: torch.nn.Module, gm: torch.fx.GraphModule, example_inpu
         stack = node.meta.setdefault(_DYNAMO_STACK, node.meta.get("nn_module_stack"))
         if stack:
             node.meta["nn_module_stack"] = {key: (_prefixed(path, prefixes), *rest) for key, (path, *rest) in stack.items()}
+    return prefixes
+
+
+def renamed(record: FoldRecord, before: dict[str, str], after: dict[str, str]) -> FoldRecord:
+    """``record`` of a graph named with the frame prefixes ``before`` (``name_from_root``), for the
+    instance of it named with ``after`` (a graph shared by the blocks of a model: ``3.bn`` for
+    ``4.bn``)."""
+    moves = [(old, after[local]) for local, old in before.items() if local in after and after[local] != old]
+
+    def name(path: str | None) -> str | None:
+        for old, new in moves:
+            if path is not None and (path == old or path.startswith(old + ".")):
+                return new + path[len(old):]
+        return path
+
+    return dataclasses.replace(
+        record,
+        decisions=[dataclasses.replace(d, bn=name(d.bn), producer=name(d.producer)) for d in record.decisions],
+        merges=[dataclasses.replace(m, branches=tuple(name(b) for b in m.branches), into=name(m.into))
+                for m in record.merges],
+    )
 
 
 def _prefixed(path: str, prefixes: dict[str, str]) -> str:

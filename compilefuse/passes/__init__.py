@@ -5,10 +5,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import freezing, weight_packing
-from .fold import FOLDED_PREFIX, BnFoldPass, fold_graph, fold_graph_per_step
+from .fold import FOLDED_PREFIX, BnFoldPass, FoldCheck, fold_graph, fold_graph_as_data, fold_graph_per_step, merges_when_frozen
 from .post_grad import PostGradPass
 
-__all__ = ["FOLDED_PREFIX", "BnFoldPass", "PostGradPass", "fold_graph", "fold_graph_per_step", "folded_graph_patches"]
+__all__ = ["FOLDED_PREFIX", "BnFoldPass", "FoldCheck", "PostGradPass", "fold_graph", "fold_graph_as_data",
+           "fold_graph_per_step", "folded_graph_patches", "merges_when_frozen"]
 
 
 def folded_graph_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ a BN is reported as kept, with the first refusal, only if it is still in the gra
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import itertools
@@ -27,7 +28,7 @@ from .. import _torch_private as tp
 from .. import code_identity, freezing
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..rules import RULES
-from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
+from ..rules.rule import Compute, Folded, Frozen, Judge, Refused, Rule
 
 #: The name (plus a number) of each constant a fold adds to the graph's module.
 FOLDED_PREFIX = "_bnfuse_folded"
@@ -120,15 +121,17 @@ class _FoldRun:
     def changes(self) -> int:
         return len(self.folded) + self.merges + self.steps
 
-    def evaluate(self, compute: Compute) -> Folded | Refused:
-        """The fold on the real frozen tensors, refused if not finite in the op's dtype."""
+    def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused:
+        """The fold on the real frozen tensors, refused if not finite in the op's dtype or if
+        ``judge`` refuses it."""
         with tp.real_tensor_math():
             result = compute(self.frozen)
             if isinstance(result, Folded):
-                for name in ("weight", "bias"):
-                    value = getattr(result, name)
-                    if not torch.isfinite(value).all():
-                        return Refused(f"folded {name} is not finite in {value.dtype}")
+                reason = _not_finite(result.weight, result.bias)
+                if reason is None and judge is not None:
+                    reason = judge(self.real, result.weight.dtype)
+                if reason is not None:
+                    return Refused(reason)
         return result
 
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
@@ -180,14 +183,23 @@ class _PerStepRun(_FoldRun):
         with self.fake_mode or contextlib.nullcontext():
             super().run()
 
-    def evaluate(self, compute: Compute) -> Folded | Refused:
-        """The fold on fake values: refused as the constant fold would be, and in float16, whose
-        range a per-step fold could leave where the BN would not (that cannot be checked ahead)."""
+    def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused:
+        """The fold on fake values: refused as the constant fold would be, by ``judge`` on the
+        values at compile time, and in float16, whose range a per-step fold could leave where the
+        BN would not (that cannot be checked ahead)."""
+        result = self._traced(compute)
+        if isinstance(result, Folded) and result.weight.dtype == torch.float16:
+            return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
+        if isinstance(result, Folded) and judge is not None:
+            reason = judge(self.real, result.weight.dtype)
+            if reason is not None:
+                return Refused(reason)
+        return result
+
+    def _traced(self, compute: Compute) -> Folded | Refused:
         reads = _ReadsRecorded(self.frozen)
         result = compute(reads)
         self.leaves[compute] = list(reads.read)
-        if isinstance(result, Folded) and result.weight.dtype == torch.float16:
-            return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
         return result
 
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
@@ -212,6 +224,56 @@ class _PerStepRun(_FoldRun):
         super().fold(bn, dataclasses.replace(decision, per_step=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldCheck:
+    """What a fold split into a prologue must still pass on each new set of weights: its outputs
+    finite, and its ``judge`` (None: a fold with no value check of its own)."""
+
+    weight: torch.fx.Node
+    bias: torch.fx.Node
+    judge: Judge | None
+    leaves: tuple[torch.fx.Node, ...]  # the values the fold reads (the judge reads some of them)
+
+    def refusal(self, values: Frozen) -> str | None:
+        weight, bias = values[self.weight], values[self.bias]
+        reason = _not_finite(weight, bias)
+        if reason is None and self.judge is not None:
+            reason = self.judge(values, weight.dtype)
+        return reason
+
+
+class _AsDataRun(_PerStepRun):
+    """The rules applied to an inference graph whose module state stays data: each fold is
+    traced into the graph as for a training graph, to be split out into a prologue that runs once
+    per set of weights (``fold_prologue``). The value checks wait for real values: they are
+    recorded, and the prologue runs them on every set it folds."""
+
+    def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+        super().__init__(graph, readable, {}, enabled_rules, record)
+        self.checks: list[FoldCheck] = []
+        self._judges: dict[Compute, Judge | None] = {}
+
+    def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused:
+        self._judges[compute] = judge
+        return self._traced(compute)
+
+    def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+        judge, leaves = self._judges.pop(compute, None), tuple(self.leaves[compute])
+        weight, bias = super().operands(compute, folded, like)
+        self.checks.append(FoldCheck(weight, bias, judge, leaves))
+        return weight, bias
+
+    def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
+        _FoldRun.fold(self, bn, decision)
+
+
+def _not_finite(weight: torch.Tensor, bias: torch.Tensor) -> str | None:
+    for name, value in (("weight", weight), ("bias", bias)):
+        if not torch.isfinite(value).all():
+            return f"folded {name} is not finite in {value.dtype}"
+    return None
+
+
 def _with_values_computed_from(graph: torch.fx.Graph, readable: Frozen) -> Frozen:
     """``readable`` and every tensor the graph computes from it alone by pure ops: a parametrised
     weight (``weight_norm``, ``spectral_norm`` in eval mode), a frozen affine's scale. A per-step
@@ -226,6 +288,33 @@ def _with_values_computed_from(graph: torch.fx.Graph, readable: Frozen) -> Froze
             if isinstance(node.meta.get("val"), torch.Tensor):
                 values[node] = node.meta["val"]
     return values
+
+
+def fold_graph_as_data(
+    graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord
+) -> list[FoldCheck]:
+    """Fold every BN of an inference graph (aten ops before autograd) that the enabled rules allow,
+    as arithmetic in the graph on the module state in ``readable`` (node: fake value); the checks
+    each fold must pass on real values."""
+    run = _AsDataRun(graph, readable, enabled_rules, record)
+    run.run()
+    return run.checks
+
+
+def merges_when_frozen(traced: torch.fx.GraphModule, values: Frozen, enabled_rules: frozenset[str]) -> bool:
+    """Whether the rules that run only on constants (``branch_merge``: it reads the folded
+    constants' values) would merge or judge anything in this graph, folding with ``values`` (node:
+    real tensor) as constants: such a graph is folded frozen, so that they do. Judged on a copy,
+    only where the graph sums anything."""
+    sums = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+    frozen_only = {rule.id for rule in RULES if not rule.per_step}
+    if not frozen_only or not any(traced.graph.find_nodes(op="call_function", target=op) for op in sums):
+        return False
+    twin = copy.deepcopy(traced)
+    nodes = dict(zip(traced.graph.nodes, twin.graph.nodes, strict=True))
+    record = FoldRecord()
+    _FoldRun(twin.graph, {nodes[node]: value for node, value in values.items()}, enabled_rules, record).run()
+    return bool(record.merges) or any(decision.rule in frozen_only for decision in record.decisions)
 
 
 def _hoist_before(leaves: list[torch.fx.Node], like: torch.fx.Node) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "Folded",
     "Frozen",
     "FrozenAffine",
+    "Judge",
     "Producer",
     "Refused",
     "RewriteContext",
@@ -49,6 +50,8 @@ aten = torch.ops.aten
 
 #: A fold's arithmetic: the folded weight and bias from the values of the frozen nodes it reads.
 Compute = Callable[[Frozen], "Folded | Refused"]
+#: A check of a fold's values: why it would round or overflow where eager does not (None: it would not).
+Judge = Callable[[Frozen, torch.dtype], "str | None"]
 
 
 class RewriteContext(Protocol):
@@ -60,7 +63,9 @@ class RewriteContext(Protocol):
     real: Frozen  # the real values of the graph's frozen inputs (per step too: their values at compile time)
 
     def enabled(self, rule_id: str) -> bool: ...
-    def evaluate(self, compute: Compute) -> Folded | Refused: ...  # run ``compute``: refused, or its result
+    # run ``compute``: refused, or its result; ``judge`` says why a result would round or overflow
+    # where eager does not (``FoldRule.numeric_refusal``), given real values and the weight's dtype
+    def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused: ...
     # the graph nodes of a fold ``evaluate`` returned ``folded`` for, placed before ``like``
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]: ...
     def replace(self, match: Match, fn: Callable[..., Any], args: list[Any]) -> None: ...
@@ -206,14 +211,14 @@ class FoldRule:
             return f"the normalisation changes the dtype ({before} to {after})"
         return None
 
-    def numeric_refusal(self, site: BnSite, real: Frozen, dtype: torch.dtype) -> str | None:
+    def numeric_refusal(self, site: BnSite, real: Frozen, dtype: torch.dtype, normalised: torch.Tensor) -> str | None:
         """Why the fold, exact as arithmetic, would round or overflow where eager does not; None if
         it would not. Judged on real values (a per-step fold: those at compile time); a site whose
         values are computed in the graph has none and is not judged."""
         try:
             with real_tensor_math():
                 values = {node: real[node].detach() for node in site.norm.inputs(real).values() if node is not None}
-                scale, _ = site.norm.scale_shift(values, site.normalised.meta["val"])
+                scale, _ = site.norm.scale_shift(values, normalised)
                 weight = real[site.weight].detach() if site.weight in real else None
                 return self._growth_refusal(site, values, scale, dtype) or _overflow_refusal(self.side, scale, weight, dtype)
         except KeyError:
@@ -267,10 +272,8 @@ class FoldRule:
                 run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
             return
         compute: Compute = lambda frozen: self.fold(site, frozen)  # noqa: E731
-        result = run.evaluate(compute)
-        if isinstance(result, Folded):
-            reason = self.numeric_refusal(site, run.real, result.weight.dtype)
-            result = result if reason is None else Refused(reason)
+        normalised = site.normalised.meta["val"]  # read now: a prologue judges again after the rewrite
+        result = run.evaluate(compute, lambda real, dtype: self.numeric_refusal(site, real, dtype, normalised))
         if isinstance(result, Refused):
             if has_row:
                 run.refuse(site.bn, self.decision(site, result.reason))

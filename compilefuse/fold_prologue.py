@@ -1,0 +1,193 @@
+"""A folded inference graph split in two: a prologue that runs once per set of weights, and a main
+graph Inductor compiles once, taking what the prologue computes as inputs.
+
+The folds are traced into the graph as float64 arithmetic on the module state (``passes.fold_graph_as_data``).
+Everything the graph computes from module state alone, by pure ops, is the *prologue*: the folded
+weights and biases, a frozen affine's scale, and on CPU the oneDNN packing of the convolution
+weights freezing would pack. It runs eagerly, op by op, on the real tensors; the main graph reads
+its outputs as inputs. A new set of weights (a ``load_state_dict``, another instance of the
+architecture) is a new run of the prologue, not a new compile; each fold's checks run again on the
+new values, and a set that fails them is refused (``RefitRefused``), to be compiled frozen with
+that BN kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from . import _torch_private as tp
+from . import weight_packing
+from .passes import FoldCheck
+
+aten = torch.ops.aten
+
+
+class RefitRefused(Exception):
+    """A set of weights the folds cannot take exactly (a non-finite folded weight, an overflow)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    """A prologue output that is a convolution weight packed for oneDNN."""
+
+    source: torch.fx.Node
+    hyper: tuple[Any, ...]  # padding, stride, dilation, groups, input size
+
+
+class Prologue:
+    """The part of a graph computed from module state alone, run on the real tensors."""
+
+    def __init__(self, graph: torch.fx.Graph, reads: dict[int, torch.fx.Node], nodes: list[torch.fx.Node],
+                 outputs: list[torch.fx.Node | _Packed], checks: list[FoldCheck]) -> None:
+        self._graph, self._reads, self._nodes, self._outputs, self._checks = graph, reads, nodes, outputs, checks
+        needed = {o.source if isinstance(o, _Packed) else o for o in outputs}
+        needed |= {n for check in checks for n in (check.weight, check.bias, *check.leaves)}
+        position = {node: i for i, node in enumerate(nodes)}
+        #: After which of ``nodes`` each value is read for the last time (then dropped: the float64
+        #: intermediates of a large model would otherwise all be held at once).
+        self._last_use: dict[int, list[torch.fx.Node]] = {}
+        for node in [*reads.values(), *nodes]:
+            if node in needed:
+                continue
+            users = [position[u] for u in node.users if u in position]
+            if users:
+                self._last_use.setdefault(max(users), []).append(node)
+
+    @property
+    def reads(self) -> tuple[int, ...]:
+        """The graph inputs (Dynamo's indices) the prologue reads: the tensors the freshness check watches."""
+        return tuple(sorted(self._reads))
+
+    def __call__(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
+        """The main graph's prologue inputs for these module tensors; ``RefitRefused`` if a fold's
+        checks fail on them."""
+        env: dict[torch.fx.Node, Any] = {node: inputs[i] for i, node in self._reads.items()}
+        owner = self._graph.owning_module
+        with torch.no_grad():
+            for i, node in enumerate(self._nodes):
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: _value(n, env, owner))
+                env[node] = node.target(*args, **kwargs)
+                for done in self._last_use.get(i, ()):
+                    env.pop(done, None)
+            for check in self._checks:
+                reason = check.refusal(env)
+                if reason is not None:
+                    raise RefitRefused(reason)
+            return [tp.pack_conv_weight(env[o.source], *o.hyper) if isinstance(o, _Packed) else env[o]
+                    for o in self._outputs]
+
+
+def _value(node: torch.fx.Node, env: dict[torch.fx.Node, Any], owner: torch.nn.Module) -> Any:
+    if node.op == "get_attr":
+        return tp.attribute(owner, node.target)
+    return env[node]
+
+
+@dataclasses.dataclass
+class Split:
+    prologue: Prologue
+    #: The main graph: placeholders for the prologue's outputs first, then the graph inputs ``kept``.
+    main: torch.fx.GraphModule
+    kept: tuple[int, ...]
+
+
+def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[FoldCheck],
+          pack: Callable[[torch.fx.Node], bool]) -> Split:
+    """Split ``traced`` (its placeholders are the graph's inputs, in order) into the prologue
+    computed from the inputs ``readable`` alone and the main graph. ``pack(convolution)`` says
+    whether a CPU convolution whose weight the prologue provides reads it packed for oneDNN."""
+    placeholders = traced.graph.find_nodes(op="placeholder")
+    sources = {placeholders[i] for i in readable}
+    computed: list[torch.fx.Node] = []
+    inside = set(sources)
+    for node in traced.graph.nodes:
+        if node.op != "call_function" or not node.all_input_nodes:
+            continue
+        if all(n in inside or n.op == "get_attr" for n in node.all_input_nodes) and (
+                node.target is operator.getitem or tp.is_pure_operator(node.target)):
+            inside.add(node)
+            computed.append(node)
+    prologue_nodes = set(computed)
+    if any(n not in prologue_nodes for check in checks for n in (check.weight, check.bias)):
+        raise RuntimeError("bnfuse: a fold reads a value computed from more than module state")
+    # What the main graph reads from the prologue: the computed nodes it uses, and the readable
+    # inputs whose convolution gets a packed weight.
+    crossing = [n for n in computed if any(u not in prologue_nodes for u in n.users)]
+    main = copy.deepcopy(traced)
+    twin = dict(zip(traced.graph.nodes, main.graph.nodes, strict=True))
+    original = {v: k for k, v in twin.items()}
+    first = next(iter(main.graph.nodes))
+    outputs: list[torch.fx.Node | _Packed] = []
+    inputs_for: dict[torch.fx.Node, torch.fx.Node] = {}  # a main placeholder: the prologue node it reads
+    with main.graph.inserting_before(first):
+        for k, node in enumerate(crossing):
+            placeholder = main.graph.placeholder(f"bnfuse_prologue_{k}")
+            placeholder.meta.update(node.meta)
+            twin[node].replace_all_uses_with(placeholder)
+            inputs_for[placeholder] = node
+            outputs.append(node)
+    for node in reversed(main.graph.nodes):
+        if node.op == "call_function" and original[node] in prologue_nodes and not node.users:
+            main.graph.erase_node(node)
+    for convolution in list(main.graph.find_nodes(op="call_function", target=aten.convolution.default)):
+        weight = convolution.args[1]
+        source = inputs_for.get(weight) or (original.get(weight) if original.get(weight) in sources else None)
+        hyper = _packing_hyper(convolution)
+        if source is None or hyper is None or not pack(convolution):
+            continue
+        with main.graph.inserting_before(first):
+            placeholder = main.graph.placeholder(f"bnfuse_packed_{len(outputs)}")
+        placeholder.meta["val"] = weight.meta.get("val")
+        outputs.append(_Packed(source, hyper))
+        with main.graph.inserting_before(convolution):
+            packed = main.graph.call_function(tp.MKLDNN_CONV_POINTWISE, (
+                convolution.args[0], placeholder, convolution.args[2], *hyper[:4], "none", [], ""))
+        packed.meta.update(convolution.meta)
+        convolution.replace_all_uses_with(packed)
+        main.graph.erase_node(convolution)
+    # Inputs nothing reads any more (a folded BN's statistics, a packed weight's plain copy) go.
+    new = [n for n in main.graph.find_nodes(op="placeholder") if original.get(n) is None]
+    kept_outputs = [(node, out) for node, out in zip(new, outputs, strict=True) if node.users]
+    for node in new:
+        if not node.users:
+            main.graph.erase_node(node)
+    kept: list[int] = []
+    for i, node in enumerate(placeholders):
+        if twin[node].users or i not in set(readable):
+            kept.append(i)
+        else:
+            main.graph.erase_node(twin[node])
+    main.graph.lint()
+    main.recompile()
+    reads = {i: placeholders[i] for i in readable if any(u in prologue_nodes for u in placeholders[i].users)
+             or any(isinstance(o, _Packed) and o.source is placeholders[i] for _, o in kept_outputs)}
+    return Split(Prologue(traced.graph, reads, computed, [o for _, o in kept_outputs], checks), main, tuple(kept))
+
+
+def _packing_hyper(convolution: torch.fx.Node) -> tuple[Any, ...] | None:
+    """``(padding, stride, dilation, groups, input size)`` of a CPU convolution Inductor's
+    freezing would pack (float32 or a half type oneDNN takes, 2-D or 3-D, not transposed, static
+    input size); None for any other."""
+    input, weight, _bias, stride, padding, dilation, transposed, _output_padding, groups = convolution.args
+    x, w = input.meta.get("val"), weight.meta.get("val")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or transposed:
+        return None
+    if x.device.type != "cpu" or w.dim() not in (4, 5) or x.dtype != w.dtype or not tp.onednn_takes(w.dtype):
+        return None
+    if not all(isinstance(size, int) for size in x.shape):
+        return None
+    return (list(padding), list(stride), list(dilation), groups, list(x.shape))
+
+
+def packing_choice(patches: dict[str, Any]) -> Callable[[torch.fx.Node], bool]:
+    """Which convolutions read a packed weight: ``weight_packing.worth_packing``, or for every one
+    what ``cpp.weight_prepack`` says when the user sets it."""
+    setting = patches.get("cpp.weight_prepack")
+    return weight_packing.worth_packing if setting is None else (lambda _convolution: bool(setting))
