@@ -50,17 +50,19 @@ def miscompiled_first_run(monkeypatch):
     ("expected size 96==96, stride 256==1", torch 2.14.1: see docs/limitations.md)."""
     from compilefuse import backend
 
-    real = backend.GraphCompiler.folded
+    def miscompiled(real):
+        def compile(self, inputs):
+            compiled = real(self, inputs)
 
-    def folded(self, inputs):
-        compiled = real(self, inputs)
+            def call(*args):
+                raise AssertionError("planted miscompile")
 
-        def call(*args):
-            raise AssertionError("planted miscompile")
+            return compiled_graph.Compiled(call, compiled.kept)
 
-        return compiled_graph.Compiled(call, compiled.kept)
+        return compile
 
-    monkeypatch.setattr(backend.GraphCompiler, "folded", folded)
+    for route in ("folded", "as_data"):  # the weights in the code, or as data
+        monkeypatch.setattr(backend.GraphCompiler, route, miscompiled(getattr(backend.GraphCompiler, route)))
     monkeypatch.setattr(compiled_graph, "_fallback_warned", False)
 
 
@@ -132,10 +134,20 @@ STAGES = {
 }
 
 
+#: Stages of the frozen route only (``options={"freeze": True}``): as data, none of them runs.
+FROZEN_ROUTE = {"reading frozen values", "the fold pass"}
+
+#: Stages of the weights-as-data route: a failure there folds frozen instead (or raises, strict).
+AS_DATA_STAGES = {
+    "the as-data fold pass": ("compilefuse.backend", "fold_graph_as_data"),
+    "splitting out the prologue": ("compilefuse.fold_prologue", "split"),
+}
+
+
 def _plant(monkeypatch, stage: str) -> None:
     import importlib
 
-    module_name, attribute = STAGES[stage]
+    module_name, attribute = {**STAGES, **AS_DATA_STAGES}[stage]
     owner_path, _, class_name = module_name.rpartition(".") if stage in (
         "building the report", "the per-call check") else (module_name, "", "")
     owner = importlib.import_module(owner_path)
@@ -149,7 +161,7 @@ def test_failure_at_any_stage_falls_back_to_plain_inductor_with_one_warning(stag
     _plant(monkeypatch, stage)
     model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
     with caplog.at_level(logging.WARNING, logger="compilefuse"):
-        compiled = torch.compile(model, backend="bnfuse", options={"strict": False})
+        compiled = torch.compile(model, backend="bnfuse", options={"strict": False, "freeze": stage in FROZEN_ROUTE})
         with torch.inference_mode():
             outputs = [compiled(x) for _ in range(3)]
     for out in outputs:
@@ -162,7 +174,28 @@ def test_failure_at_any_stage_falls_back_to_plain_inductor_with_one_warning(stag
 def test_failure_at_any_stage_raises_when_strict(stage, monkeypatch):
     _plant(monkeypatch, stage)
     with pytest.raises(Exception, match="planted failure"):
-        run_bnfuse(conv_bn_model(), torch.randn(2, 3, 6, 6), calls=2, options={"strict": True})
+        run_bnfuse(conv_bn_model(), torch.randn(2, 3, 6, 6), calls=2,
+                   options={"strict": True, "freeze": stage in FROZEN_ROUTE})
+
+
+@pytest.mark.parametrize("stage", list(AS_DATA_STAGES))
+def test_failure_of_the_weights_as_data_route_folds_frozen_without_a_warning(stage, monkeypatch, caplog):
+    """A failure there is bnfuse's to absorb: the graph still folds (frozen), so nothing to warn about."""
+    _plant(monkeypatch, stage)
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    with caplog.at_level(logging.INFO, logger="compilefuse"):
+        result = run_bnfuse(model, x, calls=3, options={"strict": False})
+    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    assert result.decisions and all(d.folded for d in result.decisions)
+    assert not [r for r in caplog.records if r.name == "compilefuse" and r.levelno >= logging.WARNING]
+    assert any("planted failure" in r.getMessage() and "frozen" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("stage", list(AS_DATA_STAGES))
+def test_failure_of_the_weights_as_data_route_raises_when_strict(stage, monkeypatch):
+    _plant(monkeypatch, stage)
+    with pytest.raises(Exception, match="planted failure"):
+        run_bnfuse(conv_bn_model(), torch.randn(2, 3, 6, 6), options={"strict": True})
 
 
 def test_failing_release_of_old_code_never_fails_a_call(monkeypatch):

@@ -146,13 +146,15 @@ def test_instances_of_one_architecture_get_a_variant_each_instead_of_refolding_e
     assert not [r for r in caplog.records if r.name == "compilefuse"]
 
 
-def test_variants_are_bounded_and_stay_correct(monkeypatch):
+def test_frozen_variants_are_bounded_and_stay_correct(monkeypatch):
+    """With the weights in the code (``freeze``), each instance's variant is a compile of its own:
+    at most ``MAX_VARIANTS`` are kept. (As data, instances share one compile: test_weights_as_data.)"""
     from compilefuse import compiled_graph
 
     monkeypatch.setattr(compiled_graph, "MAX_VARIANTS", 2)
     models = [conv_bn_model() for _ in range(3)]
     x = torch.randn(2, 3, 6, 6)
-    compiled = [torch.compile(m, backend="bnfuse") for m in models]
+    compiled = [torch.compile(m, backend="bnfuse", options={"freeze": True}) for m in models]
     with compilefuse.report.collecting() as records:
         for fn, model in [*zip(compiled, models, strict=True), (compiled[0], models[0])]:
             assert_like_eager(fn, model, x)

@@ -95,17 +95,17 @@ def test_a_write_landing_during_a_compile_is_seen_by_the_next_call(monkeypatch):
     lands before the compile returns: the next call must refold."""
     model, x = conv_bn(), torch.randn(2, 3, 8, 8)
     new_weights = randomize_bn(conv_bn()).state_dict()
-    real = backend.GraphCompiler.folded
+    real = backend.GraphCompiler.__call__
     landed = []
 
-    def folded_then_written(self, inputs):
-        result = real(self, inputs)
+    def compiled_then_written(self, inputs, failure):
+        result = real(self, inputs, failure)
         if not landed:
             landed.append(True)
             model.load_state_dict(new_weights)
         return result
 
-    monkeypatch.setattr(backend.GraphCompiler, "folded", folded_then_written)
+    monkeypatch.setattr(backend.GraphCompiler, "__call__", compiled_then_written)
     compiled = torch.compile(model, backend="bnfuse")
     with torch.no_grad():
         compiled(x)  # answered by the code compiled from the old weights
@@ -135,12 +135,12 @@ def test_an_inductor_error_falls_back_to_plain_inductor_with_one_warning(monkeyp
 
     real = tp.compile_with_inductor
 
-    def failing_when_frozen(gm, inputs, patches, *, keep_bn):
-        if patches.get("freezing"):
+    def failing_when_folded(gm, inputs, patches, *, keep_bn):
+        if patches.get("freezing") or patches.get("post_grad_custom_pre_pass"):  # frozen, or as data
             raise InductorError(RuntimeError("planted Inductor failure"), "")
         return real(gm, inputs, patches, keep_bn=keep_bn)
 
-    monkeypatch.setattr(tp, "compile_with_inductor", failing_when_frozen)
+    monkeypatch.setattr(tp, "compile_with_inductor", failing_when_folded)
     monkeypatch.setattr(compiled_graph, "_fallback_warned", False)
     model, x = conv_bn(), torch.randn(2, 3, 8, 8)
     with caplog.at_level(logging.WARNING, logger="compilefuse"), torch.no_grad():
@@ -249,10 +249,12 @@ class ScaledByAHelper(nn.Module):
 
 @pytest.mark.parametrize("context", list(CONTEXTS))
 def test_state_written_outside_the_graph_before_every_call_is_kept_live_after_two_refolds(context, caplog):
+    """With the weights in the code, every tensor the graph reads is frozen. (As data, ``scale`` is
+    no fold's and is read live: test_weights_as_data has a written BN statistic instead.)"""
     model, x = randomize_bn(ScaledByAHelper().eval()), torch.randn(2, 3, 8, 8)
     twin = randomize_bn(ScaledByAHelper().eval())
     twin.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend="bnfuse")
+    compiled = torch.compile(model, backend="bnfuse", options={"freeze": True})
     with caplog.at_level(logging.INFO, logger="compilefuse"), compilefuse.report.collecting() as records:
         for _ in range(6):
             with CONTEXTS[context]():
