@@ -4,9 +4,10 @@ cache that is handed ``torch.compiler.save_cache_artifacts``' bytes first.
 
     python benchmarks/warm_start.py [--model resnet18] [--runs 5] [--json OUT]
 
-Systems: plain Inductor, Inductor with ``freezing=True``, bnfuse, bnfuse with ``options={"cache":
-True}``. Each child imports torch and torchvision, builds the model (seeded), compiles, answers
-one batch-1 input under ``inference_mode`` with 2 threads, and is timed whole from outside. All
+Systems: plain Inductor, Inductor with ``freezing=True``, bnfuse (weights as data), bnfuse with
+``options={"freeze": True}`` (weights in the code), bnfuse with ``options={"cache": True}``. Each
+child imports torch and torchvision, builds the model (seeded), compiles, answers one batch-1 input
+under ``inference_mode`` with 2 threads, and is timed whole from outside. All
 share one fresh Inductor cache directory: each system's first (cold) run fills it and saves its
 cache artifacts, and is reported apart; the measured runs are interleaved and reported as medians.
 "Shipped" runs start with an empty cache directory and load the cold run's artifacts first.
@@ -44,6 +45,8 @@ elif system == "inductor freezing":
     compiled = torch.compile(model)
 elif system == "bnfuse":
     compiled = torch.compile(model, backend="bnfuse")
+elif system == "bnfuse frozen":
+    compiled = torch.compile(model, backend="bnfuse", options={"freeze": True})
 else:
     compiled = torch.compile(model, backend="bnfuse", options={"cache": True})
 with torch.inference_mode():
@@ -54,7 +57,7 @@ if save:
         file.write(saved[0] if saved else b"")
 """
 
-SYSTEMS = ("inductor", "inductor freezing", "bnfuse", "bnfuse cache")
+SYSTEMS = ("inductor", "inductor freezing", "bnfuse", "bnfuse frozen", "bnfuse cache")
 SHIPPED = ("inductor", "bnfuse cache")
 
 

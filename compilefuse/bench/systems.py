@@ -164,6 +164,9 @@ SYSTEMS: dict[str, System] = {
         System("inductor-freezing", "torch.compile, Inductor with freezing=True (patched around every call)",
                _compiled("inductor", {"freezing": True}), call_context=_torch_private.inductor_freezing),
         System("bnfuse", "torch.compile(backend='bnfuse')", _compiled("bnfuse")),
+        System("bnfuse-frozen", "torch.compile(backend='bnfuse', options={'freeze': True}): the folded weights "
+               "in the code (Inductor's freezing), as bnfuse compiled before its weights became data",
+               _compiled("bnfuse", {"freeze": True})),
         System("limit", "every BatchNorm replaced by Identity, compiled as bnfuse compiles: the lower bound",
                _limit, same_function=False),
         System("export", "compilefuse.export (AOTInductor package, BN folded), loaded with compilefuse.load",
