@@ -6,7 +6,7 @@ system per process, 2 threads, on a quiet machine.
 - ``reload``: resnet18 at 64 and 224 px, batch 1: the first call after ``load_state_dict`` of
   another instance's weights (median of 3 reloads) and a plain call, per system; the answer
   against float64.
-- ``instances``: 10 resnet18 instances (64 and 224 px) compiled and called in turn: the first
+- ``instances``: 10 resnet18 instances (64 px by default) compiled and called in turn: the first
   round (all the compiles) and a steady round, per system; every answer against float64.
 - ``memory``: resnet50 at 224 px, batch 1: RSS growth over the eager model after compiling and
   three calls, per system (a loaded ``compilefuse.export`` package too).
@@ -115,17 +115,18 @@ def child(row: str, system: str, size: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="reload,instances,memory")
-    parser.add_argument("--sizes", default="64,224")
+    parser.add_argument("--sizes", default="64,224", help="image sizes of the reload row")
+    parser.add_argument("--instance-sizes", default="64", help="image sizes of the instances row")
     parser.add_argument("--json")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
     result: dict[str, object] = {"threads": 2}
     for row in args.rows.split(","):
         if row == "memory":
             result[row] = {system: child(row, system, 224) for system in ("eager", *SYSTEMS, "package")}
             continue
         systems = SYSTEMS if row == "reload" else ("inductor", "bnfuse", "bnfuse_frozen")
-        result[row] = {str(size): {system: child(row, system, size) for system in systems} for size in sizes}
+        sizes = args.sizes if row == "reload" else args.instance_sizes
+        result[row] = {size: {system: child(row, system, int(size)) for system in systems} for size in sizes.split(",")}
     _results.emit(result, args.json)
 
 

@@ -38,7 +38,8 @@ class _Packed:
     """A prologue output that is a convolution weight packed for oneDNN."""
 
     source: torch.fx.Node
-    hyper: tuple[Any, ...]  # padding, stride, dilation, groups, input size
+    #: padding, (transposed: output padding,) stride, dilation, groups, input size
+    hyper: tuple[Any, ...]
 
 
 class Prologue:
@@ -80,8 +81,11 @@ class Prologue:
                 reason = check.refusal(env)
                 if reason is not None:
                     raise RefitRefused(reason)
-            return [tp.pack_conv_weight(env[o.source], *o.hyper) if isinstance(o, _Packed) else env[o]
-                    for o in self._outputs]
+            outputs = [tp.pack_conv_weight(env[o.source], *o.hyper) if isinstance(o, _Packed) else env[o]
+                       for o in self._outputs]
+        env.clear()
+        tp.return_freed_memory()
+        return outputs
 
 
 def _value(node: torch.fx.Node, env: dict[torch.fx.Node, Any], owner: torch.nn.Module) -> Any:
@@ -146,9 +150,10 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
             placeholder = main.graph.placeholder(f"bnfuse_packed_{len(outputs)}")
         placeholder.meta["val"] = weight.meta.get("val")
         outputs.append(_Packed(source, hyper))
+        op = tp.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else tp.MKLDNN_CONV_POINTWISE
         with main.graph.inserting_before(convolution):
-            packed = main.graph.call_function(tp.MKLDNN_CONV_POINTWISE, (
-                convolution.args[0], placeholder, convolution.args[2], *hyper[:4], "none", [], ""))
+            packed = main.graph.call_function(op, (
+                convolution.args[0], placeholder, convolution.args[2], *hyper[:-1], "none", [], ""))
         packed.meta.update(convolution.meta)
         convolution.replace_all_uses_with(packed)
         main.graph.erase_node(convolution)
@@ -173,17 +178,22 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
 
 def _packing_hyper(convolution: torch.fx.Node) -> tuple[Any, ...] | None:
     """``(padding, stride, dilation, groups, input size)`` of a CPU convolution Inductor's
-    freezing would pack (float32 or a half type oneDNN takes, 2-D or 3-D, not transposed, static
-    input size); None for any other."""
-    input, weight, _bias, stride, padding, dilation, transposed, _output_padding, groups = convolution.args
+    freezing would pack (float32 or a half type oneDNN takes, 2-D or 3-D, static input size),
+    with the output padding after the padding for a transposed one (not depthwise, its output
+    padding below its stride); None for any other."""
+    input, weight, _bias, stride, padding, dilation, transposed, output_padding, groups = convolution.args
     x, w = input.meta.get("val"), weight.meta.get("val")
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or transposed:
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
         return None
     if x.device.type != "cpu" or w.dim() not in (4, 5) or x.dtype != w.dtype or not tp.onednn_takes(w.dtype):
         return None
     if not all(isinstance(size, int) for size in x.shape):
         return None
-    return (list(padding), list(stride), list(dilation), groups, list(x.shape))
+    if not transposed:
+        return (list(padding), list(stride), list(dilation), groups, list(x.shape))
+    if (groups > 1 and groups == w.shape[0]) or any(o >= s for o, s in zip(output_padding, stride, strict=True)):
+        return None
+    return (list(padding), list(output_padding), list(stride), list(dilation), groups, list(x.shape))
 
 
 def packing_choice(patches: dict[str, Any]) -> Callable[[torch.fx.Node], bool]:
