@@ -432,14 +432,6 @@ def return_freed_memory() -> None:
 _malloc_trim: Any = None
 
 
-def attribute(owner: torch.nn.Module, target: str) -> Any:
-    """The value a ``get_attr`` node of ``owner``'s graph reads."""
-    value: Any = owner
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
-
-
 # --- Training graphs: the forward in aten ops, before autograd ---------------------------------
 
 

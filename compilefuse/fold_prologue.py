@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,8 +22,8 @@ import torch
 import torch.fx
 
 from . import _torch_private as tp
-from . import weight_packing
-from .passes import FoldCheck
+from . import freezing, weight_packing
+from .passes import FoldCheck, computed_from
 
 aten = torch.ops.aten
 
@@ -90,7 +89,7 @@ class Prologue:
 
 def _value(node: torch.fx.Node, env: dict[torch.fx.Node, Any], owner: torch.nn.Module) -> Any:
     if node.op == "get_attr":
-        return tp.attribute(owner, node.target)
+        return freezing.attribute(owner, node.target)
     return env[node]
 
 
@@ -109,15 +108,8 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
     whether a CPU convolution whose weight the prologue provides reads it packed for oneDNN."""
     placeholders = traced.graph.find_nodes(op="placeholder")
     sources = {placeholders[i] for i in readable}
-    computed: list[torch.fx.Node] = []
-    inside = set(sources)
-    for node in traced.graph.nodes:
-        if node.op != "call_function" or not node.all_input_nodes:
-            continue
-        if all(n in inside or n.op == "get_attr" for n in node.all_input_nodes) and (
-                node.target is operator.getitem or tp.is_pure_operator(node.target)):
-            inside.add(node)
-            computed.append(node)
+    # Constants (a traced fold's Python numbers) are as fixed as module state.
+    computed = computed_from(traced.graph, sources | set(traced.graph.find_nodes(op="get_attr")))
     prologue_nodes = set(computed)
     if any(n not in prologue_nodes for check in checks for n in (check.weight, check.bias)):
         raise RuntimeError("bnfuse: a fold reads a value computed from more than module state")

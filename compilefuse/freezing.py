@@ -62,6 +62,12 @@ def module_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> lis
     ]
 
 
+def attribute(gm: torch.fx.GraphModule, target: str) -> Any:
+    """The value a ``get_attr`` node of ``gm`` reads (``target``: a dotted path under it)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
 def read_only_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], written: Collection[int]) -> list[int]:
     """The module state a training graph's per-step folds may read: every parameter and buffer it
     does not write. Nothing there is a constant (state that requires grad changes every step, and

@@ -93,7 +93,7 @@ def _not_cacheable(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> str | Non
             return f"it calls submodule {node.target} (its code is not in the key)"
         if node.op == "call_function" and not _code_in_the_key(node.target):
             return f"it calls {getattr(node.target, '__qualname__', node.target)} (its code is not in the key)"
-        value = package.attribute(gm, node.target) if node.op == "get_attr" else None
+        value = freezing.attribute(gm, node.target) if node.op == "get_attr" else None
         if node.op == "get_attr" and not isinstance(value, torch.Tensor):
             return f"it holds a {type(value).__name__} attribute"
     return None
@@ -134,7 +134,7 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
         add_tensor(value, data=index not in taken)
     for node in gm.graph.find_nodes(op="get_attr"):
         add(node.target)
-        add_tensor(package.attribute(gm, node.target), data=True)
+        add_tensor(freezing.attribute(gm, node.target), data=True)
     return digest.hexdigest()
 
 

@@ -19,7 +19,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from . import _torch_private as tp
-from . import weight_packing
+from . import freezing, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
 from .loading import FORMAT, METADATA_FILE, InputSpec
@@ -96,7 +96,8 @@ def fold_program(program: torch.export.ExportedProgram, rules: frozenset[str]) -
     gm = tp.unlifted_module(decomposed)
     # A buffer the program writes is state, not a weight: never folded (as in the backend).
     written = set(decomposed.graph_signature.buffers_to_mutate.values())
-    frozen = {node: attribute(gm, node.target) for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}
+    frozen = {node: freezing.attribute(gm, node.target)
+              for node in gm.graph.find_nodes(op="get_attr") if node.target not in written}
     start = time.perf_counter()
     fold_graph(gm.graph, {n: v for n, v in frozen.items() if isinstance(v, torch.Tensor)}, rules, record)
     record.seconds = time.perf_counter() - start
@@ -140,12 +141,6 @@ def _traced_decisions(graph: torch.fx.Graph) -> list[FoldDecision]:
             continue
         decisions.append(FoldDecision(bn=module_path(node), folded=False, reason=reason))
     return decisions
-
-
-def attribute(gm: torch.fx.GraphModule, target: str) -> Any:
-    """The value a ``get_attr`` node reads."""
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name)
 
 
 def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:

@@ -5,10 +5,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import freezing, weight_packing
-from .fold import FOLDED_PREFIX, BnFoldPass, FoldCheck, fold_graph, fold_graph_as_data, fold_graph_per_step, merges_when_frozen
+from .fold import (
+    FOLDED_PREFIX,
+    BnFoldPass,
+    FoldCheck,
+    computed_from,
+    fold_graph,
+    fold_graph_as_data,
+    fold_graph_per_step,
+    merges_when_frozen,
+)
 from .post_grad import PostGradPass
 
-__all__ = ["FOLDED_PREFIX", "BnFoldPass", "FoldCheck", "PostGradPass", "fold_graph", "fold_graph_as_data",
+__all__ = ["FOLDED_PREFIX", "BnFoldPass", "FoldCheck", "PostGradPass", "computed_from", "fold_graph", "fold_graph_as_data",
            "fold_graph_per_step", "folded_graph_patches", "merges_when_frozen"]
 
 

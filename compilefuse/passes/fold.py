@@ -18,7 +18,7 @@ import functools
 import itertools
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -127,9 +127,7 @@ class _FoldRun:
         with tp.real_tensor_math():
             result = compute(self.frozen)
             if isinstance(result, Folded):
-                reason = _not_finite(result.weight, result.bias)
-                if reason is None and judge is not None:
-                    reason = judge(self.real, result.weight.dtype)
+                reason = _value_refusal(result.weight, result.bias, judge, self.real)
                 if reason is not None:
                     return Refused(reason)
         return result
@@ -235,11 +233,7 @@ class FoldCheck:
     leaves: tuple[torch.fx.Node, ...]  # the values the fold reads (the judge reads some of them)
 
     def refusal(self, values: Frozen) -> str | None:
-        weight, bias = values[self.weight], values[self.bias]
-        reason = _not_finite(weight, bias)
-        if reason is None and self.judge is not None:
-            reason = self.judge(values, weight.dtype)
-        return reason
+        return _value_refusal(values[self.weight], values[self.bias], self.judge, values)
 
 
 class _AsDataRun(_PerStepRun):
@@ -267,26 +261,37 @@ class _AsDataRun(_PerStepRun):
         _FoldRun.fold(self, bn, decision)
 
 
-def _not_finite(weight: torch.Tensor, bias: torch.Tensor) -> str | None:
+def _value_refusal(weight: torch.Tensor, bias: torch.Tensor, judge: Judge | None, real: Frozen) -> str | None:
+    """Why a fold's real result may not be used: not finite in its dtype, or ``judge``'s reason
+    on the real values ``real``; None if it may."""
     for name, value in (("weight", weight), ("bias", bias)):
         if not torch.isfinite(value).all():
             return f"folded {name} is not finite in {value.dtype}"
-    return None
+    return judge(real, weight.dtype) if judge is not None else None
 
 
-def _with_values_computed_from(graph: torch.fx.Graph, readable: Frozen) -> Frozen:
-    """``readable`` and every tensor the graph computes from it alone by pure ops: a parametrised
-    weight (``weight_norm``, ``spectral_norm`` in eval mode), a frozen affine's scale. A per-step
-    fold is arithmetic on the step's values, so a computed weight folds as a stored one does."""
-    values, computed = dict(readable), set(readable)
+def computed_from(graph: torch.fx.Graph, sources: Collection[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The calls of ``graph`` (in its order) that compute a value from ``sources`` alone, by pure
+    ops: a function of them, whenever it runs."""
+    computed, found = set(sources), []
     for node in graph.nodes:
         if node.op != "call_function" or not node.all_input_nodes:
             continue
         if all(n in computed for n in node.all_input_nodes) and (
                 node.target is operator.getitem or tp.is_pure_operator(node.target)):
             computed.add(node)
-            if isinstance(node.meta.get("val"), torch.Tensor):
-                values[node] = node.meta["val"]
+            found.append(node)
+    return found
+
+
+def _with_values_computed_from(graph: torch.fx.Graph, readable: Frozen) -> Frozen:
+    """``readable`` and every tensor the graph computes from it alone by pure ops: a parametrised
+    weight (``weight_norm``, ``spectral_norm`` in eval mode), a frozen affine's scale. A per-step
+    fold is arithmetic on the step's values, so a computed weight folds as a stored one does."""
+    values = dict(readable)
+    for node in computed_from(graph, readable):
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            values[node] = node.meta["val"]
     return values
 
 
@@ -372,7 +377,7 @@ def _inline(sub: torch.fx.GraphModule, inputs: list[torch.fx.Node], before: torc
             if node.op == "get_attr":
                 owner = graph.owning_module
                 name = next(f"_bnfuse_traced_{i}" for i in itertools.count() if not hasattr(owner, f"_bnfuse_traced_{i}"))
-                owner.register_buffer(name, functools.reduce(getattr, node.target.split("."), sub))
+                owner.register_buffer(name, freezing.attribute(sub, node.target))
                 env[node] = graph.get_attr(name)
                 env[node].meta.update(node.meta)
             elif node.op != "placeholder":
