@@ -290,12 +290,24 @@ def static_tracing() -> Iterator[Callable[[Any], Any]]:
 
     mode = torch._subclasses.fake_tensor.FakeTensorMode(shape_env=ShapeEnv())
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
-        yield lambda value: mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
+        yield lambda value: _fake(mode, value) if isinstance(value, torch.Tensor) else value
 
 
 def static_fake(value: torch.Tensor) -> Any:
     """``value`` as a fake tensor of static sizes in the fake mode of the compile under way."""
-    return torch._guards.detect_fake_mode().from_tensor(value, static_shapes=True)
+    return _fake(torch._guards.detect_fake_mode(), value)
+
+
+def _fake(mode: Any, value: torch.Tensor) -> Any:
+    """A fake of ``value`` with static sizes. A oneDNN-packed weight becomes a strided fake of the
+    sizes and strides its own fake reports: Inductor compiles the same code for either (it reads
+    an input's sizes and strides, never its layout), and both its caches refuse a graph with an
+    input of oneDNN's layout ("mkldnn tensors unpickleable")."""
+    if not value.is_mkldnn:
+        return mode.from_tensor(value, static_shapes=True)
+    stride = (1,) + (0,) * (value.dim() - 1)  # what FakeTensorMode reports for a oneDNN tensor
+    with mode:
+        return torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
 
 
 def compiled_root() -> torch.nn.Module | None:
