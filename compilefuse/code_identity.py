@@ -54,6 +54,9 @@ def _imported(path: Path, package: str) -> list[str]:
     return [name for name in found if name == _PACKAGE or name.startswith(_PACKAGE + ".")]
 
 
+@functools.cache
 def code_hash(module: str, extra: str) -> bytes:
-    """Inductor's file hash of ``sources_of(module)``, with ``extra`` (a pass's settings)."""
+    """Inductor's file hash of ``sources_of(module)``, with ``extra`` (a pass's settings). Once per
+    process: the code a process runs is the code it imported (reading the files cost 60 ms of
+    every compile's cache lookup)."""
     return tp.file_hash(list(sources_of(module)), extra=extra)
