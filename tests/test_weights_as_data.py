@@ -61,6 +61,41 @@ def test_load_state_dict_refits_without_a_compile(inductor_compiles, caplog):
     assert not [r for r in caplog.records if "recompil" in r.getMessage()]
 
 
+class FrozenAffineModel(nn.Module):
+    """Folds whose values the graph computes: torchvision's ``FrozenBatchNorm2d`` computes its scale
+    in ``forward``, and a ``weight_norm`` convolution its weight."""
+
+    def __init__(self) -> None:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        super().__init__()
+        self.conv, self.frozen_bn = nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1))
+        self.bn = nn.BatchNorm2d(8)
+        for name in ("weight", "bias", "running_mean"):
+            getattr(self.frozen_bn, name).uniform_(-1, 1)
+        self.frozen_bn.running_var.uniform_(0.5, 2)
+        randomize_bn(self.eval())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.normed(torch.relu(self.frozen_bn(self.conv(x)))))
+
+
+def test_computed_scales_and_weights_refit_exactly(inductor_compiles):
+    """The prologue replays each fold's arithmetic after the rewrite erased the nodes the rule read
+    (the frozen affine's expression, the BN): a refit is exact, and no compile."""
+    model, x = FrozenAffineModel(), torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="bnfuse", options={"strict": True})
+    with torch.inference_mode(), compilefuse.report.collecting() as records:
+        assert_exact(compiled(x), model, x)
+    assert [d.folded for d in records[0].decisions] == [True, True]
+    for _ in range(2):
+        model.load_state_dict(FrozenAffineModel().state_dict())
+        with torch.inference_mode():
+            assert_exact(compiled(x), model, x)
+    assert len(inductor_compiles) == 1
+
+
 def test_instances_share_one_compile_past_the_variant_limit(inductor_compiles):
     """More instances than ``MAX_VARIANTS``, called in turn, twice: one compile, no refit in the
     second round, each answer its own instance's."""
@@ -210,21 +245,29 @@ def test_freeze_option_bakes_the_weights_and_recompiles_on_a_change(inductor_com
 
 
 @pytest.mark.slow
-def test_a_fresh_process_hits_aot_autograds_and_inductors_caches(tmp_path):
+@pytest.mark.parametrize("batch", [1, 2], ids=["plain weights", "packed weights"])
+def test_a_fresh_process_hits_aot_autograds_and_inductors_caches(tmp_path, batch):
     """The weights out of the code, AOTAutograd's cache (which refuses a freezing compile) and
-    Inductor's FX graph cache both serve a second process's compile."""
-    script = textwrap.dedent("""
-        import torch, compilefuse
+    Inductor's FX graph cache both serve a second process's compile; also where the graph reads
+    oneDNN-packed weights (batch 2 packs this convolution), which both caches refuse as inputs."""
+    script = textwrap.dedent(f"""
+        import gc, torch, compilefuse
         from torch._dynamo.utils import counters
         from torch import nn
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+        x = torch.randn({batch}, 3, 16, 16)
+        compiled = torch.compile(model, backend="bnfuse")
         with torch.inference_mode():
-            torch.compile(model, backend="bnfuse")(torch.randn(1, 3, 16, 16))
-        print("hits", counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"])
+            torch.testing.assert_close(compiled(x), model(x))
+        tensors = [t for t in gc.get_objects() if type(t) in (torch.Tensor, nn.Parameter)]
+        packed = any(t.is_mkldnn for t in tensors)
+        hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+        print("packed", packed, "hits", hits)
     """)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
             for _ in range(2)]
+    assert all(f"packed {batch > 1}" in run.stdout for run in runs), [run.stdout for run in runs]
     hits = [int(run.stdout.split("hits")[-1]) for run in runs]
     assert hits == [0, 2], [run.stderr[-2000:] for run in runs]

@@ -29,6 +29,7 @@ from .. import code_identity, freezing
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..rules import RULES
 from ..rules.rule import Compute, Folded, Frozen, Judge, Refused, Rule
+from .tape import Tape
 
 #: The name (plus a number) of each constant a fold adds to the graph's module.
 FOLDED_PREFIX = "_bnfuse_folded"
@@ -222,6 +223,22 @@ class _PerStepRun(_FoldRun):
         super().fold(bn, dataclasses.replace(decision, per_step=True))
 
 
+class FoldComputation:
+    """A fold as one call in a graph whose module state stays data: its arithmetic (float64,
+    rounded once), replayed from its ``Tape`` on the real values of the nodes it read; returns the
+    folded weight and bias. Only a prologue runs it (``fold_prologue``); no compiled graph holds it."""
+
+    __name__ = "bnfuse_fold"  # how the graph's code names it
+
+    def __init__(self, tape: Tape, slots: Sequence[int | None], outputs: tuple[int, int]) -> None:
+        self.tape, self.slots, self.outputs = tape, tuple(slots), outputs
+
+    def __call__(self, *values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {slot: value for slot, value in zip(self.slots, values, strict=True) if slot is not None}
+        weight, bias = self.tape.replay(inputs, self.outputs)
+        return weight, bias
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldCheck:
     """What a fold split into a prologue must still pass on each new set of weights: its outputs
@@ -237,24 +254,42 @@ class FoldCheck:
 
 
 class _AsDataRun(_PerStepRun):
-    """The rules applied to an inference graph whose module state stays data: each fold is
-    traced into the graph as for a training graph, to be split out into a prologue that runs once
+    """The rules applied to an inference graph whose module state stays data: each fold becomes
+    one call in the graph (``FoldComputation``), to be split out into a prologue that runs once
     per set of weights (``fold_prologue``). The value checks wait for real values: they are
     recorded, and the prologue runs them on every set it folds."""
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         super().__init__(graph, readable, {}, enabled_rules, record)
         self.checks: list[FoldCheck] = []
-        self._judges: dict[Compute, Judge | None] = {}
+        self._pending: dict[Compute, tuple[Judge | None, Tape, list[int | None]]] = {}
 
     def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused:
-        self._judges[compute] = judge
-        return self._traced(compute)
+        """The fold on fake values, its aten calls recorded (``Tape``) for the prologue to replay."""
+        reads = _ReadsRecorded(self.frozen, tape := Tape())
+        with tape:
+            result = compute(reads)
+        self.leaves[compute] = list(reads.read)
+        self._pending[compute] = (judge, tape, [reads.slots.get(leaf) for leaf in reads.read])
+        return result
 
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
-        judge, leaves = self._judges.pop(compute, None), tuple(self.leaves[compute])
-        weight, bias = super().operands(compute, folded, like)
-        self.checks.append(FoldCheck(weight, bias, judge, leaves))
+        """One call of the fold (``FoldComputation``), not its arithmetic traced op by op: tracing
+        cost about 20 ms a fold in every compile, warm starts included, for ops run once a set."""
+        (judge, tape, slots), leaves = self._pending.pop(compute), self.leaves.pop(compute)
+        computation = FoldComputation(tape, slots, (tape.slot(folded.weight), tape.slot(folded.bias)))
+        tape.release()
+        _hoist_before(leaves, like)
+        graph = like.graph
+        with graph.inserting_before(like):
+            call = graph.call_function(computation, tuple(leaves))
+            weight, bias = (graph.call_function(operator.getitem, (call, i)) for i in (0, 1))
+        for node, value in ((call, (folded.weight, folded.bias)), (weight, folded.weight), (bias, folded.bias)):
+            node.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "source_fn_stack")})
+            node.meta["val"] = value
+        for node in (weight, bias):
+            self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
+        self.checks.append(FoldCheck(weight, bias, judge, tuple(leaves)))
         return weight, bias
 
     def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
@@ -278,7 +313,8 @@ def computed_from(graph: torch.fx.Graph, sources: Collection[torch.fx.Node]) -> 
         if node.op != "call_function" or not node.all_input_nodes:
             continue
         if all(n in computed for n in node.all_input_nodes) and (
-                node.target is operator.getitem or tp.is_pure_operator(node.target)):
+                node.target is operator.getitem or isinstance(node.target, FoldComputation)
+                or tp.is_pure_operator(node.target)):
             computed.add(node)
             found.append(node)
     return found
@@ -348,11 +384,13 @@ def _hoist_before(leaves: list[torch.fx.Node], like: torch.fx.Node) -> None:
 
 
 class _ReadsRecorded(dict):  # type: ignore[type-arg]
-    """A frozen-value map that records the nodes a fold reads (looked up, or found present)."""
+    """A frozen-value map that records the nodes a fold reads (looked up, or found present), and
+    with a ``tape``, gives each value looked up a slot on it (``slots``)."""
 
-    def __init__(self, values: Frozen) -> None:
+    def __init__(self, values: Frozen, tape: Tape | None = None) -> None:
         super().__init__(values)
         self.read: dict[torch.fx.Node, None] = {}
+        self.tape, self.slots = tape, {}
 
     def __contains__(self, node: object) -> bool:
         found = super().__contains__(node)
@@ -362,7 +400,10 @@ class _ReadsRecorded(dict):  # type: ignore[type-arg]
 
     def __getitem__(self, node: torch.fx.Node) -> torch.Tensor:
         self.read[node] = None
-        return super().__getitem__(node)
+        value = super().__getitem__(node)
+        if self.tape is not None:
+            self.slots[node] = self.tape.add_input(value)
+        return value
 
 
 def _inline(sub: torch.fx.GraphModule, inputs: list[torch.fx.Node], before: torch.fx.Node) -> list[torch.fx.Node]:

@@ -66,7 +66,8 @@ class CatBn:
                 return
             site = _slice_site(bn, part, norm, offset)
             compute: Compute = lambda frozen, site=site: _SLICE_RULE.fold(site, frozen)  # noqa: E731
-            result = run.evaluate(compute)
+            reason = _SLICE_RULE.refusal(site, run.frozen)
+            result = Refused(reason) if reason else run.evaluate(compute)
             if isinstance(result, Refused):
                 run.refuse(bn, decision(f"{where}: {result.reason}"))
                 return

@@ -49,7 +49,7 @@ aten = torch.ops.aten
 
 
 #: A fold's arithmetic: the folded weight and bias from the values of the frozen nodes it reads.
-Compute = Callable[[Frozen], "Folded | Refused"]
+Compute = Callable[[Frozen], "Folded"]  # a fold's arithmetic, on values its checks passed
 #: A check of a fold's values: why it would round or overflow where eager does not (None: it would not).
 Judge = Callable[[Frozen, torch.dtype], "str | None"]
 
@@ -239,13 +239,11 @@ class FoldRule:
                 f"from zero against the running variance), multiplying {str(dtype).removeprefix('torch.')} "
                 f"rounding error; limit {limit:g}x")
 
-    def fold(self, site: BnSite, frozen: Frozen) -> Folded | Refused:
-        """The folded weight and bias: computed in float64 from the frozen tensors, rounded once to
-        the dtype the op reads its weight in. Plain tensor arithmetic: on real values it gives the
-        constants, traced it gives the per-step fold."""
-        reason = self.refusal(site, frozen)
-        if reason:
-            return Refused(reason)
+    def fold(self, site: BnSite, frozen: Frozen) -> Folded:
+        """The folded weight and bias of a site ``refusal`` passes: computed in float64 from the
+        frozen tensors, rounded once to the dtype the op reads its weight in. Plain tensor
+        arithmetic that reads no graph structure: on real values it gives the constants (once, or
+        in a prologue for each set of weights), traced it gives the per-step fold."""
         scale, shift = site.norm.scale_shift(frozen, site.normalised.meta["val"])
         weight = _constants.frozen_operand(site.weight, frozen)
         bias = None if site.bias is None else _constants.frozen_operand(site.bias, frozen).value
@@ -273,7 +271,9 @@ class FoldRule:
             return
         compute: Compute = lambda frozen: self.fold(site, frozen)  # noqa: E731
         normalised = site.normalised.meta["val"]  # read now: a prologue judges again after the rewrite
-        result = run.evaluate(compute, lambda real, dtype: self.numeric_refusal(site, real, dtype, normalised))
+        reason = self.refusal(site, run.frozen)
+        result = Refused(reason) if reason else \
+            run.evaluate(compute, lambda real, dtype: self.numeric_refusal(site, real, dtype, normalised))
         if isinstance(result, Refused):
             if has_row:
                 run.refuse(site.bn, self.decision(site, result.reason))

@@ -1,0 +1,47 @@
+"""The tape a fold's arithmetic is recorded on (fake values) and replayed from (real ones)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from compilefuse.passes.tape import Tape
+
+
+def arithmetic(weight: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fold's kind of arithmetic: casts, a Python number, a view, an op with two outputs."""
+    scale = 1.0 / torch.sqrt(var.double() + 1e-5)
+    low, high = torch.aminmax(scale)
+    folded = (weight.double() * scale.view(-1, 1)).float()
+    return folded, (scale * (high - low)).float()
+
+
+def recorded(weight: torch.Tensor, var: torch.Tensor) -> tuple[Tape, tuple[int, int], tuple[int, int]]:
+    mode = FakeTensorMode()
+    fake_weight, fake_var = mode.from_tensor(weight), mode.from_tensor(var)
+    tape = Tape()
+    with mode:
+        inputs = (tape.add_input(fake_weight), tape.add_input(fake_var))
+        with tape:
+            outputs = arithmetic(fake_weight, fake_var)
+    return tape, inputs, (tape.slot(outputs[0]), tape.slot(outputs[1]))
+
+
+def test_a_replay_on_other_values_is_the_arithmetic_on_them_bit_for_bit():
+    tape, inputs, outputs = recorded(torch.randn(4, 3), torch.rand(4))
+    tape.release()
+    for _ in range(3):
+        weight, var = torch.randn(4, 3), torch.rand(4)
+        replayed = tape.replay(dict(zip(inputs, (weight, var), strict=True)), outputs)
+        for got, want in zip(replayed, arithmetic(weight, var), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_a_fake_value_the_tape_never_saw_is_refused():
+    mode = FakeTensorMode()
+    seen, unseen = mode.from_tensor(torch.ones(3)), mode.from_tensor(torch.ones(3))
+    tape = Tape()
+    tape.add_input(seen)
+    with mode, tape, pytest.raises(RuntimeError, match="neither its input nor its own result"):
+        seen + unseen
