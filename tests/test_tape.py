@@ -9,16 +9,20 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from compilefuse.passes.tape import Tape
 
 
+TWO = torch.tensor(2.0, dtype=torch.float64)  # a real constant, as a graph's own constants are
+
+
 def arithmetic(weight: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fold's kind of arithmetic: casts, a Python number, a view, an op with two outputs."""
-    scale = 1.0 / torch.sqrt(var.double() + 1e-5)
+    """A fold's kind of arithmetic: casts, a Python number, a real constant, a view, an op with two
+    outputs."""
+    scale = TWO / torch.sqrt(var.double() + 1e-5)
     low, high = torch.aminmax(scale)
     folded = (weight.double() * scale.view(-1, 1)).float()
     return folded, (scale * (high - low)).float()
 
 
 def recorded(weight: torch.Tensor, var: torch.Tensor) -> tuple[Tape, tuple[int, int], tuple[int, int]]:
-    mode = FakeTensorMode()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # as Dynamo's: a graph's constants are real
     fake_weight, fake_var = mode.from_tensor(weight), mode.from_tensor(var)
     tape = Tape()
     with mode:

@@ -48,7 +48,8 @@ class Tape(TorchDispatchMode):
             return ("value", value)
         if id(value) in self._slot or isinstance(value, torch._subclasses.FakeTensor):
             return ("slot", self.slot(value))
-        return ("value", value.detach().clone())  # a real constant (a Python number as a tensor)
+        with tp.real_tensor_math():  # a real constant (a graph's constant, a Python number as a tensor)
+            return ("value", value.detach().clone())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
