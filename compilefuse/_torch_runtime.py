@@ -28,6 +28,11 @@ class PackageRunner:
         children = self.in_spec.children() if hasattr(self.in_spec, "children") else self.in_spec.children_specs
         self.kwarg_names = list(children[1].context or []) if len(children) == 2 else []
 
+    def update_constants(self, constants: dict[str, torch.Tensor]) -> None:
+        """Point the package's constants of these names at these tensors (the caller keeps them
+        alive): no copy, and oneDNN-packed tensors too, which the copying path cannot take."""
+        self._loader.load_constants(constants, False, False, True)
+
     def run(self, tensors: list[torch.Tensor]) -> Any:
         """Run on the flattened tensor inputs; the outputs in the model's structure."""
         outputs = self._loader.boxed_run(tensors)

@@ -30,6 +30,7 @@ def export(
     dynamic_shapes: Any = None,
     options: dict[str, Any] | None = None,
     tune: bool = False,
+    refittable: bool = False,
 ) -> FoldReport:
     """Export ``model`` on ``args``, fold its BatchNorms with bnfuse's rules, and write an
     AOTInductor package to ``path`` (``.pt2``) for the device of ``args``.
@@ -37,9 +38,13 @@ def export(
     ``dynamic_shapes`` is ``torch.export``'s (e.g. ``{"x": {0: torch.export.Dim("batch")}}``);
     ``options`` takes the backend's ``rules``, ``inductor`` and ``report``. ``tune=True`` (CPU) times
     the Inductor settings no one choice of which wins everywhere on ``args`` and builds the package
-    with the fastest (see ``package_tuning``). Returns the fold report, which the package
-    also keeps (``load(path).report``).
+    with the fastest (see ``package_tuning``). ``refittable=True`` builds a package whose loaded
+    model takes new weights without a rebuild (``load(path).refit(state_dict)``, see
+    ``package_refit``). Returns the fold report, which the package also keeps (``load(path).report``).
     """
+    if refittable and tune:
+        raise ValueError("compilefuse.export: tune=True and refittable=True do not go together (tuning chooses "
+                         "among frozen builds, whose constants cannot be refit)")
     config = BnfuseConfig.from_options(options, entry="compilefuse.export", takes=("rules", "inductor", "report"))
     tp.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
     path = _package_path(path)
@@ -48,7 +53,9 @@ def export(
     with torch.no_grad():
         program = trace_for_export(model, args, dynamic_shapes)
     _warn_if_state_written(program)
-    if tune and device == "cpu":
+    if refittable:
+        report = package.build_refittable(program, args, path, config, options)
+    elif tune and device == "cpu":
         report = package_tuning.build_fastest(program, args, path, options)
     else:
         report = package.build(program, args, path, config)

@@ -12,9 +12,11 @@ cost of about a microsecond per input (a dtype, device and shape comparison on t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -130,6 +132,29 @@ class ExportedModel:
         self._accepts = None if inputs is None else [spec.accepts() for spec in inputs]
         self._constants = inputs is not None and any(spec.dtype is None for spec in inputs)
         self.device, self.report, self.metadata = device, report, metadata
+        #: A refittable package's calls and refits take turns: no answer mixes two sets of weights.
+        self._turns = threading.Lock() if "refit" in metadata else contextlib.nullcontext()
+        self._refitter: Any = None
+        self._weights: dict[str, torch.Tensor] = {}  # the constants swapped in, kept alive here
+
+    def refit(self, state_dict: dict[str, Any]) -> None:
+        """Take new weights (a ``state_dict`` of the exported model), folded as the package's build
+        folded them, with the same checks; the compiled code stays. Only for a package exported
+        with ``refittable=True``. The first refit of a process rebuilds the package's fold
+        prologue, which imports the compiler (Dynamo and Inductor); later ones run it alone.
+        ``KeyError`` / ``ValueError`` for a state dict that does not fit or weights a fold's check
+        refuses (the package is left as it was)."""
+        if "refit" not in self.metadata:
+            raise ExportError("compilefuse: this package was not exported with refittable=True; it holds its "
+                              "weights as code and cannot take new ones")
+        if self._refitter is None:
+            from .package_refit import Refitter  # the compiler: only a refit needs it
+
+            self._refitter = Refitter(self.metadata)
+        constants = self._refitter(state_dict)
+        with self._turns:
+            self._runner.update_constants(constants)
+            self._weights = constants
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:  # in the order the model was exported with, as AOTInductor's own runner does
@@ -147,4 +172,5 @@ class ExportedModel:
                     raise ValueError(f"compilefuse: input {index}: {self._inputs[index].problem(value)}")
         if self._constants or self._accepts is None:
             leaves = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        return self._runner.run(leaves)
+        with self._turns:
+            return self._runner.run(leaves)

@@ -19,7 +19,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from . import _torch_private as tp
-from . import freezing, weight_packing
+from . import fold_prologue, freezing, package_refit, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
 from .loading import FORMAT, METADATA_FILE, InputSpec
@@ -58,6 +58,40 @@ def build_folded(folded: tuple[torch.fx.GraphModule, FoldRecord], program: torch
         "inductor": {"freezing": patches["freezing"]},
         "report": report.to_dict(),
         **(metadata or {}),
+    }
+    tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
+    return report
+
+
+def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: str, config: BnfuseConfig,
+                     options: dict[str, Any] | None) -> FoldReport:
+    """A package that takes new weights without a rebuild (``package_refit``): the folds as a
+    prologue, run here once, and AOTInductor without freezing on the rest, reading the prologue's
+    outputs and the weights no fold reads as constants of bnfuse's naming."""
+    record = FoldRecord(_traced_decisions(program.graph))
+    start = time.perf_counter()
+    with torch.no_grad():
+        decomposed = program.run_decompositions(_core_aten_with_linear_on_rows())
+        stored = package_refit.weightless(decomposed)
+        like = tp.unlifted_module(decomposed)
+        values = {**decomposed.state_dict, **decomposed.constants}
+        patches = {**build_patches(like, args, config), "freezing": False}
+        plan = package_refit.plan(decomposed, config.rules, fold_prologue.packing_choice(patches), record)
+        inputs = plan.inputs(values)
+        constants = plan.constants(plan.prologue(inputs), inputs)
+        record.seconds = time.perf_counter() - start
+        sort_in_program_order(record, program.graph)
+        files = tp.aoti_compile(package_refit.package_module(plan, constants, like), args, {}, patches)
+    report = FoldReport.from_records([record])
+    metadata = {
+        "format": FORMAT,
+        "device": device_of(args),
+        "torch": torch.__version__,
+        "inputs": [dataclasses.asdict(spec) for spec in input_specs(program)],
+        "inductor": {"freezing": False},
+        "report": report.to_dict(),
+        "refit": {"program": stored, "packing": plan.packing, "constants": package_refit.describe(constants, plan),
+                  "options": {k: v for k, v in (options or {}).items() if k == "rules"}},
     }
     tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
     return report
