@@ -29,7 +29,7 @@ from .. import code_identity, freezing
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..rules import RULES
 from ..rules.rule import Compute, Folded, Frozen, Judge, Refused, Rule
-from .tape import Tape
+from .tape import NotRecordable, Tape, traced
 
 #: The name (plus a number) of each constant a fold adds to the graph's module.
 FOLDED_PREFIX = "_bnfuse_folded"
@@ -291,6 +291,14 @@ class _AsDataRun(_PerStepRun):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
         self.checks.append(FoldCheck(weight, bias, judge, tuple(leaves)))
         return weight, bias
+
+    def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
+        """Traced from the aten calls it makes (``tape.traced``), not with ``make_fx``: an
+        inference graph is traced again by AOTAutograd anyway."""
+        try:
+            match.replace_by_example(fn, args, trace_fn=traced)
+        except NotRecordable:
+            super().replace(match, fn, args)
 
     def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
         _FoldRun.fold(self, bn, decision)

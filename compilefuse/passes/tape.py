@@ -9,14 +9,21 @@ the rewrite needs anyway, and holds only aten calls, constants and which value e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _torch_private as tp
+
+
+class NotRecordable(RuntimeError):
+    """A function ``traced`` cannot turn into a graph (it reads a tensor constant)."""
 
 
 class Tape(TorchDispatchMode):
@@ -37,6 +44,10 @@ class Tape(TorchDispatchMode):
         if id(value) not in self._slot:
             raise RuntimeError("bnfuse: a fold computed with a tensor that is neither its input nor its own result")
         return self._slot[id(value)]
+
+    def value(self, slot: int) -> torch.Tensor:
+        """The fake value a slot held while recording (before ``release``)."""
+        return self._alive[slot]
 
     def _new_slot(self, value: torch.Tensor) -> int:
         self._slot[id(value)] = len(self._alive)
@@ -75,3 +86,37 @@ class Tape(TorchDispatchMode):
         """Drop the fake values recorded (the tape keeps only their slots)."""
         self._alive.clear()
         self._slot.clear()
+
+
+def traced(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
+    """``fn`` run on fake ``args``, as a graph of the aten calls it made (each with its fake value):
+    a cheap ``trace_fn`` for a rule's replacement in an inference graph whose state stays data,
+    where AOTAutograd traces the whole graph again and no pre-dispatch form is needed."""
+    graph, tape = torch.fx.Graph(), Tape()
+    nodes: dict[int, torch.fx.Node] = {}
+    placeholders = []
+    for i, value in enumerate(args):
+        placeholders.append(graph.placeholder(f"arg{i}"))
+        placeholders[-1].meta["val"] = value
+        if isinstance(value, torch.Tensor):
+            nodes[tape.add_input(value)] = placeholders[-1]
+    fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
+    with fake_mode or contextlib.nullcontext(), tape:
+        result = fn(*args)
+    for func, reads, spec, outputs in tape.calls:
+        if any(kind == "value" and isinstance(x, torch.Tensor) for kind, x in reads):
+            raise NotRecordable("a replacement reads a tensor constant")
+        call_args, call_kwargs = pytree.tree_unflatten([nodes[x] if kind == "slot" else x for kind, x in reads], spec)
+        node = graph.call_function(func, tuple(call_args), call_kwargs)
+        if len(outputs) == 1 and outputs[0] is not None and isinstance(tape.value(outputs[0]), torch.Tensor) \
+                and not isinstance(func._schema.returns[0].type, torch.ListType) and len(func._schema.returns) == 1:
+            node.meta["val"], nodes[outputs[0]] = tape.value(outputs[0]), node
+            continue
+        node.meta["val"] = [None if slot is None else tape.value(slot) for slot in outputs]
+        for index, slot in enumerate(outputs):
+            if slot is not None:
+                nodes[slot] = graph.call_function(operator.getitem, (node, index))
+                nodes[slot].meta["val"] = tape.value(slot)
+    graph.output(pytree.tree_map(lambda v: nodes[tape.slot(v)] if isinstance(v, torch.Tensor) else v, result))
+    tape.release()
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
