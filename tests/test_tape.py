@@ -49,3 +49,20 @@ def test_a_fake_value_the_tape_never_saw_is_refused():
     tape.add_input(seen)
     with mode, tape, pytest.raises(RuntimeError, match="neither its input nor its own result"):
         seen + unseen
+
+
+def test_a_traced_replacement_computes_what_the_function_does():
+    from compilefuse.passes.tape import NotRecordable, traced
+
+    def replacement(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten.convolution.default(x, weight, bias, [1], [0], [1], False, [0], 1)
+        low, _ = torch.aminmax(out, dim=1, keepdim=True)
+        return out - low
+
+    real = [torch.randn(2, 3, 8), torch.randn(4, 3, 3), torch.randn(4)]
+    mode = FakeTensorMode()
+    gm = traced(replacement, [mode.from_tensor(t) for t in real])
+    assert all(n.meta.get("val") is not None for n in gm.graph.nodes if n.op == "call_function")
+    assert torch.equal(gm(*real), replacement(*real))
+    with pytest.raises(NotRecordable):
+        traced(lambda x: x * TWO.float(), [mode.from_tensor(torch.ones(3))])
