@@ -9,7 +9,7 @@ system per process, 2 threads, on a quiet machine.
 - ``instances``: 10 resnet18 instances (64 px by default) compiled and called in turn: the first
   round (all the compiles) and a steady round, per system; every answer against float64.
 - ``memory``: resnet50 at 224 px, batch 1: RSS growth over the eager model after compiling and
-  three calls, per system (a loaded ``compilefuse.export`` package too).
+  three calls, per system (a loaded ``compilefuse.export`` package too, frozen and refittable).
 
 Systems: ``inductor`` (plain), ``inductor_freezing``, ``bnfuse`` (weights as data) and
 ``bnfuse_frozen`` (``options={"freeze": True}``: the weights in the code, as bnfuse compiled before).
@@ -48,9 +48,9 @@ def compiled(model):
     if system == "inductor_freezing":
         torch._inductor.config.freezing = True
         return torch.compile(model)
-    if system == "package":
+    if system.startswith("package"):
         path = os.path.join(tempfile.mkdtemp(), "m.pt2")
-        compilefuse.export(model, (x,), path)
+        compilefuse.export(model, (x,), path, refittable=system == "package_refittable")
         return compilefuse.load(path)
     return torch.compile(model, backend="bnfuse", options={"freeze": system == "bnfuse_frozen"})
 
@@ -122,7 +122,8 @@ def main() -> None:
     result: dict[str, object] = {"threads": 2}
     for row in args.rows.split(","):
         if row == "memory":
-            result[row] = {system: child(row, system, 224) for system in ("eager", *SYSTEMS, "package")}
+            result[row] = {system: child(row, system, 224)
+                           for system in ("eager", *SYSTEMS, "package", "package_refittable")}
             continue
         systems = SYSTEMS if row == "reload" else ("inductor", "bnfuse", "bnfuse_frozen")
         sizes = args.sizes if row == "reload" else args.instance_sizes

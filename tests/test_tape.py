@@ -8,7 +8,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compilefuse.passes.tape import Tape
 
-
 TWO = torch.tensor(2.0, dtype=torch.float64)  # a real constant, as a graph's own constants are
 
 
