@@ -298,6 +298,16 @@ def static_fake(value: torch.Tensor) -> Any:
     return _fake(torch._guards.detect_fake_mode(), value)
 
 
+def set_value(node: torch.fx.Node, value: Any) -> None:
+    """A node's fake value, with the ``tensor_meta`` the pattern matcher of torch 2.6 asserts on
+    beside a tensor's (newer releases read ``val`` alone)."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    node.meta["val"] = value
+    if isinstance(value, torch.Tensor):
+        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+
+
 def _fake(mode: Any, value: torch.Tensor) -> Any:
     """A fake of ``value`` with static sizes. A oneDNN-packed weight becomes a strided fake of the
     sizes and strides its own fake reports: Inductor compiles the same code for either (it reads

@@ -97,7 +97,7 @@ def traced(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
     placeholders = []
     for i, value in enumerate(args):
         placeholders.append(graph.placeholder(f"arg{i}"))
-        placeholders[-1].meta["val"] = value
+        tp.set_value(placeholders[-1], value)
         if isinstance(value, torch.Tensor):
             nodes[tape.add_input(value)] = placeholders[-1]
     fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
@@ -110,13 +110,14 @@ def traced(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
         node = graph.call_function(func, tuple(call_args), call_kwargs)
         if len(outputs) == 1 and outputs[0] is not None and isinstance(tape.value(outputs[0]), torch.Tensor) \
                 and not isinstance(func._schema.returns[0].type, torch.ListType) and len(func._schema.returns) == 1:
-            node.meta["val"], nodes[outputs[0]] = tape.value(outputs[0]), node
+            tp.set_value(node, tape.value(outputs[0]))
+            nodes[outputs[0]] = node
             continue
         node.meta["val"] = [None if slot is None else tape.value(slot) for slot in outputs]
         for index, slot in enumerate(outputs):
             if slot is not None:
                 nodes[slot] = graph.call_function(operator.getitem, (node, index))
-                nodes[slot].meta["val"] = tape.value(slot)
+                tp.set_value(nodes[slot], tape.value(slot))
     graph.output(pytree.tree_map(lambda v: nodes[tape.slot(v)] if isinstance(v, torch.Tensor) else v, result))
     tape.release()
     return torch.fx.GraphModule(torch.nn.Module(), graph)
