@@ -49,18 +49,7 @@ def build_folded(folded: tuple[torch.fx.GraphModule, FoldRecord], program: torch
         patches = build_patches(gm, args, config, patches)
         with weight_packing.packing(patches):
             files = tp.aoti_compile(gm, args, {}, patches)
-    report = FoldReport.from_records([record])
-    metadata = {
-        "format": FORMAT,
-        "device": device_of(args),
-        "torch": torch.__version__,
-        "inputs": [dataclasses.asdict(spec) for spec in input_specs(program)],
-        "inductor": {"freezing": patches["freezing"]},
-        "report": report.to_dict(),
-        **(metadata or {}),
-    }
-    tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
-    return report
+    return _write(path, files, program, args, record, patches["freezing"], metadata)
 
 
 def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...], path: str, config: BnfuseConfig,
@@ -82,16 +71,24 @@ def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...
         record.seconds = time.perf_counter() - start
         sort_in_program_order(record, program.graph)
         files = tp.aoti_compile(package_refit.package_module(plan, constants, like), args, {}, patches)
+    return _write(path, files, program, args, record, False, {"refit": {
+        "program": stored, "packing": plan.packing, "constants": package_refit.describe(constants, plan),
+        "options": {k: v for k, v in (options or {}).items() if k == "rules"}}})
+
+
+def _write(path: str, files: list[Any], program: torch.export.ExportedProgram, args: tuple[Any, ...],
+           record: FoldRecord, frozen: bool, metadata: dict[str, Any] | None) -> FoldReport:
+    """Write the package of AOTInductor's ``files`` with compilefuse's metadata (``metadata`` on
+    top); its fold report."""
     report = FoldReport.from_records([record])
     metadata = {
         "format": FORMAT,
         "device": device_of(args),
         "torch": torch.__version__,
         "inputs": [dataclasses.asdict(spec) for spec in input_specs(program)],
-        "inductor": {"freezing": False},
+        "inductor": {"freezing": frozen},
         "report": report.to_dict(),
-        "refit": {"program": stored, "packing": plan.packing, "constants": package_refit.describe(constants, plan),
-                  "options": {k: v for k, v in (options or {}).items() if k == "rules"}},
+        **(metadata or {}),
     }
     tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
     return report

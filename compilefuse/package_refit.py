@@ -57,16 +57,17 @@ class Plan:
     kept: tuple[int, ...]
     #: per placeholder of the program: the state's name in ``state_dict`` (None: a user input)
     targets: list[str | None]
-    record: FoldRecord
     packing: list[bool]
+    #: per placeholder of ``main``: the package constant it becomes (None: a user input) -- the
+    #: prologue's outputs ``bnfuse_prologue_k``, then the kept program inputs ``bnfuse_state_i``
+    names: list[str | None]
 
     def inputs(self, state: Mapping[str, torch.Tensor]) -> list[torch.Tensor | None]:
         return [None if target is None else state[target] for target in self.targets]
 
     def constants(self, prepared: list[torch.Tensor], inputs: list[Any]) -> dict[str, torch.Tensor]:
-        values = {f"bnfuse_prologue_{k}": value for k, value in enumerate(prepared)}
-        values.update({_state_name(i): inputs[i] for i in self.kept if self.targets[i] is not None})
-        return values
+        values = [*prepared, *(inputs[i] for i in self.kept)]
+        return {name: value for name, value in zip(self.names, values, strict=True) if name is not None}
 
 
 def plan(program: torch.export.ExportedProgram, rules: frozenset[str], pack: Callable[[torch.fx.Node], bool],
@@ -95,7 +96,10 @@ def plan(program: torch.export.ExportedProgram, rules: frozenset[str], pack: Cal
         return packing[-1]
 
     parts = fold_prologue.split(gm, readable, checks, recorded)
-    return Plan(parts.prologue, parts.main, parts.kept, targets, record, packing)
+    outputs = len(parts.main.graph.find_nodes(op="placeholder")) - len(parts.kept)
+    names = [f"bnfuse_prologue_{k}" for k in range(outputs)]
+    names += [None if targets[i] is None else f"bnfuse_state_{i}" for i in parts.kept]
+    return Plan(parts.prologue, parts.main, parts.kept, targets, packing, names)
 
 
 def replaying(decisions: list[bool]) -> Callable[[torch.fx.Node], bool]:
@@ -104,20 +108,12 @@ def replaying(decisions: list[bool]) -> Callable[[torch.fx.Node], bool]:
     return lambda _convolution: pending.pop(0) if pending else False
 
 
-def _state_name(index: int) -> str:
-    return f"bnfuse_state_{index}"
-
-
 def package_module(plan_: Plan, constants: dict[str, torch.Tensor], like: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The main graph as AOTInductor compiles it: each prologue output and kept weight an
     attribute (a constant of the package, named as in ``Plan.constants``), the user's inputs its
     inputs, called as ``like`` (the unlifted program) is called."""
     main = plan_.main
-    placeholders = main.graph.find_nodes(op="placeholder")
-    outputs = len(placeholders) - len(plan_.kept)
-    names = [f"bnfuse_prologue_{k}" for k in range(outputs)]
-    names += [None if plan_.targets[i] is None else _state_name(i) for i in plan_.kept]
-    for node, name in zip(placeholders, names, strict=True):
+    for node, name in zip(main.graph.find_nodes(op="placeholder"), plan_.names, strict=True):
         if name is None:
             continue
         # Parameters, not buffers: AOTInductor clones every buffer, and a packed weight cannot be.
@@ -135,10 +131,11 @@ def package_module(plan_: Plan, constants: dict[str, torch.Tensor], like: torch.
 
 def describe(constants: dict[str, torch.Tensor], plan_: Plan) -> list[dict[str, Any]]:
     """What a refit must give each constant, for the package's metadata."""
-    fqns = {_state_name(i): plan_.targets[i] for i in plan_.kept if plan_.targets[i] is not None}
-    return [dataclasses.asdict(Constant(
-        name, int(name.rpartition("_")[2]) if name.startswith("bnfuse_prologue_") else None, fqns.get(name),
-        list(value.shape), str(value.dtype), value.is_mkldnn)) for name, value in constants.items()]
+    outputs = len(plan_.names) - len(plan_.kept)
+    sources = [(k, None) for k in range(outputs)] + [(None, plan_.targets[i]) for i in plan_.kept]
+    return [dataclasses.asdict(Constant(name, output, fqn, list(constants[name].shape), str(constants[name].dtype),
+                                        constants[name].is_mkldnn))
+            for name, (output, fqn) in zip(plan_.names, sources, strict=True) if name is not None]
 
 
 # --- the weightless program a package keeps ---------------------------------------------------
@@ -186,10 +183,7 @@ class Refitter:
                                                       strict=True) if target is not None}
         self._fixed = {name: value for name, value in {**program.state_dict, **program.constants}.items()
                        if isinstance(value, torch.Tensor) and not value.is_meta}
-        outputs = len(self._plan.main.graph.find_nodes(op="placeholder")) - len(self._plan.kept)
-        names = {f"bnfuse_prologue_{k}" for k in range(outputs)}
-        names |= {_state_name(i) for i in self._plan.kept if self._plan.targets[i] is not None}
-        if names != set(self._expected):
+        if {name for name in self._plan.names if name is not None} != set(self._expected):
             raise RuntimeError("compilefuse: this torch folds the package's program differently from the torch that "
                                "built it; export it again to refit it")
 
