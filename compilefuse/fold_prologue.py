@@ -5,10 +5,10 @@ Each fold is one call in the graph (``passes.fold_graph_as_data``) that replays 
 arithmetic on the module state. Everything the graph computes from module state alone, by pure
 ops, is the *prologue*: the folded weights and biases, a frozen affine's scale, and on CPU the
 oneDNN packing of the convolution weights freezing would pack. It runs eagerly, op by op, on the
-real tensors; the main graph reads its outputs as inputs. A new set of weights (a ``load_state_dict``, another instance of the
-architecture) is a new run of the prologue, not a new compile; each fold's checks run again on the
-new values, and a set that fails them is refused (``RefitRefused``), to be compiled frozen with
-that BN kept.
+real tensors; the main graph reads its outputs as inputs. A new set of weights (a
+``load_state_dict``, another instance of the architecture) is a new run of the prologue, not a new
+compile; each fold's checks run again on the new values, and a set that fails them is refused
+(``RefitRefused``), to be compiled frozen with that BN kept.
 """
 
 from __future__ import annotations

@@ -285,7 +285,7 @@ class _AsDataRun(_PerStepRun):
             call = graph.call_function(computation, tuple(leaves))
             weight, bias = (graph.call_function(operator.getitem, (call, i)) for i in (0, 1))
         for node, value in ((call, (folded.weight, folded.bias)), (weight, folded.weight), (bias, folded.bias)):
-            node.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "source_fn_stack")})
+            _name_after(node, like)
             node.meta["val"] = value
         for node in (weight, bias):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
@@ -431,9 +431,14 @@ def _inline(sub: torch.fx.GraphModule, inputs: list[torch.fx.Node], before: torc
                 env[node].meta.update(node.meta)
             elif node.op != "placeholder":
                 env[node] = graph.node_copy(node, env.__getitem__)
-                env[node].meta.update({k: v for k, v in before.meta.items() if k in ("nn_module_stack", "source_fn_stack")})
+                _name_after(env[node], before)
                 tp.recompute_in_backward(env[node])
     raise RuntimeError("bnfuse: a traced fold has no output")
+
+
+def _name_after(node: torch.fx.Node, like: torch.fx.Node) -> None:
+    """Give a node a fold adds the module path of the op it folds into (what reports name)."""
+    node.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "source_fn_stack")})
 
 
 def _count_bn_ops(graph: torch.fx.Graph) -> int:
