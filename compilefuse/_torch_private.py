@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import logging
 import operator
 import sys
@@ -37,7 +36,13 @@ from torch._inductor.pattern_matcher import (  # noqa: F401  (re-exported for th
     register_graph_pattern,
 )
 
-from ._torch_runtime import dynamo_source, source_name  # noqa: F401  (re-exported: the compiler's callers)
+from ._torch_runtime import (  # noqa: F401  (re-exported: the compiler's callers)
+    dynamo_source,
+    pack_conv_weight,
+    real_tensor_math,
+    return_freed_memory,
+    source_name,
+)
 
 log = logging.getLogger("compilefuse")
 aten = torch.ops.aten
@@ -403,26 +408,12 @@ def mark_frozen(value: torch.Tensor) -> None:
     value._is_frozen_param = True  # type: ignore[attr-defined]
 
 
-def real_tensor_math() -> Any:
-    """Context for eager math on real tensors inside a pass that runs under a fake-tensor mode."""
-    return torch.utils._python_dispatch._disable_current_modes()
-
-
 # --- oneDNN: convolution weights packed ahead, read as data ------------------------------------
 
 #: The oneDNN convolution Inductor's freezing rewrites a packed convolution to (and fuses unary and
 #: binary ops into, in its post-grad passes, frozen or not).
 MKLDNN_CONV_POINTWISE = torch.ops.mkldnn._convolution_pointwise.default
 MKLDNN_CONV_TRANSPOSE_POINTWISE = torch.ops.mkldnn._convolution_transpose_pointwise.default
-
-
-def pack_conv_weight(weight: torch.Tensor, *hyper: Any) -> torch.Tensor:
-    """``weight`` reordered for oneDNN's convolution (``hyper``: padding, stride, dilation, groups,
-    input size) or transposed convolution (padding, output padding, stride, dilation, groups, input
-    size), as Inductor's freezing packs a frozen weight."""
-    pack = torch.ops.mkldnn._reorder_convolution_weight if len(hyper) == 5 else \
-        torch.ops.mkldnn._reorder_convolution_transpose_weight
-    return pack(weight.contiguous(), *hyper)
 
 
 def onednn_takes(dtype: torch.dtype) -> bool:
@@ -434,24 +425,6 @@ def onednn_takes(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return False
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed on the heap back to the system (glibc's ``malloc_trim``). A prologue's
-    float64 intermediates (twice the weights it folds) are freed when it ends, but glibc's dynamic
-    mmap threshold keeps blocks of that size on the heap once one was freed, where the process
-    holds them. Elsewhere (another C library, another OS) nothing is done."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 # --- Training graphs: the forward in aten ops, before autograd ---------------------------------

@@ -6,10 +6,12 @@ torch upgrade should touch on this side."""
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._python_dispatch
 import torch.utils._pytree as pytree
 
 
@@ -37,6 +39,50 @@ class PackageRunner:
         """Run on the flattened tensor inputs; the outputs in the model's structure."""
         outputs = self._loader.boxed_run(tensors)
         return outputs[0] if self._single_output else pytree.tree_unflatten(outputs, self.out_spec)
+
+
+def real_tensor_math() -> Any:
+    """Context for eager math on real tensors inside a pass that runs under a fake-tensor mode."""
+    return torch.utils._python_dispatch._disable_current_modes()
+
+
+def is_operator_overload(target: Any) -> bool:
+    """Whether ``target`` is an operator overload (``torch.ops.aten.mul.Tensor``)."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def operator_named(name: str) -> Any:
+    """The operator overload of a qualified name (``aten::mul.Tensor``, ``aten::relu``: its default)."""
+    namespace, rest = name.split("::")
+    op, _, overload = rest.partition(".")
+    return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
+
+
+def pack_conv_weight(weight: torch.Tensor, *hyper: Any) -> torch.Tensor:
+    """``weight`` reordered for oneDNN's convolution (``hyper``: padding, stride, dilation, groups,
+    input size) or transposed convolution (padding, output padding, stride, dilation, groups, input
+    size), as Inductor's freezing packs a frozen weight."""
+    pack = torch.ops.mkldnn._reorder_convolution_weight if len(hyper) == 5 else \
+        torch.ops.mkldnn._reorder_convolution_transpose_weight
+    return pack(weight.contiguous(), *hyper)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed on the heap back to the system (glibc's ``malloc_trim``). A prologue's
+    float64 intermediates (twice the weights it folds) are freed when it ends, but glibc's dynamic
+    mmap threshold keeps blocks of that size on the heap once one was freed, where the process
+    holds them. Elsewhere (another C library, another OS) nothing is done."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def dynamo_source(node: torch.fx.Node) -> Any:

@@ -23,6 +23,7 @@ from . import compiled_graph, fold_prologue, freezing, graph_cache, versions, we
 from .config import BnfuseConfig
 from .decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
 from .passes import BnFoldPass, PostGradPass, fold_graph_as_data, fold_graph_per_step, folded_graph_patches, merges_when_frozen
+from .prologue import RefitRefused
 from .report import RERUNS_WANTED, FoldReport, publish
 
 log = logging.getLogger("compilefuse")
@@ -147,7 +148,7 @@ class GraphCompiler:
         instead (``folded``)."""
         try:
             return self._as_data(inputs)
-        except fold_prologue.RefitRefused as refusal:
+        except RefitRefused as refusal:
             log.warning("bnfuse: these weights fail a fold's check (%s); compiled frozen, that BatchNorm kept", refusal)
         except _MergesWhenFrozen:
             log.debug("bnfuse: branches merge with the weights as constants; folded frozen")
@@ -174,15 +175,15 @@ class GraphCompiler:
             raise _MergesWhenFrozen
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
         start = time.perf_counter()
-        checks = fold_graph_as_data(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
-                                    self.config.rules, record)
+        fold_graph_as_data(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
+                           self.config.rules, record)
         traced.recompile()
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
         # Inductor drops a write to a graph input that a oneDNN convolution read first (as under
         # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
         no_packing = self._no_packing or bool(written - set(state))
         pack = (lambda _convolution: False) if no_packing else fold_prologue.packing_choice(patches)
-        parts = fold_prologue.split(traced, readable, checks, pack)
+        parts = fold_prologue.split(traced, readable, pack)
         freezing.check_writes_spare_frozen(sorted(written), parts.prologue.reads, inputs)
         prepared = parts.prologue(inputs)
         record.seconds += time.perf_counter() - start

@@ -39,8 +39,8 @@ import torch
 
 from . import _torch_private as tp
 from . import freshness
-from .fold_prologue import RefitRefused
 from .freshness import FrozenTensors
+from .prologue import RefitRefused
 from .report import RERUNS_WANTED
 
 log = logging.getLogger("compilefuse")
@@ -65,7 +65,7 @@ class Compiled:
     live: tuple[int, ...] = ()
     #: A graph whose module state is data: what it computes from a set of module tensors (the
     #: graph inputs), passed before the kept inputs; ``RefitRefused`` if the folds cannot take
-    #: them (``fold_prologue.Prologue``). None: the weights are in the code.
+    #: them (``prologue.Prologue``). None: the weights are in the code.
     refit: Callable[[Sequence[Any]], list[torch.Tensor]] | None = None
     #: What ``refit`` computed from the inputs the graph was compiled with.
     prepared: tuple[Any, ...] = ()

@@ -23,74 +23,10 @@ import torch.fx
 
 from . import _torch_private as tp
 from . import freezing, weight_packing
-from .passes import FoldCheck, computed_from
+from .passes import computed_from
+from .prologue import Fold, Packed, Prologue, Ref, Step
 
 aten = torch.ops.aten
-
-
-class RefitRefused(Exception):
-    """A set of weights the folds cannot take exactly (a non-finite folded weight, an overflow)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Packed:
-    """A prologue output that is a convolution weight packed for oneDNN."""
-
-    source: torch.fx.Node
-    #: padding, (transposed: output padding,) stride, dilation, groups, input size
-    hyper: tuple[Any, ...]
-
-
-class Prologue:
-    """The part of a graph computed from module state alone, run on the real tensors."""
-
-    def __init__(self, graph: torch.fx.Graph, reads: dict[int, torch.fx.Node], nodes: list[torch.fx.Node],
-                 outputs: list[torch.fx.Node | _Packed], checks: list[FoldCheck]) -> None:
-        self._graph, self._reads, self._nodes, self._outputs, self._checks = graph, reads, nodes, outputs, checks
-        needed = {o.source if isinstance(o, _Packed) else o for o in outputs}
-        needed |= {n for check in checks for n in (check.weight, check.bias, *check.leaves)}
-        position = {node: i for i, node in enumerate(nodes)}
-        #: After which of ``nodes`` each value is read for the last time (then dropped: the float64
-        #: intermediates of a large model would otherwise all be held at once).
-        self._last_use: dict[int, list[torch.fx.Node]] = {}
-        for node in [*reads.values(), *nodes]:
-            if node in needed:
-                continue
-            users = [position[u] for u in node.users if u in position]
-            if users:
-                self._last_use.setdefault(max(users), []).append(node)
-
-    @property
-    def reads(self) -> tuple[int, ...]:
-        """The graph inputs (Dynamo's indices) the prologue reads: the tensors the freshness check watches."""
-        return tuple(sorted(self._reads))
-
-    def __call__(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
-        """The main graph's prologue inputs for these module tensors; ``RefitRefused`` if a fold's
-        checks fail on them."""
-        env: dict[torch.fx.Node, Any] = {node: inputs[i] for i, node in self._reads.items()}
-        owner = self._graph.owning_module
-        with torch.no_grad():
-            for i, node in enumerate(self._nodes):
-                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: _value(n, env, owner))
-                env[node] = node.target(*args, **kwargs)
-                for done in self._last_use.get(i, ()):
-                    env.pop(done, None)
-            for check in self._checks:
-                reason = check.refusal(env)
-                if reason is not None:
-                    raise RefitRefused(reason)
-            outputs = [tp.pack_conv_weight(env[o.source], *o.hyper) if isinstance(o, _Packed) else env[o]
-                       for o in self._outputs]
-        env.clear()
-        tp.return_freed_memory()
-        return outputs
-
-
-def _value(node: torch.fx.Node, env: dict[torch.fx.Node, Any], owner: torch.nn.Module) -> Any:
-    if node.op == "get_attr":
-        return freezing.attribute(owner, node.target)
-    return env[node]
 
 
 @dataclasses.dataclass
@@ -101,8 +37,7 @@ class Split:
     kept: tuple[int, ...]
 
 
-def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[FoldCheck],
-          pack: Callable[[torch.fx.Node], bool]) -> Split:
+def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Callable[[torch.fx.Node], bool]) -> Split:
     """Split ``traced`` (its placeholders are the graph's inputs, in order) into the prologue
     computed from the inputs ``readable`` alone and the main graph. ``pack(convolution)`` says
     whether a CPU convolution whose weight the prologue provides reads it packed for oneDNN."""
@@ -111,7 +46,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
     # Constants (a traced fold's Python numbers) are as fixed as module state.
     computed = computed_from(traced.graph, sources | set(traced.graph.find_nodes(op="get_attr")))
     prologue_nodes = set(computed)
-    if any(n not in prologue_nodes for check in checks for n in (check.weight, check.bias)):
+    if any(isinstance(n.target, Fold) and n not in prologue_nodes for n in traced.graph.nodes):
         raise RuntimeError("bnfuse: a fold reads a value computed from more than module state")
     # What the main graph reads from the prologue: the computed nodes it uses, and the readable
     # inputs whose convolution gets a packed weight.
@@ -120,7 +55,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
     twin = dict(zip(traced.graph.nodes, main.graph.nodes, strict=True))
     original = {v: k for k, v in twin.items()}
     first = next(iter(main.graph.nodes))
-    outputs: list[torch.fx.Node | _Packed] = []
+    outputs: list[torch.fx.Node | tuple[torch.fx.Node, tuple[Any, ...]]] = []  # a value, or one packed
     inputs_for: dict[torch.fx.Node, torch.fx.Node] = {}  # a main placeholder: the prologue node it reads
     with main.graph.inserting_before(first):
         for k, node in enumerate(crossing):
@@ -141,7 +76,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
         with main.graph.inserting_before(first):
             placeholder = main.graph.placeholder(f"bnfuse_packed_{len(outputs)}")
         placeholder.meta["val"] = weight.meta.get("val")
-        outputs.append(_Packed(source, hyper))
+        outputs.append((source, hyper))
         op = tp.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else tp.MKLDNN_CONV_POINTWISE
         with main.graph.inserting_before(convolution):
             packed = main.graph.call_function(op, (
@@ -163,9 +98,38 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], checks: list[Fo
             main.graph.erase_node(twin[node])
     main.graph.lint()
     main.recompile()
-    reads = {i: placeholders[i] for i in readable if any(u in prologue_nodes for u in placeholders[i].users)
-             or any(isinstance(o, _Packed) and o.source is placeholders[i] for _, o in kept_outputs)}
-    return Split(Prologue(traced.graph, reads, computed, [o for _, o in kept_outputs], checks), main, tuple(kept))
+    reads = [i for i in readable if any(u in prologue_nodes for u in placeholders[i].users)
+             or any(isinstance(o, tuple) and o[0] is placeholders[i] for _, o in kept_outputs)]
+    return Split(_as_data(traced, sorted(reads), computed, [o for _, o in kept_outputs]), main, tuple(kept))
+
+
+def _as_data(traced: torch.fx.GraphModule, reads: list[int], nodes: list[torch.fx.Node],
+             outputs: list[torch.fx.Node | tuple[torch.fx.Node, tuple[Any, ...]]]) -> Prologue:
+    """The prologue computing ``outputs`` by the calls ``nodes`` from the graph inputs ``reads``:
+    each node a step reading earlier values, a ``get_attr`` the constant it names."""
+    placeholders = traced.graph.find_nodes(op="placeholder")
+    index = {placeholders[i]: k for k, i in enumerate(reads)}
+
+    def argument(node: torch.fx.Node) -> Any:
+        return freezing.attribute(traced, node.target) if node.op == "get_attr" else Ref(index[node])
+
+    steps = []
+    for node in nodes:
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), argument)
+        index[node] = len(reads) + len(steps)
+        steps.append(Step(node.target, _plain(args), _plain(kwargs)))
+    return Prologue(reads, steps, [Packed(index[o[0]], o[1]) if isinstance(o, tuple) else index[o] for o in outputs])
+
+
+def _plain(value: Any) -> Any:
+    """FX's immutable containers as lists, tuples and dicts (as a prologue keeps them)."""
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_plain(item) for item in value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _packing_hyper(convolution: torch.fx.Node) -> tuple[Any, ...] | None:

@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ._torch_runtime import PackageRunner
+from .refitting import Refitter
 from .report import FoldReport
 
 #: The package's own file (under the archive's ``extra/`` folder): report, input spec, device.
@@ -140,16 +141,13 @@ class ExportedModel:
     def refit(self, state_dict: dict[str, Any]) -> None:
         """Take new weights (a ``state_dict`` of the exported model), folded as the package's build
         folded them, with the same checks; the compiled code stays. Only for a package exported
-        with ``refittable=True``. The first refit of a process rebuilds the package's fold
-        prologue, which imports the compiler (Dynamo and Inductor); later ones run it alone.
+        with ``refittable=True``; runs the fold prologue the package keeps, without the compiler.
         ``KeyError`` / ``ValueError`` for a state dict that does not fit or weights a fold's check
         refuses (the package is left as it was)."""
         if "refit" not in self.metadata:
             raise ExportError("compilefuse: this package was not exported with refittable=True; it holds its "
                               "weights as code and cannot take new ones")
         if self._refitter is None:
-            from .package_refit import Refitter  # the compiler: only a refit needs it
-
             self._refitter = Refitter(self.metadata)
         constants = self._refitter(state_dict)
         with self._turns:

@@ -61,7 +61,6 @@ def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...
     start = time.perf_counter()
     with torch.no_grad():
         decomposed = program.run_decompositions(_core_aten_with_linear_on_rows())
-        stored = package_refit.weightless(decomposed)
         like = tp.unlifted_module(decomposed)
         values = {**decomposed.state_dict, **decomposed.constants}
         patches = {**build_patches(like, args, config), "freezing": False}
@@ -71,9 +70,8 @@ def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...
         record.seconds = time.perf_counter() - start
         sort_in_program_order(record, program.graph)
         files = tp.aoti_compile(package_refit.package_module(plan, constants, like), args, {}, patches)
-    return _write(path, files, program, args, record, False, {"refit": {
-        "program": stored, "packing": plan.packing, "constants": package_refit.describe(constants, plan),
-        "options": {k: v for k, v in (options or {}).items() if k == "rules"}}})
+    return _write(path, files, program, args, record, False,
+                  {"refit": package_refit.refit_metadata(plan, decomposed, constants)})
 
 
 def _write(path: str, files: list[Any], program: torch.export.ExportedProgram, args: tuple[Any, ...],

@@ -8,7 +8,6 @@ from .. import freezing, weight_packing
 from .fold import (
     FOLDED_PREFIX,
     BnFoldPass,
-    FoldCheck,
     computed_from,
     fold_graph,
     fold_graph_as_data,
@@ -17,7 +16,7 @@ from .fold import (
 )
 from .post_grad import PostGradPass
 
-__all__ = ["FOLDED_PREFIX", "BnFoldPass", "FoldCheck", "PostGradPass", "computed_from", "fold_graph", "fold_graph_as_data",
+__all__ = ["FOLDED_PREFIX", "BnFoldPass", "PostGradPass", "computed_from", "fold_graph", "fold_graph_as_data",
            "fold_graph_per_step", "folded_graph_patches", "merges_when_frozen"]
 
 

@@ -27,8 +27,10 @@ import torch.fx
 from .. import _torch_private as tp
 from .. import code_identity, freezing
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
+from ..prologue import Fold, JudgedSlots
 from ..rules import RULES
-from ..rules.rule import Compute, Folded, Frozen, Judge, Refused, Rule
+from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
+from ..value_checks import Judge, value_refusal
 from .tape import NotRecordable, Tape, traced
 
 #: The name (plus a number) of each constant a fold adds to the graph's module.
@@ -47,7 +49,7 @@ def fold_graph_per_step(
     """Fold every BN of a training graph (aten ops before autograd) that the enabled rules allow,
     as arithmetic on the tensors themselves at every step. ``readable``: the graph inputs a fold
     may read (module state the graph does not write), with their fake values; ``real``: their
-    values now, for the checks that judge values (``FoldRule.numeric_refusal``)."""
+    values now, for the checks that judge values (``value_checks.NumericJudge``)."""
     _PerStepRun(graph, readable, real, enabled_rules, record).run()
 
 
@@ -128,7 +130,7 @@ class _FoldRun:
         with tp.real_tensor_math():
             result = compute(self.frozen)
             if isinstance(result, Folded):
-                reason = _value_refusal(result.weight, result.bias, judge, self.real)
+                reason = value_refusal(result.weight, result.bias, judge, result.judged)
                 if reason is not None:
                     return Refused(reason)
         return result
@@ -170,7 +172,7 @@ class _PerStepRun(_FoldRun):
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
                  record: FoldRecord) -> None:
         super().__init__(graph, _with_values_computed_from(graph, readable), enabled_rules, record)
-        self.real = dict(real)
+        self.real = _real_values_computed_from(graph, real)
         self.fake_mode = next((v.fake_mode for v in readable.values() if isinstance(v, torch._subclasses.FakeTensor)), None)
         #: The frozen nodes each evaluated fold read: the inputs of its traced arithmetic.
         self.leaves: dict[Compute, list[torch.fx.Node]] = {}
@@ -189,8 +191,10 @@ class _PerStepRun(_FoldRun):
         result = self._traced(compute)
         if isinstance(result, Folded) and result.weight.dtype == torch.float16:
             return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
-        if isinstance(result, Folded) and judge is not None:
-            reason = judge(self.real, result.weight.dtype)
+        if isinstance(result, Folded) and judge is not None and all(leaf in self.real for leaf in self.leaves[compute]):
+            with tp.real_tensor_math(), torch.no_grad():
+                now = compute(self.real)
+                reason = judge(now.judged, now.weight.dtype) if now.judged is not None else None
             if reason is not None:
                 return Refused(reason)
         return result
@@ -223,45 +227,14 @@ class _PerStepRun(_FoldRun):
         super().fold(bn, dataclasses.replace(decision, per_step=True))
 
 
-class FoldComputation:
-    """A fold as one call in a graph whose module state stays data: its arithmetic (float64,
-    rounded once), replayed from its ``Tape`` on the real values of the nodes it read; returns the
-    folded weight and bias. Only a prologue runs it (``fold_prologue``); no compiled graph holds it."""
-
-    __name__ = "bnfuse_fold"  # how the graph's code names it
-
-    def __init__(self, tape: Tape, slots: Sequence[int | None], outputs: tuple[int, int]) -> None:
-        self.tape, self.slots, self.outputs = tape, tuple(slots), outputs
-
-    def __call__(self, *values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {slot: value for slot, value in zip(self.slots, values, strict=True) if slot is not None}
-        weight, bias = self.tape.replay(inputs, self.outputs)
-        return weight, bias
-
-
-@dataclasses.dataclass(frozen=True)
-class FoldCheck:
-    """What a fold split into a prologue must still pass on each new set of weights: its outputs
-    finite, and its ``judge`` (None: a fold with no value check of its own)."""
-
-    weight: torch.fx.Node
-    bias: torch.fx.Node
-    judge: Judge | None
-    leaves: tuple[torch.fx.Node, ...]  # the values the fold reads (the judge reads some of them)
-
-    def refusal(self, values: Frozen) -> str | None:
-        return _value_refusal(values[self.weight], values[self.bias], self.judge, values)
-
-
 class _AsDataRun(_PerStepRun):
     """The rules applied to an inference graph whose module state stays data: each fold becomes
-    one call in the graph (``FoldComputation``), to be split out into a prologue that runs once
-    per set of weights (``fold_prologue``). The value checks wait for real values: they are
-    recorded, and the prologue runs them on every set it folds."""
+    one call in the graph (``prologue.Fold``), to be split out into a prologue that runs once
+    per set of weights (``fold_prologue``). The value checks wait for real values: each call
+    runs its fold's, on every set the prologue folds."""
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         super().__init__(graph, readable, {}, enabled_rules, record)
-        self.checks: list[FoldCheck] = []
         self._pending: dict[Compute, tuple[Judge | None, Tape, list[int | None]]] = {}
 
     def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused:
@@ -274,10 +247,15 @@ class _AsDataRun(_PerStepRun):
         return result
 
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
-        """One call of the fold (``FoldComputation``), not its arithmetic traced op by op: tracing
-        cost about 20 ms a fold in every compile, warm starts included, for ops run once a set."""
+        """One call of the fold (``prologue.Fold``, its checks with it), not its arithmetic traced
+        op by op: tracing cost about 20 ms a fold in every compile, warm starts included, for ops
+        run once a set."""
         (judge, tape, slots), leaves = self._pending.pop(compute), self.leaves.pop(compute)
-        computation = FoldComputation(tape, slots, (tape.slot(folded.weight), tape.slot(folded.bias)))
+        judged = folded.judged
+        computation = Fold(tape.calls, slots, (tape.slot(folded.weight), tape.slot(folded.bias)), judge, None if judged is None
+                           else JudgedSlots(tape.slot(judged.scale), None if judged.weight is None else tape.slot(judged.weight),
+                                            None if judged.statistics is None else
+                                            tuple(None if v is None else tape.slot(v) for v in judged.statistics)))
         tape.release()
         _hoist_before(leaves, like)
         graph = like.graph
@@ -289,7 +267,6 @@ class _AsDataRun(_PerStepRun):
             node.meta["val"] = value
         for node in (weight, bias):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
-        self.checks.append(FoldCheck(weight, bias, judge, tuple(leaves)))
         return weight, bias
 
     def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
@@ -304,15 +281,6 @@ class _AsDataRun(_PerStepRun):
         _FoldRun.fold(self, bn, decision)
 
 
-def _value_refusal(weight: torch.Tensor, bias: torch.Tensor, judge: Judge | None, real: Frozen) -> str | None:
-    """Why a fold's real result may not be used: not finite in its dtype, or ``judge``'s reason
-    on the real values ``real``; None if it may."""
-    for name, value in (("weight", weight), ("bias", bias)):
-        if not torch.isfinite(value).all():
-            return f"folded {name} is not finite in {value.dtype}"
-    return judge(real, weight.dtype) if judge is not None else None
-
-
 def computed_from(graph: torch.fx.Graph, sources: Collection[torch.fx.Node]) -> list[torch.fx.Node]:
     """The calls of ``graph`` (in its order) that compute a value from ``sources`` alone, by pure
     ops: a function of them, whenever it runs."""
@@ -321,7 +289,7 @@ def computed_from(graph: torch.fx.Graph, sources: Collection[torch.fx.Node]) -> 
         if node.op != "call_function" or not node.all_input_nodes:
             continue
         if all(n in computed for n in node.all_input_nodes) and (
-                node.target is operator.getitem or isinstance(node.target, FoldComputation)
+                node.target is operator.getitem or isinstance(node.target, Fold)
                 or tp.is_pure_operator(node.target)):
             computed.add(node)
             found.append(node)
@@ -339,15 +307,22 @@ def _with_values_computed_from(graph: torch.fx.Graph, readable: Frozen) -> Froze
     return values
 
 
-def fold_graph_as_data(
-    graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord
-) -> list[FoldCheck]:
+def _real_values_computed_from(graph: torch.fx.Graph, real: Frozen) -> Frozen:
+    """``real`` and the value now of every tensor the graph computes from it alone by pure ops
+    (``_with_values_computed_from``'s, on real values): what the checks judge a computed weight by."""
+    values = dict(real)
+    with tp.real_tensor_math(), torch.no_grad():
+        for node in computed_from(graph, real):
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            values[node] = node.target(*args, **kwargs)
+    return values
+
+
+def fold_graph_as_data(graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
     """Fold every BN of an inference graph (aten ops before autograd) that the enabled rules allow,
-    as arithmetic in the graph on the module state in ``readable`` (node: fake value); the checks
-    each fold must pass on real values."""
-    run = _AsDataRun(graph, readable, enabled_rules, record)
-    run.run()
-    return run.checks
+    as calls in the graph (``prologue.Fold``, each with its value checks) on the module state in
+    ``readable`` (node: fake value)."""
+    _AsDataRun(graph, readable, enabled_rules, record).run()
 
 
 def merges_when_frozen(traced: torch.fx.GraphModule, values: Frozen, enabled_rules: frozenset[str]) -> bool:

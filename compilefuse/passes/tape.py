@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _torch_private as tp
+from .. import prologue
 
 
 class NotRecordable(RuntimeError):
@@ -33,8 +34,7 @@ class Tape(TorchDispatchMode):
         super().__init__()
         self._slot: dict[int, int] = {}  # id of a value seen: its slot
         self._alive: list[torch.Tensor] = []  # every value seen, so no id is reused meanwhile
-        #: (op, flattened arguments: ("slot", i) or ("value", x), their spec, output slots (None: not a tensor))
-        self.calls: list[tuple[Any, list[tuple[str, Any]], Any, list[int | None]]] = []
+        self.calls: prologue.Calls = []
 
     def add_input(self, value: torch.Tensor) -> int:
         """The slot of a value the calls may read, given at replay."""
@@ -73,14 +73,7 @@ class Tape(TorchDispatchMode):
 
     def replay(self, inputs: dict[int, torch.Tensor], wanted: Sequence[int]) -> list[torch.Tensor]:
         """The values in slots ``wanted``, the calls run on ``inputs`` (input slot: its real value)."""
-        values: dict[int, Any] = dict(inputs)
-        with tp.real_tensor_math(), torch.no_grad():
-            for func, reads, spec, outputs in self.calls:
-                args, kwargs = pytree.tree_unflatten([values[x] if kind == "slot" else x for kind, x in reads], spec)
-                for slot, value in zip(outputs, pytree.tree_leaves(func(*args, **kwargs)), strict=True):
-                    if slot is not None:
-                        values[slot] = value
-        return [values[slot] for slot in wanted]
+        return prologue.replay(self.calls, inputs, wanted)
 
     def release(self) -> None:
         """Drop the fake values recorded (the tape keeps only their slots)."""

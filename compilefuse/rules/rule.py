@@ -18,8 +18,9 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match, real_tensor_math
+from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match
 from ..decisions import FoldDecision, MergeDecision, module_path
+from ..value_checks import Judge, Judged, NumericJudge
 from . import _constants, _tokens
 from .site import BN_ARGS, BN_TENSORS, BatchNormStats, BnSite, Frozen, FrozenAffine, Side, affine_of, bn_of
 
@@ -50,8 +51,6 @@ aten = torch.ops.aten
 
 #: A fold's arithmetic: the folded weight and bias from the values of the frozen nodes it reads.
 Compute = Callable[[Frozen], "Folded"]  # a fold's arithmetic, on values its checks passed
-#: A check of a fold's values: why it would round or overflow where eager does not (None: it would not).
-Judge = Callable[[Frozen, torch.dtype], "str | None"]
 
 
 class RewriteContext(Protocol):
@@ -64,7 +63,7 @@ class RewriteContext(Protocol):
 
     def enabled(self, rule_id: str) -> bool: ...
     # run ``compute``: refused, or its result; ``judge`` says why a result would round or overflow
-    # where eager does not (``FoldRule.numeric_refusal``), given real values and the weight's dtype
+    # where eager does not (``value_checks.NumericJudge``), given what it read and computed, on real values
     def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused: ...
     # the graph nodes of a fold ``evaluate`` returned ``folded`` for, placed before ``like``
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]: ...
@@ -93,10 +92,12 @@ class Rule(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Folded:
-    """The folded weight and bias, in the dtype the op reads its weight in."""
+    """The folded weight and bias, in the dtype the op reads its weight in, and what the fold's
+    value check reads (None: a fold with none)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
+    judged: Judged | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +138,6 @@ class Producer:
         """``input``, ``weight`` and ``bias`` of ``node`` if it is this op (for sites found by walking
         the graph rather than by a pattern); None otherwise."""
         return None
-
-
-#: The most a BN folded into the op after it may grow the terms that op sums (``numeric_refusal``):
-#: 2x where eager's BN computes in float32 and the op in half precision; in float32 16x (16 float32
-#: roundings stay under 2e-6 relative, inside the 1e-5 bnfuse promises against float64).
-MAX_INPUT_FOLD_GROWTH = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32: 16.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,40 +206,13 @@ class FoldRule:
             return f"the normalisation changes the dtype ({before} to {after})"
         return None
 
-    def numeric_refusal(self, site: BnSite, real: Frozen, dtype: torch.dtype, normalised: torch.Tensor) -> str | None:
-        """Why the fold, exact as arithmetic, would round or overflow where eager does not; None if
-        it would not. Judged on real values (a per-step fold: those at compile time); a site whose
-        values are computed in the graph has none and is not judged."""
-        try:
-            with real_tensor_math():
-                values = {node: real[node].detach() for node in site.norm.inputs(real).values() if node is not None}
-                scale, _ = site.norm.scale_shift(values, normalised)
-                weight = real[site.weight].detach() if site.weight in real else None
-                return self._growth_refusal(site, values, scale, dtype) or _overflow_refusal(self.side, scale, weight, dtype)
-        except KeyError:
-            return None
-
-    def _growth_refusal(self, site: BnSite, values: Frozen, scale: torch.Tensor, dtype: torch.dtype) -> str | None:
-        """A BN before the op: the fold sums the raw input and cancels its offset afterwards
-        (``fold_math.input_fold_growth``). (A frozen affine map has no statistics of its input.)"""
-        if self.side is Side.OUTPUT or not isinstance(site.norm, BatchNormStats):
-            return None
-        tensors = {k: None if node is None else values[node] for k, node in site.norm.tensors.items()}
-        growth = float(fold_math.input_fold_growth(tensors["running_mean"], tensors["running_var"], scale,
-                                                   tensors["bn_bias"]).max())
-        limit = MAX_INPUT_FOLD_GROWTH.get(dtype, MAX_INPUT_FOLD_GROWTH[torch.float32])
-        if growth <= limit:
-            return None
-        return (f"folding would sum the input at up to {growth:.3g}x the size eager sums it (running_mean far "
-                f"from zero against the running variance), multiplying {str(dtype).removeprefix('torch.')} "
-                f"rounding error; limit {limit:g}x")
-
     def fold(self, site: BnSite, frozen: Frozen) -> Folded:
         """The folded weight and bias of a site ``refusal`` passes: computed in float64 from the
         frozen tensors, rounded once to the dtype the op reads its weight in. Plain tensor
         arithmetic that reads no graph structure: on real values it gives the constants (once, or
         in a prologue for each set of weights), traced it gives the per-step fold."""
         scale, shift = site.norm.scale_shift(frozen, site.normalised.meta["val"])
+        judged = self._judged(site, frozen, scale)
         weight = _constants.frozen_operand(site.weight, frozen)
         bias = None if site.bias is None else _constants.frozen_operand(site.bias, frozen).value
         if self.side is Side.OUTPUT:
@@ -254,7 +222,18 @@ class FoldRule:
             folded_weight, folded_bias = fold_math.fold_into_input_channels(
                 weight.value, bias, scale, shift, self.producer.groups(site)
             )
-        return Folded(fold_math.cast_like(folded_weight, weight.value, weight.dtype), folded_bias.to(weight.dtype))
+        return Folded(fold_math.cast_like(folded_weight, weight.value, weight.dtype), folded_bias.to(weight.dtype), judged)
+
+    def _judged(self, site: BnSite, frozen: Frozen, scale: torch.Tensor) -> Judged:
+        """What ``NumericJudge`` reads of this fold: the op's stored weight, and a BN's statistics
+        where the BN comes before the op (a frozen affine map has none)."""
+        statistics = None
+        if self.side is Side.INPUT and isinstance(site.norm, BatchNormStats):
+            tensors = site.norm.tensors
+            beta = tensors["bn_bias"]
+            statistics = (frozen[tensors["running_mean"]], frozen[tensors["running_var"]],
+                          None if beta is None else frozen[beta])
+        return Judged(scale, frozen[site.weight] if site.weight in frozen else None, statistics)
 
     def rewrite(self, match: Match, run: RewriteContext) -> None:
         """Fold the site ``match`` describes into new constants and rebuild the op on them, or
@@ -270,10 +249,8 @@ class FoldRule:
                 run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
             return
         compute: Compute = lambda frozen: self.fold(site, frozen)  # noqa: E731
-        normalised = site.normalised.meta["val"]  # read now: a prologue judges again after the rewrite
         reason = self.refusal(site, run.frozen)
-        result = Refused(reason) if reason else \
-            run.evaluate(compute, lambda real, dtype: self.numeric_refusal(site, real, dtype, normalised))
+        result = Refused(reason) if reason else run.evaluate(compute, NumericJudge(self.side is Side.OUTPUT))
         if isinstance(result, Refused):
             if has_row:
                 run.refuse(site.bn, self.decision(site, result.reason))
@@ -313,24 +290,6 @@ class FoldRule:
             producer_kind=self.producer.kind(site),
             reason=reason,
         )
-
-
-def _overflow_refusal(side: Side, scale: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) -> str | None:
-    """Where the fold would change whether the result is finite. A zero scale after the op turns
-    eager's ``inf * 0 = nan`` (an overflowing output) into beta; a folded weight above
-    sqrt(max) of the dtype and larger than the weight it replaces overflows its products with
-    inputs eager's products take (``x * (w * s)`` against ``(x * w) * s`` after the sum)."""
-    if side is Side.OUTPUT and bool((scale == 0).any()):
-        return "the BN's scale is 0 in some channel: eager gives nan there when the op's output overflows, the fold beta"
-    if weight is None:
-        return None
-    largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
-    grown = largest * float(scale.abs().max())
-    headroom = torch.finfo(dtype).max ** 0.5
-    if grown > headroom and grown > largest:
-        return (f"the folded weight reaches {grown:.3g} (over the square root of the {str(dtype).removeprefix('torch.')} "
-                f"maximum): its products overflow with inputs the unfolded op takes")
-    return None
 
 
 def erase_bn(bn: torch.fx.Node) -> None:
