@@ -477,14 +477,26 @@ def trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.
         return make_fx(fn, decomposition_table=_before_autograd_decompositions(), pre_dispatch=True)(*args)
 
 
-def unsupported_before_autograd(gm: torch.fx.GraphModule) -> str | None:
+#: Activation checkpointing (``torch.utils.checkpoint`` under ``torch.compile``) as Dynamo emits it.
+CHECKPOINT_OP = torch.ops.higher_order.tag_activation_checkpoint
+#: Whether this torch's pre-dispatch tracing keeps a checkpointed region as the higher-order op with
+#: its body traced to aten ops (its ``ProxyTorchDispatchMode`` rule, in torch 2.14; older releases
+#: cannot trace the op there, and a graph with one is not folded per step).
+CHECKPOINT_TRACES_BEFORE_AUTOGRAD = any(
+    getattr(key, "__name__", "") == "ProxyTorchDispatchMode" for key in CHECKPOINT_OP.python_key_table)
+
+
+def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False) -> str | None:
     """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully (None: it can).
-    Higher-order ops (activation checkpointing, ``wrap``) do not trace there, and an autocast
-    region would lose its casts until AOTAutograd traces it again."""
+    Higher-order ops (``wrap``, activation checkpointing unless ``checkpoint`` and this torch
+    traces it) do not trace there, and an autocast region would lose its casts until AOTAutograd
+    traces it again."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if isinstance(node.target, torch._ops.HigherOrderOperator):
+            if node.target is CHECKPOINT_OP and checkpoint and CHECKPOINT_TRACES_BEFORE_AUTOGRAD:
+                continue
             return f"higher-order op {node.target.name()}"
         if getattr(node.target, "__name__", "") in ("_enter_autocast", "_exit_autocast"):
             return "an autocast region"
@@ -495,13 +507,77 @@ def forward_before_autograd(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A Dynamo graph as aten ops that autograd has not seen yet (``make_fx``'s pre-dispatch
     tracing): AOTAutograd, compiling it, derives the backward of whatever a pass made of it. Traced
     on Dynamo's own example values, so sizes Dynamo keeps symbolic stay symbolic; grad-mode changes
-    are kept as calls; each op keeps the metadata (module path) of the node it came from."""
+    are kept as calls; each op keeps the metadata (module path) of the node it came from; a
+    checkpointed region stays one (``checkpoint_regions``)."""
     values = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
-    traced = trace_before_autograd(torch.fx.Interpreter(gm).run, values)
-    for node in reversed(traced.graph.find_nodes(op="call_function", target=operator.getitem)):
-        if not node.users:  # a BN's unused statistics: the rules match a BN read once
-            traced.graph.erase_node(node)
+    with _plain_checkpoint_traceable(gm) as untagged:
+        traced = trace_before_autograd(torch.fx.Interpreter(gm).run, values)
+        untagged(traced)
+    for module in traced.modules():  # the graph, and each checkpointed region's body
+        if isinstance(module, torch.fx.GraphModule):
+            for node in reversed(module.graph.find_nodes(op="call_function", target=operator.getitem)):
+                if not node.users:  # a BN's unused statistics: the rules match a BN read once
+                    module.graph.erase_node(node)
+            module.recompile()
     return traced
+
+
+_CONTEXT_FN = "_checkpoint_context_fn"
+
+
+@contextlib.contextmanager
+def _plain_checkpoint_traceable(gm: torch.fx.GraphModule) -> Iterator[Callable[[torch.fx.GraphModule], None]]:
+    """torch 2.14's pre-dispatch rule for the checkpoint op copies ``meta["_checkpoint_context_fn"]``
+    from the region's body, which only a checkpoint given a ``context_fn`` (selective
+    checkpointing) has: a plain one raises KeyError. While tracing, a plain region's body gets the
+    policy the op uses for it anyway (recompute everything); the mark is taken off afterwards, from
+    the Dynamo graph and from the traced bodies (``untagged(traced)``), so the op runs them as the
+    plain regions they are."""
+    bodies = [gm.get_submodule(node.args[0].target) for node in gm.graph.find_nodes(op="call_function", target=CHECKPOINT_OP)
+              if node.args and getattr(node.args[0], "op", None) == "get_attr"]
+    plain = [body for body in bodies if _CONTEXT_FN not in body.meta]
+    if not plain:
+        yield lambda _traced: None
+        return
+    import functools
+
+    from torch._higher_order_ops.wrap import _always_prefer_recompute
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    mark = functools.partial(create_selective_checkpoint_contexts, _always_prefer_recompute)
+
+    class PlainRegion(dict):  # type: ignore[type-arg]
+        """A body's meta that gives the rule its copy, while ``in`` still finds no context_fn (so
+        the op runs the region as a plain one, without its warning about a context_fn)."""
+
+        def __missing__(self, key: str) -> Any:
+            if key == _CONTEXT_FN:
+                return mark
+            raise KeyError(key)
+
+    def untagged(traced: torch.fx.GraphModule) -> None:
+        for module in traced.modules():
+            if isinstance(module, torch.fx.GraphModule) and module.meta.get(_CONTEXT_FN) is mark:
+                del module.meta[_CONTEXT_FN]
+
+    originals = [body.meta for body in plain]
+    for body in plain:
+        body.meta = PlainRegion(body.meta)
+    try:
+        yield untagged
+    finally:
+        for body, meta in zip(plain, originals, strict=True):
+            body.meta = meta
+
+
+def checkpoint_regions(traced: torch.fx.GraphModule) -> list[tuple[torch.fx.GraphModule, list[Any]]]:
+    """Each checkpointed region of a graph ``forward_before_autograd`` traced: its body (aten ops)
+    and the arguments of the call, one per placeholder of the body."""
+    regions = []
+    for node in traced.graph.find_nodes(op="call_function", target=CHECKPOINT_OP):
+        body = traced.get_submodule(node.args[0].target)
+        regions.append((body, list(node.args[1:])))
+    return regions
 
 
 def recompute_in_backward(node: torch.fx.Node) -> None:
@@ -520,6 +596,14 @@ def written_placeholders(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     through a view: each argument an op's schema marks as written, followed back through views."""
     written = set()
     for node in graph.nodes:
+        if node.op == "call_function" and node.target is CHECKPOINT_OP:  # what its body writes
+            body = graph.owning_module.get_submodule(node.args[0].target)
+            inner = written_placeholders(body.graph)
+            for placeholder, arg in zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True):
+                base = _view_base(arg)
+                if placeholder in inner and isinstance(base, torch.fx.Node) and base.op == "placeholder":
+                    written.add(base)
+            continue
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         for position, argument in enumerate(node.target._schema.arguments):

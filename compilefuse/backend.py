@@ -282,7 +282,7 @@ class GraphCompiler:
         """A graph that needs autograd: folded per step in its aten ops before autograd, then
         compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
         module state the graph does not write; state that requires grad is read as it is."""
-        unsupported = tp.unsupported_before_autograd(self.gm) or _autocast_around()
+        unsupported = tp.unsupported_before_autograd(self.gm, checkpoint=True) or _autocast_around()
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
             _log_unsupported_once(reason)
@@ -296,6 +296,12 @@ class GraphCompiler:
         start = time.perf_counter()
         fold_graph_per_step(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
                             {placeholders[i]: inputs[i] for i in readable}, self.config.rules, record)
+        real = {placeholders[i]: inputs[i] for i in readable}
+        for body, arguments in tp.checkpoint_regions(traced):  # inside each region, on what it is passed
+            passed = [(p, a) for p, a in zip(body.graph.find_nodes(op="placeholder"), arguments, strict=True) if a in real]
+            fold_graph_per_step(body.graph, {p: p.meta["val"] for p, _ in passed}, {p: real[a] for p, a in passed},
+                                self.config.rules, record)
+            body.recompile()
         record.seconds += time.perf_counter() - start
         traced.recompile()
         call = tp.compile_with_inductor(traced, inputs, dict(self.config.inductor_patches), keep_bn=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.fx
@@ -87,11 +87,22 @@ def sort_in_program_order(record: FoldRecord, graph: torch.fx.Graph) -> None:
     """Put a record's decisions and merges in program order: each BN's row where its module first
     runs (placeholders carry their module's path too, so only calls count)."""
     order: dict[str, int] = {}
-    for index, node in enumerate(graph.nodes):
-        if node.op.startswith("call_"):
-            order.setdefault(module_path(node), index)
+    for index, node in enumerate(_calls(graph)):
+        order.setdefault(module_path(node), index)
     record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
     record.merges.sort(key=lambda m: order.get(m.into, len(order)))
+
+
+def _calls(graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:
+    """The calls of ``graph`` in order, a subgraph's (a checkpointed region's body) where the graph reads it."""
+    owner = graph.owning_module
+    for node in graph.nodes:
+        if node.op == "get_attr" and owner is not None:
+            body = getattr(owner, node.target, None) if "." not in node.target else None
+            if isinstance(body, torch.fx.GraphModule):
+                yield from _calls(body.graph)
+        elif node.op.startswith("call_"):
+            yield node
 
 
 def source_path(placeholder: torch.fx.Node) -> str:

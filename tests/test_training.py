@@ -305,20 +305,114 @@ def test_state_the_graph_writes_is_not_read_by_a_fold():
     assert not decision.folded and "running_var" in decision.reason
 
 
-def test_checkpointed_graph_goes_to_plain_inductor_with_the_reason():
-    class Checkpointed(ConvBnRelu):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
 
-    model = eval_bn_for_finetuning(randomize_bn(Checkpointed()))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))).relu()
+
+
+class CheckpointsOneBlock(nn.Module):
+    """A stem, a checkpointed residual block and a plain one (issue 31: checkpointing the block sent
+    the whole graph to plain Inductor, 0 of 5 BNs folded). ``context_fn``: selective checkpointing."""
+
+    def __init__(self, checkpoint: bool = True, context_fn=None) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.block, self.head = Residual(8), Residual(8)
+        self.checkpoint, self.context_fn = checkpoint, context_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.stem(x)).relu()
+        if self.checkpoint:
+            kwargs = {} if self.context_fn is None else {"context_fn": self.context_fn}
+            x = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False, **kwargs)
+        else:
+            x = self.block(x)
+        return self.head(x)
+
+
+def _save_convolutions(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.convolution.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective():
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_save_convolutions)
+
+
+needs_checkpoint_tracing = pytest.mark.skipif(
+    not compilefuse._torch_private.CHECKPOINT_TRACES_BEFORE_AUTOGRAD,
+    reason="this torch cannot trace a checkpointed region before autograd (a graph with one is not folded per step)")
+
+
+@needs_checkpoint_tracing
+@pytest.mark.parametrize("context_fn", [None, _selective], ids=["plain", "selective"])
+def test_checkpointing_one_block_folds_inside_and_outside_it(context_fn, caplog):
+    model = eval_bn_for_finetuning(randomize_bn(CheckpointsOneBlock(context_fn=context_fn)))
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level(logging.WARNING):
+        (loss, grads), records = compiled_step(model, x)
+    decisions = [d for r in records for d in r.decisions]
+    assert [(d.bn, d.folded, d.per_step) for d in decisions] == [
+        (bn, True, True) for bn in ("bn", "block.bn1", "block.bn2", "head.bn1", "head.bn2")]
+    if context_fn is None:  # a plain region stays plain (torch warns of a context_fn it was given)
+        assert "context_fn" not in caplog.text
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    reference = float64_step(model, x)
+    assert_within_twice(errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference), "Inductor")
+
+
+@needs_checkpoint_tracing
+def test_a_checkpointed_block_is_still_recomputed_when_its_bns_fold():
+    """What checkpointing is for: the folded block's activations are recomputed in the backward,
+    not saved."""
+    model = eval_bn_for_finetuning(randomize_bn(CheckpointsOneBlock()))
+    x = torch.randn(4, 3, 16, 16)
+    saved = {}
+    for checkpoint in (True, False):
+        torch._dynamo.reset()
+        copy_ = copy.deepcopy(model)
+        copy_.checkpoint = checkpoint
+        fn = torch.compile(copy_, backend="bnfuse")
+        with compilefuse.report.collecting() as records:
+            loss_of(fn(x)).backward()
+        assert all(d.folded for r in records for d in r.decisions)
+        saved[checkpoint] = saved_bytes(lambda fn=fn: loss_of(fn(x)), [*copy_.parameters(), *copy_.buffers()])
+    assert saved[True] < saved[False], saved
+
+
+class WritesStateInACheckpointedRegion(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def region(self, x: torch.Tensor) -> torch.Tensor:
+        self.bn.running_var.mul_(1.5)
+        return x * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(torch.utils.checkpoint.checkpoint(self.region, x, use_reentrant=False)))
+
+
+@needs_checkpoint_tracing
+def test_state_a_checkpointed_region_writes_is_not_read_by_a_fold():
+    """The writes inside a region count as the graph's: the BN reading the statistic the region
+    scales stays unfolded, and the forward sees the write as eager's does. (The gradients of a
+    region that writes state differ from eager's under plain Inductor too: not checked here.)"""
+    model = eval_bn_for_finetuning(randomize_bn(WritesStateInACheckpointedRegion()))
+    eager = copy.deepcopy(model)
     x = torch.randn(2, 3, 6, 6)
-    (loss, grads), records = compiled_step(model, x)
+    with compilefuse.report.collecting() as records:
+        out = torch.compile(model, backend="bnfuse")(x)
     [decision] = [d for r in records for d in r.decisions]
-    assert not decision.folded and "higher-order op" in decision.reason
-    eager_loss, eager_grads = step(model, model, x)
-    assert loss == pytest.approx(eager_loss, rel=1e-5)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not decision.folded and "running_var" in decision.reason
+    torch.testing.assert_close(out, eager(x))
+    torch.testing.assert_close(model.bn.running_var, eager.bn.running_var)
 
 
 def test_autocast_region_goes_to_plain_inductor_with_one_warning(caplog, monkeypatch):
