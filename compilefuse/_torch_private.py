@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import operator
 import sys
@@ -22,6 +23,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 from torch._functorch._aot_autograd.schemas import MutationType
+from torch._higher_order_ops.wrap import tag_activation_checkpoint
 from torch._inductor import config as inductor_config
 from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
@@ -456,11 +458,44 @@ _COMPOSITE_OPS = tuple(
 )
 
 
+#: The convolutions autocast casts as composites (``conv2d``, not the ``convolution`` they
+#: decompose into, which it leaves alone): decomposed before autograd, they get autocast's casts
+#: written out, or a training graph under autocast would convolve in float32.
+_AUTOCAST_CONVOLUTIONS = tuple(op for op in _COMPOSITE_OPS if op.name().split("::")[1].split(".")[0]
+                               in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
+
+
+def _convolution_as_autocast_runs_it(op: Any, *args: Any, **kwargs: Any) -> Any:
+    """``op`` decomposed, its floating-point tensors (not float64) first cast to the autocast dtype
+    of their device where autocast is on there, as autocast's kernel for ``op`` casts them."""
+    device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+    if autocast_on(device):
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(value: Any) -> Any:
+            eligible = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
+                and value.device.type == device and value.dtype != dtype
+            return aten._to_copy.default(value, dtype=dtype) if eligible else value
+
+        args, kwargs = pytree.tree_map(cast, (args, kwargs))
+    return op.decompose(*args, **kwargs)
+
+
+def autocast_on(device: str) -> bool:
+    """Whether autocast is on for a device type (False for one this torch has no autocast for)."""
+    try:
+        return torch.is_autocast_enabled(device)
+    except (RuntimeError, ValueError):  # a device autocast does not know (meta on torch 2.6)
+        return False
+
+
 def _before_autograd_decompositions() -> dict[Any, Callable[..., Any]]:
     """Only decompositions autograd is blind to: those of ``_COMPOSITE_OPS``, inference
     ``batch_norm`` as the inference BN op, and a matrix ``t`` as the ``permute`` it is. Not
     Inductor's table: some of its decompositions (max-pool's, into prims) have no derivative."""
     table: dict[Any, Callable[..., Any]] = {op: op.decompose for op in _COMPOSITE_OPS}
+    for op in _AUTOCAST_CONVOLUTIONS:
+        table[op] = functools.partial(_convolution_as_autocast_runs_it, op)
     table[aten.batch_norm.default] = _inference_batch_norm
     table[aten.t.default] = _transpose_2d
     return table
@@ -478,7 +513,7 @@ def trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.
 
 
 #: Activation checkpointing (``torch.utils.checkpoint`` under ``torch.compile``) as Dynamo emits it.
-CHECKPOINT_OP = torch.ops.higher_order.tag_activation_checkpoint
+CHECKPOINT_OP = tag_activation_checkpoint
 #: Whether this torch's pre-dispatch tracing keeps a checkpointed region as the higher-order op with
 #: its body traced to aten ops (its ``ProxyTorchDispatchMode`` rule, in torch 2.14; older releases
 #: cannot trace the op there, and a graph with one is not folded per step).
@@ -486,11 +521,16 @@ CHECKPOINT_TRACES_BEFORE_AUTOGRAD = any(
     getattr(key, "__name__", "") == "ProxyTorchDispatchMode" for key in CHECKPOINT_OP.python_key_table)
 
 
-def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False) -> str | None:
-    """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully (None: it can).
-    Higher-order ops (``wrap``, activation checkpointing unless ``checkpoint`` and this torch
-    traces it) do not trace there, and an autocast region would lose its casts until AOTAutograd
-    traces it again."""
+#: Whether a graph under autocast folds per step on this torch: tested on 2.14 (and CI's 2.6, where
+#: a linear's ``mm`` came out of AOTAutograd with one operand cast and one not, so not there).
+AUTOCAST_TRACES_BEFORE_AUTOGRAD = torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= "2.14"
+
+
+def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False, autocast: bool = False) -> str | None:
+    """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully for a caller
+    (None: it can). Higher-order ops (``wrap``, activation checkpointing unless ``checkpoint`` and
+    this torch traces it) do not trace there; an autocast region traces with autocast's casts made
+    explicit only for what the rules rewrite (``autocast``: a caller that folds per step)."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -498,7 +538,8 @@ def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = 
             if node.target is CHECKPOINT_OP and checkpoint and CHECKPOINT_TRACES_BEFORE_AUTOGRAD:
                 continue
             return f"higher-order op {node.target.name()}"
-        if getattr(node.target, "__name__", "") in ("_enter_autocast", "_exit_autocast"):
+        if getattr(node.target, "__name__", "") in ("_enter_autocast", "_exit_autocast") and not (
+                autocast and AUTOCAST_TRACES_BEFORE_AUTOGRAD):
             return "an autocast region"
     return None
 
@@ -511,7 +552,7 @@ def forward_before_autograd(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     checkpointed region stays one (``checkpoint_regions``)."""
     values = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
     with _plain_checkpoint_traceable(gm) as untagged:
-        traced = trace_before_autograd(torch.fx.Interpreter(gm).run, values)
+        traced = trace_before_autograd(_AutocastEntered(gm).run, values)
         untagged(traced)
     for module in traced.modules():  # the graph, and each checkpointed region's body
         if isinstance(module, torch.fx.GraphModule):
@@ -520,6 +561,23 @@ def forward_before_autograd(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                     module.graph.erase_node(node)
             module.recompile()
     return traced
+
+
+class _AutocastEntered(torch.fx.Interpreter):
+    """Runs a Dynamo graph's autocast regions as ``with torch.autocast(...)`` does: pre-dispatch
+    tracing records a bare ``_enter_autocast`` call without entering autocast, so the ops inside
+    would be traced (and their fake values computed) in float32; entered through ``torch.autocast``,
+    the region is recorded the same and autocast is on while its ops are traced."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is torch.amp.autocast_mode._enter_autocast:
+            region = torch.autocast(*args, **kwargs)
+            region.__enter__()
+            return region
+        if target is torch.amp.autocast_mode._exit_autocast:
+            args[0].__exit__(None, None, None)
+            return None
+        return super().call_function(target, args, kwargs)
 
 
 _CONTEXT_FN = "_checkpoint_context_fn"
@@ -539,7 +597,6 @@ def _plain_checkpoint_traceable(gm: torch.fx.GraphModule) -> Iterator[Callable[[
     if not plain:
         yield lambda _traced: None
         return
-    import functools
 
     from torch._higher_order_ops.wrap import _always_prefer_recompute
     from torch.utils.checkpoint import create_selective_checkpoint_contexts

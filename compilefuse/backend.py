@@ -282,7 +282,8 @@ class GraphCompiler:
         """A graph that needs autograd: folded per step in its aten ops before autograd, then
         compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
         module state the graph does not write; state that requires grad is read as it is."""
-        unsupported = tp.unsupported_before_autograd(self.gm, checkpoint=True) or _autocast_around()
+        unsupported = tp.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True) or (
+            None if tp.AUTOCAST_TRACES_BEFORE_AUTOGRAD else _autocast_around())
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
             _log_unsupported_once(reason)
@@ -366,15 +367,8 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
 def _autocast_around() -> str | None:
     """Autocast entered around the compiled call: the per-step trace would lose its casts (the
     convolutions would run in float32), so such a graph is not folded per step."""
-    on = [device for device in ("cpu", "cuda", "xpu", "mps") if _autocast_enabled(device)]
+    on = [device for device in ("cpu", "cuda", "xpu", "mps") if tp.autocast_on(device)]
     return f"autocast ({', '.join(on)}) around the compiled call" if on else None
-
-
-def _autocast_enabled(device: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device)
-    except (RuntimeError, ValueError):  # a device type this torch build has no autocast for
-        return False
 
 
 _unsupported_logged = False

@@ -50,15 +50,16 @@ class JudgedSlots:
     scale: int
     weight: int | None
     statistics: tuple[int, int, int | None] | None
+    dtype: torch.dtype
 
     def flat(self) -> list[int | None]:
         return [self.scale, self.weight, *(self.statistics or (None, None, None))]
 
-    @staticmethod
-    def judged(values: list[torch.Tensor | None], statistics: bool) -> Judged:
+    def judged(self, values: list[torch.Tensor | None]) -> Judged:
+        """The values at ``flat()``'s slots, as what the check reads."""
         scale, weight, mean, var, beta = values
         assert scale is not None
-        return Judged(scale, weight, (mean, var, beta) if statistics else None)  # type: ignore[arg-type]
+        return Judged(scale, weight, None if self.statistics is None else (mean, var, beta), self.dtype)  # type: ignore[arg-type]
 
 
 class Fold:
@@ -83,7 +84,7 @@ class Fold:
         judged = None
         if self.judged is not None:
             picked = [None if slot is None else next(found) for slot in judged_slots]
-            judged = JudgedSlots.judged(picked, self.judged.statistics is not None)
+            judged = self.judged.judged(picked)
         with real_tensor_math():
             reason = value_refusal(weight, bias, self.judge, judged)
         if reason is not None:

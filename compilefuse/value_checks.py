@@ -24,16 +24,18 @@ MAX_INPUT_FOLD_GROWTH = {torch.float16: 2.0, torch.bfloat16: 2.0, torch.float32:
 @dataclasses.dataclass(frozen=True)
 class Judged:
     """What a fold's value check reads: the BN's per-channel scale (float64), the op's weight
-    before the fold (None: it has none), and for a BN with running statistics folded into the op
-    after it, its running mean, running variance and beta."""
+    before the fold (None: it has none), for a BN with running statistics folded into the op
+    after it its running mean, running variance and beta, and the dtype the op computes in (under
+    autocast, autocast's, not the weight's)."""
 
     scale: torch.Tensor
     weight: torch.Tensor | None
     statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None
+    dtype: torch.dtype
 
 
 #: A fold's value check: why the fold would round or overflow where eager does not (None: it would not).
-Judge = Callable[[Judged, torch.dtype], "str | None"]
+Judge = Callable[[Judged], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +44,8 @@ class NumericJudge:
 
     output_side: bool
 
-    def __call__(self, judged: Judged, dtype: torch.dtype) -> str | None:
-        return self._growth_refusal(judged, dtype) or self._overflow_refusal(judged, dtype)
+    def __call__(self, judged: Judged) -> str | None:
+        return self._growth_refusal(judged, judged.dtype) or self._overflow_refusal(judged, judged.dtype)
 
     def _growth_refusal(self, judged: Judged, dtype: torch.dtype) -> str | None:
         """A BN before the op: the fold sums the raw input and cancels its offset afterwards
@@ -84,4 +86,4 @@ def value_refusal(weight: torch.Tensor, bias: torch.Tensor, judge: Judge | None,
     for name, value in (("weight", weight), ("bias", bias)):
         if not torch.isfinite(value).all():
             return f"folded {name} is not finite in {value.dtype}"
-    return judge(judged, weight.dtype) if judge is not None and judged is not None else None
+    return judge(judged) if judge is not None and judged is not None else None

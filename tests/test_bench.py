@@ -234,6 +234,21 @@ def test_train_reports_saved_bytes_step_time_and_gradient_error(tmp_path, capsys
     assert "folded per step" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not __import__("compilefuse")._torch_private.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
+                    reason="this torch does not fold per step under autocast")
+def test_train_under_autocast_folds_every_bn_and_refuses_autocast_without_train(tmp_path, capsys):
+    json_path = tmp_path / "train.json"
+    cli.main(["--train", "--autocast", "bf16", "--model", "resnet_style", "--batch-size", "2", "--rounds", "1",
+              "--threads", "2", "--systems", "inductor", "bnfuse", "--json", str(json_path)])
+    rows = {r["system"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert (rows["bnfuse"]["bn_folded"], rows["bnfuse"]["bn_total"]) == (11, 11)
+    assert rows["bnfuse"]["grad_err"] <= 2 * rows["inductor"]["grad_err"]  # bfloat16: far above float32's
+    assert rows["inductor"]["grad_err"] > 1e-4
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--autocast", "bf16"])
+    assert exit_info.value.code == 2 and "--autocast: only with --train" in capsys.readouterr().err
+
+
 def test_folded_systems_run_the_plain_folded_module(tmp_path):
     json_path = tmp_path / "out.json"
     cli.main(["--model", "bench_fixtures:tiny", "--systems", "eager", "folded", "folded+inductor",

@@ -84,7 +84,7 @@ def build(case) -> tuple[nn.Module, torch.Tensor]:
 
 
 def input_growth_fits(bn: nn.Module) -> bool:
-    """Whether a BN before the op passes the precision check (``FoldRule.numeric_refusal``): the
+    """Whether a BN before the op passes the precision check (``value_checks.NumericJudge``): the
     folded op sums the raw input, ``sqrt(mean² + var) * |scale|`` per channel, where eager sums
     ``sqrt(scale² var + beta²)``; at most 2x in bfloat16, 16x in float32."""
     mean, var = bn.running_mean.double(), bn.running_var.double()

@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
                    help="time one training step (forward + backward) with every BN in eval mode and its affine "
                    "trained, and report bytes saved for backward, CUDA peak memory and gradient error "
                    "(default model: resnet50, batch 8)")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
+                   help="with --train: each step under torch.autocast in this dtype (the float64 reference without)")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per Timer measurement (default 0.2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--image-size", type=int, default=224, help="input size for torchvision image models")
@@ -65,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    if args.autocast and not args.train:
+        p.error("--autocast: only with --train (the inference systems run in the model's own dtype)")
     if args.rounds < 1 or args.min_run_time <= 0:
         p.error("--rounds must be >= 1 and --min-run-time > 0")
     if args.plot:
@@ -104,13 +108,14 @@ def run_training(p: argparse.ArgumentParser, specs: list[catalog.ModelSpec], arg
     if unknown:
         p.error(f"--train: unknown system(s) {unknown}; choose from {', '.join(TRAIN_SYSTEMS)}")
     device = torch.device(args.device)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
     rows = []
     with _torch_private.many_recompiles_allowed():
         for spec in specs:
             for batch in args.batch_size or [8]:
                 torch.compiler.reset()
                 rows += training.benchmark_training(spec.name, spec.build, spec.make_input(batch).to(device), systems,
-                                                    rounds=args.rounds)
+                                                    rounds=args.rounds, autocast=autocast)
     print(training.format_rows(rows))
     if args.json:
         meta = metadata(args, torch.get_num_threads(), systems, args.batch_size or [8])

@@ -103,9 +103,16 @@ def relative_errors(model: nn.Module, reference: nn.Module) -> float:
 
 def benchmark_training(
     name: str, factory: Callable[[], nn.Module], example: torch.Tensor, systems: Sequence[str],
-    *, rounds: int = 3, steps_per_round: int = 2,
+    *, rounds: int = 3, steps_per_round: int = 2, autocast: torch.dtype | None = None,
 ) -> list[TrainRow]:
+    """``autocast``: each step's forward and loss under ``torch.autocast`` in that dtype (the
+    float64 reference runs without)."""
     torch.manual_seed(0)
+
+    def forward_loss(fn: Callable[..., Any]) -> torch.Tensor:
+        with torch.autocast(example.device.type, dtype=autocast, enabled=autocast is not None):
+            return _loss(fn(example))
+
     base = eval_bn_for_finetuning(factory().to(example.device))
     reference = copy.deepcopy(base).double()
     _loss(reference(example.double())).backward()
@@ -117,7 +124,7 @@ def benchmark_training(
         fn = _compiled(system, model)
         start = time.perf_counter()
         with collecting() as records:
-            loss = _loss(fn(example))
+            loss = forward_loss(fn)
         loss.backward()
         if system == "bnfuse":
             decisions = [d for r in records for d in r.decisions]
@@ -126,9 +133,9 @@ def benchmark_training(
         row.loss_err = abs(loss.item() - reference_loss) / abs(reference_loss)
         model.zero_grad(set_to_none=True)
         own = [*model.parameters(), *model.buffers()]
-        row.saved_mib = saved_bytes(lambda fn=fn: _loss(fn(example)), own) / 2**20
+        row.saved_mib = saved_bytes(lambda fn=fn: forward_loss(fn), own) / 2**20
         model.zero_grad(set_to_none=True)
-        _loss(fn(example)).backward()
+        forward_loss(fn).backward()
         row.grad_err = relative_errors(model, reference)
         steps[system] = (model, fn, [])
         rows.append(row)
@@ -140,7 +147,7 @@ def benchmark_training(
                 if example.is_cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                _loss(fn(example)).backward()
+                forward_loss(fn).backward()
                 if example.is_cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
@@ -152,7 +159,7 @@ def benchmark_training(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            _loss(fn(example)).backward()
+            forward_loss(fn).backward()
             torch.cuda.synchronize()
             row.peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
     inductor = next((r for r in rows if r.system == "inductor"), None)

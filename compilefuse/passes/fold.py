@@ -189,12 +189,14 @@ class _PerStepRun(_FoldRun):
         values at compile time, and in float16, whose range a per-step fold could leave where the
         BN would not (that cannot be checked ahead)."""
         result = self._traced(compute)
-        if isinstance(result, Folded) and result.weight.dtype == torch.float16:
+        computes_in = result.judged.dtype if isinstance(result, Folded) and result.judged is not None else \
+            getattr(getattr(result, "weight", None), "dtype", None)
+        if isinstance(result, Folded) and computes_in == torch.float16:
             return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
         if isinstance(result, Folded) and judge is not None and all(leaf in self.real for leaf in self.leaves[compute]):
             with tp.real_tensor_math(), torch.no_grad():
                 now = compute(self.real)
-                reason = judge(now.judged, now.weight.dtype) if now.judged is not None else None
+                reason = judge(now.judged) if now.judged is not None else None
             if reason is not None:
                 return Refused(reason)
         return result
@@ -255,7 +257,8 @@ class _AsDataRun(_PerStepRun):
         computation = Fold(tape.calls, slots, (tape.slot(folded.weight), tape.slot(folded.bias)), judge, None if judged is None
                            else JudgedSlots(tape.slot(judged.scale), None if judged.weight is None else tape.slot(judged.weight),
                                             None if judged.statistics is None else
-                                            tuple(None if v is None else tape.slot(v) for v in judged.statistics)))
+                                            tuple(None if v is None else tape.slot(v) for v in judged.statistics),
+                                            judged.dtype))
         tape.release()
         _hoist_before(leaves, like)
         graph = like.graph

@@ -56,11 +56,14 @@ class FrozenOperand:
 
 def frozen_operand(node: torch.fx.Node, frozen: dict[torch.fx.Node, torch.Tensor]) -> FrozenOperand | None:
     """``node`` as a frozen tensor, possibly behind one dtype cast, or computed from frozen tensors
-    alone (its float64 value); None when it reads anything else."""
-    if node in frozen:
-        return FrozenOperand(frozen[node], frozen[node].dtype)
+    alone (its float64 value); None when it reads anything else. A cast is looked through even
+    where its result is known too (a per-step fold's values computed from frozen ones): the fold
+    then rounds once, from the stored value, to the dtype the op reads (autocast's cast of a
+    weight)."""
     if _is_plain_cast(node) and node.args[0] in frozen:
         return FrozenOperand(frozen[node.args[0]], node.meta["val"].dtype)
+    if node in frozen:
+        return FrozenOperand(frozen[node], frozen[node].dtype)
     leaves = expression_leaves(node, frozen)
     if leaves and all(frozen[leaf].device == node.meta["val"].device for leaf in leaves):
         return FrozenOperand(evaluate_float64(node, frozen), node.meta["val"].dtype)

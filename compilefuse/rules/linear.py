@@ -56,7 +56,9 @@ class Linear(Producer):
         return {"input": x, "weight": transposed.args[0], "bias": bias}
 
     def rebuild(self, site: BnSite) -> Callable[..., torch.Tensor]:
-        def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if bias is None:  # (``rule._bias_after`` adds it)
+                return aten.mm.default(x, aten.permute.default(weight, [1, 0]))
             return aten.addmm.default(bias, x, aten.permute.default(weight, [1, 0]))
 
         return linear

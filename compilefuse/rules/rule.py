@@ -222,7 +222,8 @@ class FoldRule:
             folded_weight, folded_bias = fold_math.fold_into_input_channels(
                 weight.value, bias, scale, shift, self.producer.groups(site)
             )
-        return Folded(fold_math.cast_like(folded_weight, weight.value, weight.dtype), folded_bias.to(weight.dtype), judged)
+        return Folded(fold_math.cast_like(folded_weight, weight.value, weight.dtype),
+                      folded_bias.to(_bias_dtype(site, weight)), judged)
 
     def _judged(self, site: BnSite, frozen: Frozen, scale: torch.Tensor) -> Judged:
         """What ``NumericJudge`` reads of this fold: the op's stored weight, and a BN's statistics
@@ -233,7 +234,7 @@ class FoldRule:
             beta = tensors["bn_bias"]
             statistics = (frozen[tensors["running_mean"]], frozen[tensors["running_var"]],
                           None if beta is None else frozen[beta])
-        return Judged(scale, frozen[site.weight] if site.weight in frozen else None, statistics)
+        return Judged(scale, frozen[site.weight] if site.weight in frozen else None, statistics, _computes_in(site))
 
     def rewrite(self, match: Match, run: RewriteContext) -> None:
         """Fold the site ``match`` describes into new constants and rebuild the op on them, or
@@ -262,6 +263,8 @@ class FoldRule:
                 reader.replace_input_with(site.bn, site.bn_input)
             data = site.bn_input if data is site.bn else data
         rebuild = self.producer.rebuild(site)
+        if result.bias.dtype != _computes_in(site):  # autocast: the bias at full precision, after the op
+            rebuild = _bias_after(rebuild, _computes_in(site))
         if site.side is Side.OUTPUT and site.chain:  # the BN's place: the op, then the same shape ops
             rebuild = _then(rebuild, site.chain)
         run.replace(match, rebuild, [data, weight, bias])
@@ -329,6 +332,32 @@ def _tokens_refusal(site: BnSite) -> str | None:
     if not _tokens.channels_line_up(source, site.chain):
         return "the BN's channels are not the linear's features (the reshapes between them move the channel axis)"
     return None
+
+
+def _computes_in(site: BnSite) -> torch.dtype:
+    """The dtype the op computes in: under autocast, autocast's, whatever its weight is stored in."""
+    return site.producer.meta["val"].dtype
+
+
+def _bias_dtype(site: BnSite, weight: _constants.FrozenOperand) -> torch.dtype:
+    """A folded bias's dtype: the one the op reads its weight in; but where the op computes in a
+    lower precision than the weight is stored in (autocast), the stored one, for the op to add
+    after it computes (``_bias_after``). A BN adds its shift at full precision: rounded to the op's
+    dtype, the bias (and its gradient, in the backward) would carry that rounding too."""
+    stored = weight.value.dtype if weight.value.dtype != fold_math.FOLD_DTYPE else weight.dtype
+    lower = torch.finfo(_computes_in(site)).bits < torch.finfo(stored).bits
+    return stored if lower else weight.dtype
+
+
+def _bias_after(op: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``op`` without a bias, the bias added to its output at the bias's precision and the sum cast
+    to ``dtype`` (what the op gave): as a BN adds its shift to a low-precision input."""
+    def op_then_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        out = op(x, weight, None)
+        channels = aten.reshape.default(bias, [-1] + [1] * (out.dim() - 2))
+        return aten._to_copy.default(aten.add.Tensor(out, channels), dtype=dtype)
+
+    return op_then_bias
 
 
 def _then(op: Callable[..., torch.Tensor], chain: list[torch.fx.Node]) -> Callable[..., torch.Tensor]:
