@@ -70,7 +70,7 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_the_weights_stay(package)
 
 @pytest.mark.parametrize("gamma, var, reason", [
     (1e38, 1e-30, "folded weight is not finite"),  # the folded weight overflows float32
-    (1e25, 1.0, "folded weight reaches"),  # finite, but its products overflow where eager's do not (the judge)
+    (1e25, 1.0, "the folded weight reaches"),  # finite, but its products overflow where eager's do not (the judge)
 ])
 def test_weights_a_fold_refuses_are_refused_and_the_weights_stay(package, gamma, var, reason):
     """A folded weight that would overflow where eager's products do not: the package cannot keep
