@@ -6,8 +6,7 @@ package's call costs against a frozen one's. 2 threads, a quiet machine.
 Per size: one process exports the model twice (``refittable=True`` and the default frozen build)
 and records both export times; a fresh process (a replica) loads both packages, refits the
 refittable one with another instance's weights (the first refit reads the fold prologue the package
-keeps; then three more, median), says whether anything imported the compiler, checks every answer
-against float64, and times
+keeps; then three more, median), checks every answer against float64, and times
 calls of the two packages interleaved (medians of 5 rounds of 50 calls).
 """
 
@@ -83,7 +82,6 @@ for r in range(5):
 call = {kind: statistics.median(v) for kind, v in rounds.items()}
 print("RESULT " + json.dumps({
     "replica_load_and_first_calls_s": loaded_s, "first_refit_s": refits[0],
-    "compiler_imported": any(m in sys.modules for m in ("torch._inductor", "torch._dynamo")),
     "later_refit_s": statistics.median(refits[1:]),
     "max_error_vs_float64": max(errors), "call_ms": {k: v * 1e3 for k, v in call.items()},
     "refittable_vs_frozen_call": call["refittable"] / call["frozen"]}))

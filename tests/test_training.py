@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import statistics
 from typing import ClassVar
 
 import pytest
@@ -417,16 +419,19 @@ def test_state_a_checkpointed_region_writes_is_not_read_by_a_fold():
 
 class ConvAndLinear(nn.Module):
     """A conv -> BN and a linear -> BN1d (the two ways autocast meets a fold: an explicit cast of
-    the conv's weight, written out before autograd, and addmm, which autocast casts itself)."""
+    the conv's weight, written out before autograd, and addmm, which autocast casts itself), and a
+    conv -> torchvision FrozenBatchNorm2d (its float32 scale promotes the bfloat16 conv output)."""
 
     def __init__(self, inside: bool) -> None:
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.conv2, self.frozen = nn.Conv2d(8, 8, 1, bias=False), torchvision.ops.FrozenBatchNorm2d(8)
         self.fc, self.bn1d = nn.Linear(8, 6), nn.BatchNorm1d(6)
         self.inside = inside
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn1d(self.fc(self.bn(self.conv(x)).relu().mean((2, 3))))
+        features = self.frozen(self.conv2(self.bn(self.conv(x)).relu()))
+        return self.bn1d(self.fc(features.relu().mean((2, 3))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inside:
@@ -460,17 +465,30 @@ def test_autocast_folds_per_step_in_autocasts_dtypes_with_gradients_as_exact_as_
     decomposes ``conv2d``, which autocast casts, into ``convolution``, which it does not), so the
     graph went to plain Inductor (or, entered around the call, would have convolved in float32).
     Now each fold starts from the float32 weights, rounds once to bfloat16 as autocast rounds the
-    weight, and adds the bias at float32 after the op, as the BN adds its shift."""
-    model = eval_bn_for_finetuning(randomize_bn(ConvAndLinear(inside)))
-    x = torch.randn(4, 3, 10, 10)
-    ours, dtype, records = autocast_step(model, x, "bnfuse")
-    _, eager_dtype, _ = autocast_step(model, x, None)
-    inductor, _, _ = autocast_step(model, x, "inductor")
-    assert dtype == eager_dtype == torch.bfloat16
-    assert [(d.bn, d.folded, d.per_step) for r in records for d in r.decisions] == [
-        ("bn", True, True), ("bn1d", True, True)]
-    reference = float64_step(model, x)
-    assert_within_twice(errors(*ours, reference), errors(*inductor, reference), "Inductor under bfloat16 autocast")
+    weight, and adds the bias at float32 after the op, as the BN adds its shift.
+
+    bfloat16 errors of single gradients swing 0.1x-10x between systems from one seed to the next
+    (16x either way measured on this model), so the bound is on three seeds pooled: the geometric
+    mean of bnfuse's error over Inductor's (under the same autocast) at most 1.5, and no error
+    above 10x Inductor's (a wrong fold, a float32 convolution, is off by far more)."""
+    ratios = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = eval_bn_for_finetuning(randomize_bn(ConvAndLinear(inside)))
+        x = torch.randn(4, 3, 10, 10)
+        ours, dtype, records = autocast_step(model, x, "bnfuse")
+        _, eager_dtype, _ = autocast_step(model, x, None)
+        inductor, _, _ = autocast_step(model, x, "inductor")
+        assert dtype == eager_dtype == torch.bfloat16
+        if seed == 0:
+            assert [(d.bn, d.folded, d.per_step) for r in records for d in r.decisions] == [
+                ("bn", True, True), ("frozen", True, True), ("bn1d", True, True)]
+        reference = float64_step(model, x)
+        theirs = errors(*inductor, reference)
+        for name, error in errors(*ours, reference).items():
+            assert error <= 10 * theirs[name] + ROUNDING, f"seed {seed}, {name}: {error:.2e} vs {theirs[name]:.2e}"
+            ratios.append((error + ROUNDING) / (theirs[name] + ROUNDING))
+    assert math.exp(statistics.fmean(math.log(r) for r in ratios)) <= 1.5, sorted(ratios)
 
 
 @needs_autocast_tracing
@@ -770,3 +788,51 @@ def test_a_fold_with_a_python_number_in_it_folds_per_step():
     assert [d.status for r in records for d in r.decisions] == ["folded per step"]
     ours, inductors = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
     assert_within_twice(ours, inductors, "Inductor")
+
+
+@pytest.mark.slow
+@needs_autocast_tracing
+def test_fasterrcnn_finetuning_loop_under_bfloat16_autocast():
+    """Issue 31, item 5: a detection model fine-tuned as people run it, a FrozenBatchNorm2d
+    backbone compiled, three SGD steps under bfloat16 autocast on CPU: every backbone BN folds per
+    step, and the run stays with eager's under the same autocast.
+
+    bfloat16 runs drift apart step by step (the samplers then pick other proposals), plain
+    Inductor's too: measured, its second loss 6% off eager's, its backbone update 0.985 in cosine
+    and 17% off in norm; bnfuse's 0.993 and 12%. Bounds: the first loss (same weights) within 1%,
+    every loss within 10%, the backbone's update at least 0.95 in cosine and within 35% (a fold
+    with a wrong scale moves it elsewhere entirely)."""
+    torch.manual_seed(0)
+    model = frozen_bn_backbone(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=96,
+        rpn_batch_size_per_image=16, box_batch_size_per_image=16)).train()
+    images = [torch.rand(3, 96, 96) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 30.0, 40.0, 90.0]]), "labels": torch.tensor([2])}]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("backbone.")}
+    eager = copy.deepcopy(model)
+    model.backbone = torch.compile(model.backbone, backend="bnfuse")
+
+    def finetune(module: nn.Module) -> tuple[list[float], torch.Tensor]:
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+        losses = []
+        for step_ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(step_)  # the samplers draw the same proposals in both
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = sum(module(images, targets).values())
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        params = {n.replace("._orig_mod", ""): p.detach() for n, p in module.named_parameters()}
+        return losses, torch.cat([(params[n] - p).flatten() for n, p in start.items()])
+
+    with compilefuse.report.collecting() as records:
+        losses, update = finetune(model)
+    eager_losses, eager_update = finetune(eager)
+    decisions = [d for r in records for d in r.decisions]
+    assert sum(d.status == "folded per step" for d in decisions) >= 30, [str(d) for d in decisions]
+    assert losses[0] == pytest.approx(eager_losses[0], rel=1e-2)
+    assert losses == pytest.approx(eager_losses, rel=0.1)
+    assert float(F.cosine_similarity(update, eager_update, dim=0)) >= 0.95
+    assert float((update - eager_update).norm() / eager_update.norm()) <= 0.35

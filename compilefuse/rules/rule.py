@@ -202,9 +202,18 @@ class FoldRule:
             if not value.is_floating_point() or value.is_complex():
                 return f"{name} has dtype {value.dtype}, only real floating point is folded"
         before, after = site.normalised.meta["val"].dtype, site.bn.meta["val"].dtype
-        if before != after:
+        if before != after and not self._promotes_to_bias_dtype(site, frozen, before, after):
             return f"the normalisation changes the dtype ({before} to {after})"
         return None
+
+    def _promotes_to_bias_dtype(self, site: BnSite, frozen: Frozen, before: torch.dtype, after: torch.dtype) -> bool:
+        """A normalisation after the op that promotes its low-precision output to the precision the
+        folded bias keeps (``_bias_dtype``): torchvision's ``FrozenBatchNorm2d`` under autocast,
+        whose float32 scale times a bfloat16 conv output is float32. Folded, the op's output plus
+        that bias is the same dtype, its rounding moved from the op's output to the folded weight."""
+        weight = _constants.frozen_operand(site.weight, frozen)
+        return self.side is Side.OUTPUT and before == _computes_in(site) and weight is not None \
+            and _bias_dtype(site, weight) == after
 
     def fold(self, site: BnSite, frozen: Frozen) -> Folded:
         """The folded weight and bias of a site ``refusal`` passes: computed in float64 from the
@@ -264,7 +273,8 @@ class FoldRule:
             data = site.bn_input if data is site.bn else data
         rebuild = self.producer.rebuild(site)
         if result.bias.dtype != _computes_in(site):  # autocast: the bias at full precision, after the op
-            rebuild = _bias_after(rebuild, _computes_in(site))
+            replaced = site.bn if site.side is Side.OUTPUT else site.producer
+            rebuild = _bias_after(rebuild, replaced.meta["val"].dtype)
         if site.side is Side.OUTPUT and site.chain:  # the BN's place: the op, then the same shape ops
             rebuild = _then(rebuild, site.chain)
         run.replace(match, rebuild, [data, weight, bias])
@@ -350,12 +360,12 @@ def _bias_dtype(site: BnSite, weight: _constants.FrozenOperand) -> torch.dtype:
 
 
 def _bias_after(op: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """``op`` without a bias, the bias added to its output at the bias's precision and the sum cast
-    to ``dtype`` (what the op gave): as a BN adds its shift to a low-precision input."""
+    """``op`` without a bias, the bias added to its output at the bias's precision and the sum in
+    ``dtype`` (what the value the fold replaces had): as a BN adds its shift to a low-precision input."""
     def op_then_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         out = op(x, weight, None)
-        channels = aten.reshape.default(bias, [-1] + [1] * (out.dim() - 2))
-        return aten._to_copy.default(aten.add.Tensor(out, channels), dtype=dtype)
+        summed = aten.add.Tensor(out, aten.reshape.default(bias, [-1] + [1] * (out.dim() - 2)))
+        return summed if summed.dtype == dtype else aten._to_copy.default(summed, dtype=dtype)
 
     return op_then_bias
 
