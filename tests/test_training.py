@@ -493,25 +493,9 @@ def test_autocast_folds_per_step_in_autocasts_dtypes_with_gradients_as_exact_as_
 
 @needs_autocast_tracing
 def test_saved_for_backward_under_bfloat16_autocast_is_at_most_inductors():
-    """Bytes autograd saves for backward under bfloat16 autocast (the model's own tensors left
-    out): the folded graph saves no float32 copy of a BN's input on top of Inductor's."""
-    model, x = eval_bn_for_finetuning(randomize_bn(resnet_style(width=16))), torch.randn(4, 3, 32, 32)
-    saved = {}
-    for name, backend, options in [("inductor", "inductor", None), ("bnfuse", "bnfuse", None),
-                                   ("efficient", "inductor", {"efficient_conv_bn_eval_fx_passes": True})]:
-        torch._dynamo.reset()
-        copy_ = copy.deepcopy(model)
-        fn = torch.compile(copy_, backend=backend, options=options)
-
-        def run(fn=fn) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return loss_of(fn(x))
-
-        with compilefuse.report.collecting() as records:
-            run().backward()  # compiled (forward and backward) before measuring
-        if name == "bnfuse":
-            assert all(d.folded for r in records for d in r.decisions)
-        saved[name] = saved_bytes(run, [*copy_.parameters(), *copy_.buffers()])
+    """Under bfloat16 autocast: the folded graph saves no float32 copy of a BN's input on top of
+    Inductor's."""
+    saved = saved_for_backward_per_system(torch.bfloat16)
     assert saved["bnfuse"] <= saved["inductor"], saved
     assert saved["bnfuse"] <= saved["efficient"], saved
 
@@ -533,9 +517,10 @@ def test_training_option_off_compiles_autograd_graphs_unfolded_with_one_warning(
         torch.testing.assert_close(g, eager_grads[name], msg=name)
 
 
-def test_saved_for_backward_is_below_efficient_conv_bn_eval_and_three_quarters_of_inductor():
-    """Bytes autograd saves for backward (the model's own tensors left out), one step of a
-    ResNet-style model with every BN in eval mode."""
+def saved_for_backward_per_system(autocast: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes autograd saves for backward (the model's own tensors left out) in one step of a
+    ResNet-style model with every BN in eval mode, per system, under ``autocast`` if given; every
+    BN folded per step by bnfuse."""
     model, x = eval_bn_for_finetuning(randomize_bn(resnet_style(width=16))), torch.randn(4, 3, 32, 32)
     saved = {}
     for name, backend, options in [("inductor", "inductor", None), ("bnfuse", "bnfuse", None),
@@ -543,8 +528,21 @@ def test_saved_for_backward_is_below_efficient_conv_bn_eval_and_three_quarters_o
         torch._dynamo.reset()
         copy_ = copy.deepcopy(model)
         fn = torch.compile(copy_, backend=backend, options=options)
-        loss_of(fn(x)).backward()  # compiled (forward and backward) before measuring
-        saved[name] = saved_bytes(lambda fn=fn: loss_of(fn(x)), [*copy_.parameters(), *copy_.buffers()])
+
+        def run(fn=fn) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                return loss_of(fn(x))
+
+        with compilefuse.report.collecting() as records:
+            run().backward()  # compiled (forward and backward) before measuring
+        if name == "bnfuse":
+            assert all(d.folded for r in records for d in r.decisions)
+        saved[name] = saved_bytes(run, [*copy_.parameters(), *copy_.buffers()])
+    return saved
+
+
+def test_saved_for_backward_is_below_efficient_conv_bn_eval_and_three_quarters_of_inductor():
+    saved = saved_for_backward_per_system()
     assert saved["bnfuse"] <= saved["efficient"], saved
     assert saved["bnfuse"] <= 0.75 * saved["inductor"], saved
 
@@ -583,8 +581,9 @@ def frozen_bn_backbone(model: nn.Module) -> nn.Module:
     return randomize_bn(model)
 
 
-@pytest.mark.slow
-def test_fasterrcnn_training_step_with_frozen_bn_backbone():
+def detection_with_frozen_bn_backbone() -> tuple[nn.Module, list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A small fasterrcnn_mobilenet_v3_large_fpn in train mode, its backbone's BNs frozen, with two
+    images and their targets."""
     torch.manual_seed(0)
     model = frozen_bn_backbone(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=96,
@@ -592,6 +591,12 @@ def test_fasterrcnn_training_step_with_frozen_bn_backbone():
     images = [torch.rand(3, 96, 96) for _ in range(2)]
     targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[5.0, 30.0, 40.0, 90.0]]), "labels": torch.tensor([2])}]
+    return model, images, targets
+
+
+@pytest.mark.slow
+def test_fasterrcnn_training_step_with_frozen_bn_backbone():
+    model, images, targets = detection_with_frozen_bn_backbone()
     eager = copy.deepcopy(model)
 
     def train_step(fn, module):
@@ -802,13 +807,7 @@ def test_fasterrcnn_finetuning_loop_under_bfloat16_autocast():
     and 17% off in norm; bnfuse's 0.993 and 12%. Bounds: the first loss (same weights) within 1%,
     every loss within 10%, the backbone's update at least 0.95 in cosine and within 35% (a fold
     with a wrong scale moves it elsewhere entirely)."""
-    torch.manual_seed(0)
-    model = frozen_bn_backbone(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=3, min_size=96, max_size=96,
-        rpn_batch_size_per_image=16, box_batch_size_per_image=16)).train()
-    images = [torch.rand(3, 96, 96) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[5.0, 30.0, 40.0, 90.0]]), "labels": torch.tensor([2])}]
+    model, images, targets = detection_with_frozen_bn_backbone()
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("backbone.")}
     eager = copy.deepcopy(model)
     model.backbone = torch.compile(model.backbone, backend="bnfuse")
