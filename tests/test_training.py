@@ -547,6 +547,48 @@ def test_saved_for_backward_is_below_efficient_conv_bn_eval_and_three_quarters_o
     assert saved["bnfuse"] <= 0.75 * saved["inductor"], saved
 
 
+class MultiUserConvOp(nn.Module):
+    """PyTorch's ``test_efficient_conv_bn_eval.py`` model: a conv applied twice, a BN applied twice."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        kwargs = {"kernel_size": 3, "stride": 2, "bias": bias}
+        self.conv1, self.bn1 = nn.ConvTranspose3d(3, 32, **kwargs), nn.BatchNorm3d(32)
+        self.conv2, self.bn2 = nn.ConvTranspose3d(32, 32, **kwargs), nn.BatchNorm3d(32)
+        self.conv3, self.bn3 = nn.ConvTranspose3d(32, 32, **kwargs), nn.BatchNorm3d(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv1(x))
+        x = self.bn2(self.conv2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return self.bn3(x) + x
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["conv_without_bias", "conv_with_bias"])
+def test_bn_bias_gradients_through_a_folded_transposed_conv_are_as_exact_as_inductors(bias):
+    """Issue 31, item 4: bn3.bias's gradient was 250x Inductor's error. Folded, beta's gradient is
+    the conv's bias gradient, which ATen's ConvTranspose3d backward sums with float32 rounding
+    Inductor's reductions avoid (the unfolded conv's own bias gradient is 2.5e-2 off in every
+    system). Per step, the folded bias is now added after the conv, and Inductor sums its gradient.
+
+    With a conv bias, gamma's gradient is the folded weight's and bias's gradients summed back,
+    which cancel where the conv's output is far from the BN's running mean: up to 100x Inductor's
+    error (5e-5 relative), listed in limitations and bounded here at 300x."""
+    torch.manual_seed(0)
+    model, x = MultiUserConvOp(bias).eval(), torch.rand(4, 3, 4, 4, 4)
+    (loss, grads), records = compiled_step(model, x)
+    assert sum(d.folded and d.per_step for r in records for d in r.decisions) == 3
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    reference = float64_step(model, x)
+    ours, theirs = errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference)
+    eager = errors(*step(model, model, x), reference)
+    worst = {name: max(theirs[name], eager[name]) for name in ours}
+    cancels = {f"bn{i}.weight" for i in (1, 2, 3)} if bias else set()
+    for name, error in ours.items():
+        factor = 300 if name in cancels else 2
+        assert error <= factor * worst[name] + ROUNDING, f"{name}: {error:.2e} vs {worst[name]:.2e}"
+
+
 def test_explain_reports_a_training_graph():
     model = eval_bn_for_finetuning(randomize_bn(StemAndHead()))
     report = compilefuse.explain(model, torch.randn(2, 3, 10, 10), autograd=True)

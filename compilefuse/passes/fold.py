@@ -56,6 +56,8 @@ def fold_graph_per_step(
 class _FoldRun:
     """One application of the rules to one graph: each fold becomes constants, computed once."""
 
+    bias_after = False
+
     def __init__(self, graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         self.graph, self.frozen, self.enabled_rules, self.record = graph, frozen, enabled_rules, record
         self.real: Frozen = frozen
@@ -166,8 +168,11 @@ class _FoldRun:
 class _PerStepRun(_FoldRun):
     """The rules applied to a training graph: each fold is the same float64 arithmetic, traced
     into the graph before the op it feeds, so that it runs at every step on the tensors of that
-    step and autograd differentiates it (the weight, bias, and BN affine get exact gradients).
+    step and autograd differentiates it (the weight, bias, and BN affine get exact gradients); a
+    fold's bias is added after the op, its gradient summed by Inductor.
     Nothing is baked in; the values a rule sees are fake."""
+
+    bias_after = True
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
                  record: FoldRecord) -> None:
@@ -234,6 +239,8 @@ class _AsDataRun(_PerStepRun):
     one call in the graph (``prologue.Fold``), to be split out into a prologue that runs once
     per set of weights (``fold_prologue``). The value checks wait for real values: each call
     runs its fold's, on every set the prologue folds."""
+
+    bias_after = False  # an inference graph: no gradient to sum
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         super().__init__(graph, readable, {}, enabled_rules, record)

@@ -60,6 +60,10 @@ class RewriteContext(Protocol):
 
     frozen: Frozen  # every frozen node's value (real, or a fake one per step), folds' outputs included
     real: Frozen  # the real values of the graph's frozen inputs (per step too: their values at compile time)
+    #: Whether a fold's bias is added after the op rather than by it (``_bias_after``): per step,
+    #: so that the bias's gradient is Inductor's reduction, not the op's backward (ATen's
+    #: ConvTranspose3d bias reduction lost two digits of a BN's beta gradient).
+    bias_after: bool
 
     def enabled(self, rule_id: str) -> bool: ...
     # run ``compute``: refused, or its result; ``judge`` says why a result would round or overflow
@@ -272,7 +276,7 @@ class FoldRule:
                 reader.replace_input_with(site.bn, site.bn_input)
             data = site.bn_input if data is site.bn else data
         rebuild = self.producer.rebuild(site)
-        if result.bias.dtype != _computes_in(site):  # autocast: the bias at full precision, after the op
+        if result.bias.dtype != _computes_in(site) or run.bias_after:  # autocast: the bias at full precision
             replaced = site.bn if site.side is Side.OUTPUT else site.producer
             rebuild = _bias_after(rebuild, replaced.meta["val"].dtype)
         if site.side is Side.OUTPUT and site.chain:  # the BN's place: the op, then the same shape ops
