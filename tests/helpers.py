@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -115,3 +116,24 @@ def assert_counts_agree_with_graph(report: compilefuse.FoldReport, records, not_
     left = sum(r.bn_ops_after for r in records)
     assert report.folded == removed
     assert report.total - report.folded == left + not_inference
+
+
+def calls_racing(call: Callable[[], None], swap: Callable[[int], None], swaps: int, threads: int = 4) -> None:
+    """``call()`` in a loop on ``threads`` threads while this one runs ``swap(i)`` for each of
+    ``swaps`` swaps of the weights; the threads stop and are joined whatever happens."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            call()
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        for i in range(swaps):
+            swap(i)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()

@@ -7,11 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
-from helpers import float64_reference, randomize_bn, relative_error
+from helpers import calls_racing, float64_reference, randomize_bn, relative_error
 from torch import nn
 
 import compilefuse
@@ -105,25 +104,15 @@ def test_calls_racing_refits_answer_with_one_set_of_weights(package):
     for model in models:
         loaded.refit(model.state_dict())
         expected.append(loaded(X))
-    stop, mixed, answers = threading.Event(), [], []
+    mixed, answers = [], []
 
     def call() -> None:
-        while not stop.is_set():
-            out = loaded(X)
-            answers.append(out)
-            if not any(torch.equal(out, e) for e in expected):
-                mixed.append(out)
+        out = loaded(X)
+        answers.append(out)
+        if not any(torch.equal(out, e) for e in expected):
+            mixed.append(out)
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        for i in range(10):
-            loaded.refit(models[i % 2].state_dict())
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    calls_racing(call, lambda i: loaded.refit(models[i % 2].state_dict()), swaps=10)
     assert answers and not mixed
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import float64_reference, randomize_bn, relative_error
+from helpers import calls_racing, float64_reference, randomize_bn, relative_error
 from torch import nn
 
 import compilefuse
@@ -177,28 +177,21 @@ def test_a_refit_never_mixes_old_and_new_weights_in_one_answer():
     compiled = torch.compile(model, backend="bnfuse")
     with torch.inference_mode():
         compiled(x)
-    lock, stop, errors, calls = _ReadersWriter(), threading.Event(), [], []
+    lock, errors, calls = _ReadersWriter(), [], []
 
     def call() -> None:
-        while not stop.is_set():
-            with lock.reading(), torch.inference_mode():
-                out = compiled(x).double()
-            calls.append(1)
-            if min(relative_error(out, answer) for answer in answers) > 1e-5:
-                errors.append(out)
+        with lock.reading(), torch.inference_mode():
+            out = compiled(x).double()
+        calls.append(1)
+        if min(relative_error(out, answer) for answer in answers) > 1e-5:
+            errors.append(out)
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        for i in range(20):
-            with lock.writing():
-                model.load_state_dict(sets[(i + 1) % 2])
-            time.sleep(0.005)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+    def swap(i: int) -> None:
+        with lock.writing():
+            model.load_state_dict(sets[(i + 1) % 2])
+        time.sleep(0.005)
+
+    calls_racing(call, swap, swaps=20)
     assert not errors and len(calls) > 20
 
 

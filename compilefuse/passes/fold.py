@@ -194,9 +194,7 @@ class _PerStepRun(_FoldRun):
         values at compile time, and in float16, whose range a per-step fold could leave where the
         BN would not (that cannot be checked ahead)."""
         result = self._traced(compute)
-        computes_in = result.judged.dtype if isinstance(result, Folded) and result.judged is not None else \
-            getattr(getattr(result, "weight", None), "dtype", None)
-        if isinstance(result, Folded) and computes_in == torch.float16:
+        if isinstance(result, Folded) and (result.judged.dtype if result.judged else result.weight.dtype) == torch.float16:
             return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
         if isinstance(result, Folded) and judge is not None and all(leaf in self.real for leaf in self.leaves[compute]):
             with tp.real_tensor_math(), torch.no_grad():
