@@ -50,17 +50,6 @@ log = logging.getLogger("compilefuse")
 aten = torch.ops.aten
 
 
-class _NoCudaRuntimeNotice(logging.Filter):
-    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." (its C++ extension loader says
-    it at the first CPU compile on any machine with a CUDA toolkit and no GPU): nothing a user
-    compiling for CPU can act on, and it was the first thing the README's demo printed."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No CUDA runtime is found")
-
-
-logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
-
 #: The inference BatchNorm op that Inductor normally decomposes before any custom pass runs.
 BN_INFERENCE_OP = aten._native_batch_norm_legit_no_training.default
 
@@ -487,6 +476,18 @@ def autocast_on(device: str) -> bool:
         return torch.is_autocast_enabled(device)
     except (RuntimeError, ValueError):  # a device autocast does not know (meta on torch 2.6)
         return False
+
+
+#: The device types ``traced_global_state`` reads autocast's state of.
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def traced_global_state() -> tuple[Any, ...]:
+    """The process state a trace of a Dynamo graph depends on beyond its code and inputs, as
+    Dynamo's global-state guard sees it: autocast (per device type: on, dtype), grad mode, the
+    default dtype, deterministic algorithms."""
+    autocast = tuple((device, torch.get_autocast_dtype(device)) for device in AUTOCAST_DEVICES if autocast_on(device))
+    return autocast, torch.is_grad_enabled(), torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()
 
 
 def _before_autograd_decompositions() -> dict[Any, Callable[..., Any]]:

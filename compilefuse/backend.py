@@ -59,7 +59,7 @@ def bnfuse(
             _log_autograd_once(needing_grad)
             return compile_graph.plain(list(example_inputs), lambda: FoldRecord(traced_decisions(gm, autograd=True)))
         placeholders = gm.graph.find_nodes(op="placeholder")
-        key = (gm.code, repr(config), tuple(
+        key = (gm.code, repr(config), tp.traced_global_state(), tuple(
             compiled_graph.input_key(value, frozen=tp.is_module_state(node))
             for node, value in zip(placeholders, example_inputs, strict=True)
         ))
@@ -367,7 +367,7 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
 def _autocast_around() -> str | None:
     """Autocast entered around the compiled call: the per-step trace would lose its casts (the
     convolutions would run in float32), so such a graph is not folded per step."""
-    on = [device for device in ("cpu", "cuda", "xpu", "mps") if tp.autocast_on(device)]
+    on = [device for device in tp.AUTOCAST_DEVICES if tp.autocast_on(device)]
     return f"autocast ({', '.join(on)}) around the compiled call" if on else None
 
 

@@ -127,6 +127,7 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
          torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()))
     add((sorted(config.rules), sorted((k, repr(v)) for k, v in config.inductor_patches.items())))
     add(tp.inductor_settings())
+    add(tp.traced_global_state())  # autocast and the rest Dynamo guards but its graph's code omits
     add(gm.code)
     taken = set(kept)
     for index, value in enumerate(inputs):

@@ -438,3 +438,28 @@ def test_threads_racing_through_refolds_publish_one_record_per_compile():
                 thread.join()
     assert len(records) == 7
     assert_fresh(compiled, model, x, torch.no_grad)
+
+
+# -- one model called with and without autocast (found on issue 31's BN-before-conv row) ----------
+
+
+def bn_then_conv() -> nn.Module:
+    """Kept under autocast (its output is rounded to bfloat16 before the conv), folded without."""
+    return randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)).eval())
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["as_data", "cache_option"])
+def test_one_graph_called_with_and_without_autocast_answers_in_each_ones_dtype(cache, tmp_path, monkeypatch):
+    """Dynamo recompiles a graph when autocast is switched (its global-state guard), but gives the
+    backend the same graph code; bnfuse shared its compiled graphs (and the ``cache`` option its
+    packages) by code and inputs alone, so the second call answered in the first one's dtype
+    (bfloat16 outside autocast, or float32 inside)."""
+    monkeypatch.setenv("COMPILEFUSE_CACHE_DIR", str(tmp_path))
+    model, x = bn_then_conv(), torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, backend="bnfuse", options={"cache": cache})
+    reference = float64_reference(model, x)
+    for autocast in (True, False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, eager = compiled(x), model(x)
+        assert out.dtype == eager.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert relative_error(out.float(), reference) <= 2 * relative_error(eager.float(), reference) + 1e-6
