@@ -198,11 +198,32 @@ def op_name(node: object) -> str:
     return str(node.target).removesuffix(".default")
 
 
+#: Ops that change only a tensor's dtype: autocast's cast of an op's input is one.
+_CASTS = (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
+#: The ops a BN folds into, as they read an input autocast cast.
+_WEIGHTED = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+             torch.ops.aten.linear.default)
+
+
 def neighbours_description(bn: torch.fx.Node) -> str:
-    """Why no rule matched a kept BN (``bn`` is its output): what made its input, what reads it."""
+    """Why no rule matched a kept BN (``bn`` is its output): a cast to a lower precision between it
+    and the op reading it (autocast's), or what made its input and what reads it."""
     users = list(bn.users)
+    rounded = [user for user in users if _rounds_down(user, bn) and any(r.target in _WEIGHTED for r in user.users)]
+    if rounded:
+        dtype = str(rounded[0].meta["val"].dtype).removeprefix("torch.")
+        readers = sorted({op_name(reader) for user in rounded for reader in user.users if reader.target in _WEIGHTED})
+        return (f"its output is cast to {dtype} before {', '.join(readers)} (autocast): that rounding "
+                "sits between the two and would not move into the weights exactly")
     readers = sorted({"the graph output" if user.op == "output" else op_name(user) for user in users})
     return f"no conv or linear next to it (input from {op_name(bn.args[0].args[0])}, output to {', '.join(readers) or 'nothing'})"
+
+
+def _rounds_down(node: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """``node`` casts ``source`` to a dtype of fewer bits."""
+    before, after = source.meta.get("val"), node.meta.get("val")
+    return node.op == "call_function" and node.target in _CASTS and isinstance(before, torch.Tensor) \
+        and isinstance(after, torch.Tensor) and after.dtype.itemsize < before.dtype.itemsize
 
 
 def _bn_arg(node: torch.fx.Node, name: str) -> object:

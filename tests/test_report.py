@@ -119,6 +119,20 @@ bn          kept                 rule linear_bn disabled by options
 folded 0 of 2 BatchNorms; <t> ms in the folding rules""")
 
 
+def test_a_bn_whose_output_autocast_casts_down_before_a_conv_is_kept_for_that_reason():
+    """Issue 31: under autocast a BN on a float32 input is rounded to bfloat16 before the conv
+    after it, so it stays (that rounding would not move into the conv's weights exactly); the
+    report said "no conv or linear next to it (..., output to Conv2d)". Without autocast it folds."""
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)).eval())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (kept,) = compilefuse.explain(model, x).rows
+    (folded,) = compilefuse.explain(model, x).rows
+    assert not kept.folded
+    assert re.fullmatch(r"its output is cast to bfloat16 before conv2d \(autocast\): .*", kept.reason, re.IGNORECASE)
+    assert folded.folded
+
+
 def explain_with_records(model, *inputs):
     with compilefuse.report.collecting() as records:
         report = compilefuse.explain(model, *inputs)
