@@ -17,13 +17,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import cache_store
+from . import _notices, cache_store
 from .decisions import FoldDecision, FoldRecord
 from .loading import ExportedModel, ExportError, load
 from .report import FoldReport, collecting
 
 __version__ = "0.1.0"
 
+_notices.quiet()  # before any of our modules imports torch.utils.cpp_extension
 cache_store.register()  # before any load_cache_artifacts that holds bnfuse's packages
 
 #: The names whose modules import the compiler, and those modules.

@@ -6,6 +6,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,6 +251,38 @@ def test_train_under_autocast_folds_every_bn_and_refuses_autocast_without_train(
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--autocast", "bf16"])
     assert exit_info.value.code == 2 and "--autocast: only with --train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_cpu_runtime_systems_answer_as_eager(tmp_path, dynamic):
+    """ONNX Runtime and OpenVINO (issue 32: the CPU runtimes bnfuse is measured against) run the
+    model in float32 at the benchmark's thread count, at each batch size with --dynamic."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    json_path = tmp_path / "out.json"
+    cli.main(["--model", "bench_fixtures:tiny", "--systems", "eager", "onnxruntime", "openvino", "--threads", "2",
+              "--batch-size", "2", "3", *(["--dynamic"] if dynamic else []), "--json", str(json_path), *QUICK])
+    rows = json.loads(json_path.read_text())["results"]
+    assert {(r["system"], r["batch_size"]) for r in rows} == {(s, b) for s in ("eager", "onnxruntime", "openvino")
+                                                              for b in (2, 3)}
+    for row in rows:
+        assert row["status"] == "ok" and row["max_rel_error"] < 1e-5, row
+
+
+def test_cli_prints_no_warning_a_user_cannot_act_on(tmp_path):
+    """Issue 32: the CLI's first line was torch's "No CUDA runtime is found" (``torch.utils.benchmark``
+    imports the C++ extension loader before bnfuse's filter was installed), and the runtime
+    systems' exporters add torch.jit's deprecation notices. Only the table may be printed."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    tests = str(pathlib.Path(__file__).parent)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [tests, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "compilefuse.bench", "--model", "bench_fixtures:tiny", "--systems",
+                          "eager", "inductor", "bnfuse", "onnxruntime", "openvino", *QUICK], capture_output=True,
+                         text=True, env=env, timeout=600, check=True)
+    assert out.stderr == ""
+    assert out.stdout.splitlines()[0].split()[:3] == ["model", "batch", "system"]
 
 
 def test_folded_systems_run_the_plain_folded_module(tmp_path):

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +93,16 @@ def _reparameterized(model: nn.Module, example: torch.Tensor, settings: CompileS
     return torch.compile(model.reparameterize(), backend="bnfuse", mode=settings.mode, dynamic=settings.dynamic)
 
 
+@contextlib.contextmanager
+def _traced_by_torch_jit():
+    """Around an exporter that traces with ``torch.jit`` (ONNX's TorchScript exporter, OpenVINO's
+    frontend): torch's deprecation notice for it is addressed to the exporter, not to a user of
+    the benchmark."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+        yield
+
+
 def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
     """Export through ``torch.onnx`` (TorchScript exporter, no extra packages) and run on ORT's CPU
     provider with the same thread count as torch, its threads not spinning after a run: spinning
@@ -103,7 +114,7 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
         raise RuntimeError("the onnxruntime system runs on CPU only")
     buffer = io.BytesIO()
     dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if settings.dynamic else None
-    with torch.no_grad():
+    with torch.no_grad(), _traced_by_torch_jit():
         torch.onnx.export(model, (example,), buffer, input_names=["input"], output_names=["output"],
                           dynamic_axes=dynamic_axes, dynamo=False)
     options = onnxruntime.SessionOptions()
@@ -116,6 +127,28 @@ def _onnxruntime(model: nn.Module, example: torch.Tensor, settings: CompileSetti
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    return run
+
+
+def _openvino(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
+    """``openvino.convert_model`` (its own PyTorch frontend), compiled for its CPU plugin in float32
+    (its default on CPUs with bf16 or AMX units is a lower precision) with the benchmark's thread
+    count and the latency hint. OpenVINO's ``torch.compile`` backend is not used: it failed on
+    torch 2.14 ("sources must not be empty for symbol")."""
+    import openvino
+
+    if example.device.type != "cpu":
+        raise RuntimeError("the openvino system runs on CPU only")
+    shape = [-1, *example.shape[1:]] if settings.dynamic else list(example.shape)
+    with torch.no_grad(), _traced_by_torch_jit():
+        converted = openvino.convert_model(model, example_input=example, input=[shape])
+    compiled = openvino.Core().compile_model(converted, "CPU", {
+        "INFERENCE_NUM_THREADS": settings.threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(request.infer([x.numpy()])[0].copy())
 
     return run
 
@@ -179,5 +212,7 @@ SYSTEMS: dict[str, System] = {
                _reparameterized),
         System("onnxruntime", "torch.onnx export, ONNX Runtime CPU provider, same thread count", _onnxruntime,
                requires="onnxruntime"),
+        System("openvino", "openvino.convert_model, OpenVINO's CPU plugin in float32, same thread count",
+               _openvino, requires="openvino"),
     )
 }
