@@ -59,6 +59,25 @@ def test_replaced_parameter_refolds():
     assert_like_eager(compiled, model, x)
 
 
+def test_a_buffer_freed_and_replaced_at_its_old_address_refolds():
+    """The per-call check compares a frozen tensor by id (cheaper than a weak reference once the
+    graph has run and flushed the cache); a frozen tensor freed marks the check dead. Here a new
+    tensor takes the freed one's id, storage and version counter (a view of a detached alias),
+    with values changed through ``.data``: only the freed mark tells them apart."""
+    model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
+    compiled = compiled_and_checked(model, x)
+    alias = model[1].running_mean.detach()  # the same storage and version counter
+    old_id = id(model[1].running_mean)
+    model[1].running_mean = None
+    gc.collect()
+    alias.data.add_(3.0)  # new values, no version bump
+    views = [alias.view(-1) for _ in range(500)]
+    reused = [v for v in views if id(v) == old_id]
+    model[1].running_mean = (reused or views)[0]
+    del views, reused
+    assert_like_eager(compiled, model, x)
+
+
 def test_changed_dtype_is_answered_in_the_new_dtype():
     """Inductor's freezing cannot compile float64 convolutions once it has compiled a float32 one
     in the process (oneDNN prepacking): bnfuse falls back to plain Inductor for that graph."""
