@@ -155,7 +155,7 @@ def test_list_names_models_and_systems(capsys):
     assert cli.main(["--list"]) == 0
     out = capsys.readouterr().out
     for name in ("resnet_style", "dcgan_generator", "pointnet_head", "audio_cnn", "preact_cnn", "mobilenet_style",
-                 "resnet18", "convnext_tiny", "inductor-freezing", "limit", "onnxruntime"):
+                 "resnet18", "convnext_tiny", "inductor-freezing", "limit", "onnxruntime", "openvino"):
         assert name in out
 
 

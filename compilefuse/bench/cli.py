@@ -142,10 +142,11 @@ def print_catalog() -> None:
 
 
 def default_systems(device: str) -> list[str]:
-    on_request = ("onnxruntime", "reparameterized", "folded", "folded+inductor", "export+tune")
+    runtimes = ("onnxruntime", "openvino")  # CPU only, and optional
+    on_request = (*runtimes, "reparameterized", "folded", "folded+inductor", "export+tune")
     names = [name for name in SYSTEMS if name not in on_request]
-    if device == "cpu" and SYSTEMS["onnxruntime"].available() is None:
-        names.append("onnxruntime")
+    if device == "cpu":
+        names += [name for name in runtimes if SYSTEMS[name].available() is None]
     return names
 
 
