@@ -289,6 +289,38 @@ def static_tracing() -> Iterator[Callable[[Any], Any]]:
         yield lambda value: _fake(mode, value) if isinstance(value, torch.Tensor) else value
 
 
+try:  # torch >= 2.7 (AOTAutograd's and Inductor's own caches pickle graphs with it)
+    from torch.fx._graph_pickler import GraphPickler as _GraphPickler
+    from torch.fx._graph_pickler import Options as _GraphPicklerOptions
+except ImportError:  # torch 2.6
+    _GraphPickler = _GraphPicklerOptions = None
+
+#: Whether this torch pickles a graph exactly (its code, node names and fake values): bnfuse's fold
+#: cache needs that for Inductor's caches to hit on the graph it loads.
+PICKLES_GRAPHS = _GraphPickler is not None
+
+
+def graph_to_bytes(gm: torch.fx.GraphModule) -> bytes:
+    """``gm`` with its fake values, every operator allowed (the default refuses oneDNN's)."""
+    assert _GraphPickler is not None and _GraphPicklerOptions is not None
+    return _GraphPickler.dumps(gm, _GraphPicklerOptions(ops_filter=None))
+
+
+def graph_from_bytes(data: bytes) -> torch.fx.GraphModule:
+    """A graph ``graph_to_bytes`` wrote, its fake values in a fresh fake mode of static sizes."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    assert _GraphPickler is not None
+    gm = _GraphPickler.loads(data, torch._subclasses.fake_tensor.FakeTensorMode(shape_env=ShapeEnv()))
+    assert isinstance(gm, torch.fx.GraphModule)
+    return gm
+
+
+def caches_disabled() -> bool:
+    """Inductor's caches are off (``TORCHINDUCTOR_FORCE_DISABLE_CACHES``): so is bnfuse's fold cache."""
+    return bool(inductor_config.force_disable_caches)
+
+
 def static_fake(value: torch.Tensor) -> Any:
     """``value`` as a fake tensor of static sizes in the fake mode of the compile under way."""
     return _fake(torch._guards.detect_fake_mode(), value)

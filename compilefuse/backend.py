@@ -19,10 +19,18 @@ from typing import Any
 import torch
 
 from . import _torch_private as tp
-from . import compiled_graph, fold_prologue, freezing, graph_cache, versions, weight_packing
+from . import compiled_graph, fold_cache, fold_prologue, freezing, graph_cache, versions, weight_packing
 from .config import BnfuseConfig
 from .decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
-from .passes import BnFoldPass, PostGradPass, fold_graph_as_data, fold_graph_per_step, folded_graph_patches, merges_when_frozen
+from .passes import (
+    BnFoldPass,
+    PostGradPass,
+    fold_graph_as_data,
+    fold_graph_per_step,
+    folded_graph_patches,
+    merges_read_values,
+    merges_when_frozen,
+)
 from .prologue import RefitRefused
 from .report import RERUNS_WANTED, FoldReport, publish
 
@@ -163,30 +171,22 @@ class GraphCompiler:
         return self.folded(inputs)
 
     def _as_data(self, inputs: list[Any]) -> compiled_graph.Compiled:
-        traced = tp.forward_before_autograd(self.gm)
-        placeholders = traced.graph.find_nodes(op="placeholder")
-        written_nodes = tp.written_placeholders(traced.graph)
-        written = {i for i, node in enumerate(placeholders) if node in written_nodes}
+        start = time.perf_counter()
+        cache_key = fold_cache.key(self.gm, inputs, self._live, self._no_packing, self.config)
+        folded = fold_cache.load(cache_key) if cache_key is not None else None
         state = freezing.module_state(self.gm, inputs)
+        if folded is None:
+            folded = self._fold_as_data(inputs, state)
+            if cache_key is not None and folded.cacheable:
+                fold_cache.store(cache_key, folded)
+        written, record, parts = folded.written, folded.record, folded.split
         live = self._live | (written & set(state))
         freezing.check_written_state_apart(live, state, inputs)
-        readable = freezing.read_only_state(self.gm, inputs, live | written)
-        if merges_when_frozen(traced, {placeholders[i]: inputs[i] for i in readable}, self.config.rules):
-            raise _MergesWhenFrozen
-        record = FoldRecord(traced_decisions(self.gm, autograd=False))
-        start = time.perf_counter()
-        fold_graph_as_data(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
-                           self.config.rules, record)
-        traced.recompile()
-        patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
-        # Inductor drops a write to a graph input that a oneDNN convolution read first (as under
-        # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
-        no_packing = self._no_packing or bool(written - set(state))
-        pack = (lambda _convolution: False) if no_packing else fold_prologue.packing_choice(patches)
-        parts = fold_prologue.split(traced, readable, pack)
+        if tuple(freezing.read_only_state(self.gm, inputs, live | written)) != folded.readable:
+            raise RuntimeError("bnfuse: the fold read other state than these inputs are")  # a key incomplete
         freezing.check_writes_spare_frozen(sorted(written), parts.prologue.reads, inputs)
         prepared = parts.prologue(inputs)
-        record.seconds += time.perf_counter() - start
+        record.seconds = time.perf_counter() - start
         sort_in_program_order(record, self.gm.graph)
         named = dict(self._prefixes)
 
@@ -199,6 +199,7 @@ class GraphCompiler:
         # would give them symbolic sizes no guard can name. A static graph compiles in a fresh
         # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
         examples = [*prepared, *[inputs[i] for i in parts.kept]]
+        patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
         with torch.no_grad():
             if tp.has_symbolic_shapes(self.gm):
                 examples[:len(prepared)] = [tp.static_fake(value) for value in prepared]
@@ -212,13 +213,37 @@ class GraphCompiler:
             parts.kept,
             on_first_answer=lambda: self._publish(record, sort=False),
             on_rerun=lambda: publish(record, reused=True),
-            side_effects=bool(written) or tp.draws_random_numbers(traced.graph),
+            side_effects=bool(written) or folded.draws_random_numbers,
             live=tuple(sorted(live)),
             refit=parts.prologue,
             prepared=tuple(prepared),
             watched=parts.prologue.reads,
             report_for=report_for,
         )
+
+    def _fold_as_data(self, inputs: list[Any], state: Sequence[int]) -> fold_cache.Folded:
+        """Trace the graph before autograd, fold it (each fold one call) and split out the
+        prologue: everything the weights' values do not change (``fold_cache`` keeps it)."""
+        traced = tp.forward_before_autograd(self.gm)
+        placeholders = traced.graph.find_nodes(op="placeholder")
+        written_nodes = tp.written_placeholders(traced.graph)
+        written = {i for i, node in enumerate(placeholders) if node in written_nodes}
+        live = self._live | (written & set(state))
+        freezing.check_written_state_apart(live, state, inputs)
+        readable = freezing.read_only_state(self.gm, inputs, live | written)
+        if merges_when_frozen(traced, {placeholders[i]: inputs[i] for i in readable}, self.config.rules):
+            raise _MergesWhenFrozen
+        record = FoldRecord(traced_decisions(self.gm, autograd=False))
+        fold_graph_as_data(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
+                           self.config.rules, record)
+        traced.recompile()
+        # Inductor drops a write to a graph input that a oneDNN convolution read first (as under
+        # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
+        no_packing = self._no_packing or bool(written - set(state))
+        pack = (lambda _convolution: False) if no_packing else fold_prologue.packing_choice(self.config.inductor_patches)
+        parts = fold_prologue.split(traced, readable, pack)
+        return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
+                                 tp.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
 
     def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
         """Freeze every parameter and buffer except those the graph writes. Which those are,

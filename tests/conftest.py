@@ -25,6 +25,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _own_compilefuse_cache(tmp_path_factory, monkeypatch):
+    """Each test folds for itself: bnfuse's fold cache (kept across processes beside Inductor's)
+    gets a directory of its own, so a test that plants a failure in the fold sees the fold run."""
+    monkeypatch.setenv("COMPILEFUSE_CACHE_DIR", str(tmp_path_factory.mktemp("compilefuse_cache")))
+
+
 @pytest.fixture
 def restore_records():
     """Tests that fill bnfuse's process-wide record deque leave it as they found it."""

@@ -12,12 +12,13 @@ from .fold import (
     fold_graph,
     fold_graph_as_data,
     fold_graph_per_step,
+    merges_read_values,
     merges_when_frozen,
 )
 from .post_grad import PostGradPass
 
 __all__ = ["FOLDED_PREFIX", "BnFoldPass", "PostGradPass", "computed_from", "fold_graph", "fold_graph_as_data",
-           "fold_graph_per_step", "folded_graph_patches", "merges_when_frozen"]
+           "fold_graph_per_step", "folded_graph_patches", "merges_read_values", "merges_when_frozen"]
 
 
 def folded_graph_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:

@@ -333,15 +333,22 @@ def fold_graph_as_data(graph: torch.fx.Graph, readable: Frozen, enabled_rules: f
     _AsDataRun(graph, readable, enabled_rules, record).run()
 
 
+def merges_read_values(traced: torch.fx.GraphModule) -> bool:
+    """Whether ``merges_when_frozen`` reads the values it is given (a rule that runs on constants
+    only exists, and the graph sums anything), not the graph alone."""
+    sums = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+    return any(not rule.per_step for rule in RULES) and \
+        any(traced.graph.find_nodes(op="call_function", target=op) for op in sums)
+
+
 def merges_when_frozen(traced: torch.fx.GraphModule, values: Frozen, enabled_rules: frozenset[str]) -> bool:
     """Whether the rules that run only on constants (``branch_merge``: it reads the folded
     constants' values) would merge or judge anything in this graph, folding with ``values`` (node:
     real tensor) as constants: such a graph is folded frozen, so that they do. Judged on a copy,
     only where the graph sums anything."""
-    sums = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
-    frozen_only = {rule.id for rule in RULES if not rule.per_step}
-    if not frozen_only or not any(traced.graph.find_nodes(op="call_function", target=op) for op in sums):
+    if not merges_read_values(traced):
         return False
+    frozen_only = {rule.id for rule in RULES if not rule.per_step}
     twin = copy.deepcopy(traced)
     nodes = dict(zip(traced.graph.nodes, twin.graph.nodes, strict=True))
     record = FoldRecord()
