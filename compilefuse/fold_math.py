@@ -15,9 +15,30 @@ rounding and an fp16/bf16 fold adds no error beyond one final rounding.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 
 FOLD_DTYPE = torch.float64
+
+#: The dtype the fold functions below compute in: ``FOLD_DTYPE``, except inside ``computed_in``.
+_fold_dtype: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar("bnfuse_fold_dtype", default=FOLD_DTYPE)
+
+
+@contextlib.contextmanager
+def computed_in(dtype: torch.dtype) -> Iterator[None]:
+    """The fold functions compute in ``dtype`` meanwhile (a per-step fold under autocast: float32)."""
+    token = _fold_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _fold_dtype.reset(token)
+
+
+def fold_dtype() -> torch.dtype:
+    return _fold_dtype.get()
 
 
 def bn_scale_shift(
@@ -28,19 +49,19 @@ def bn_scale_shift(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of an inference BatchNorm, in float64."""
-    scale = torch.rsqrt(running_var.to(FOLD_DTYPE) + eps)
+    scale = torch.rsqrt(running_var.to(fold_dtype()) + eps)
     if gamma is not None:
-        scale = scale * gamma.to(FOLD_DTYPE)
-    shift = -running_mean.to(FOLD_DTYPE) * scale
+        scale = scale * gamma.to(fold_dtype())
+    shift = -running_mean.to(fold_dtype()) * scale
     if beta is not None:
-        shift = shift + beta.to(FOLD_DTYPE)
+        shift = shift + beta.to(fold_dtype())
     return scale, shift
 
 
 def scale_output_channels(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Scale a conv / linear weight laid out as (out_channels, ...): row ``c`` times ``scale[c]``."""
     view = scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    return weight.to(FOLD_DTYPE) * view
+    return weight.to(fold_dtype()) * view
 
 
 def scale_transposed_output_channels(
@@ -54,7 +75,7 @@ def scale_transposed_output_channels(
     """
     in_channels, out_per_group = weight.shape[:2]
     kernel = weight.shape[2:]
-    blocks = weight.to(FOLD_DTYPE).reshape(groups, in_channels // groups, out_per_group, *kernel)
+    blocks = weight.to(fold_dtype()).reshape(groups, in_channels // groups, out_per_group, *kernel)
     view = scale.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
     return (blocks * view).reshape(weight.shape)
 
@@ -78,10 +99,10 @@ def fold_into_input_channels(
 
     exact because every output sums every weight tap over real (never padded) inputs.
     """
-    weight64 = weight.to(FOLD_DTYPE)
+    weight64 = weight.to(fold_dtype())
     folded_weight = weight64 * input_channel_view(weight, scale, groups)
     through = (weight64 * input_channel_view(weight, shift, groups)).flatten(1).sum(1)
-    return folded_weight, through if bias is None else bias.to(FOLD_DTYPE) + through
+    return folded_weight, through if bias is None else bias.to(fold_dtype()) + through
 
 
 def fold_bias(
@@ -90,7 +111,7 @@ def fold_bias(
     """``b * scale + shift`` in float64 (a missing bias counts as zero)."""
     if bias is None:
         return shift.clone()
-    return bias.to(FOLD_DTYPE) * scale + shift
+    return bias.to(fold_dtype()) * scale + shift
 
 
 def cast_like(folded: torch.Tensor, original: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -118,8 +139,8 @@ def input_fold_growth(
 
     (1 for a centred input; infinite where eager's terms are all zero and the fold's are not).
     """
-    mean, var = running_mean.to(FOLD_DTYPE), running_var.to(FOLD_DTYPE)
+    mean, var = running_mean.to(fold_dtype()), running_var.to(fold_dtype())
     folded = scale.square() * (mean.square() + var)
-    eager = scale.square() * var + (0 if beta is None else beta.to(FOLD_DTYPE).square())
+    eager = scale.square() * var + (0 if beta is None else beta.to(fold_dtype()).square())
     growth = (folded / eager).sqrt()
     return torch.where(folded == 0, torch.ones_like(growth), growth)

@@ -57,6 +57,7 @@ class _FoldRun:
     """One application of the rules to one graph: each fold becomes constants, computed once."""
 
     bias_after = False
+    per_step = False
 
     def __init__(self, graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         self.graph, self.frozen, self.enabled_rules, self.record = graph, frozen, enabled_rules, record
@@ -173,6 +174,7 @@ class _PerStepRun(_FoldRun):
     Nothing is baked in; the values a rule sees are fake."""
 
     bias_after = True
+    per_step = True
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
                  record: FoldRecord) -> None:
@@ -239,6 +241,7 @@ class _AsDataRun(_PerStepRun):
     runs its fold's, on every set the prologue folds."""
 
     bias_after = False  # an inference graph: no gradient to sum
+    per_step = False  # each fold runs once per set of weights
 
     def __init__(self, graph: torch.fx.Graph, readable: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
         super().__init__(graph, readable, {}, enabled_rules, record)
