@@ -99,12 +99,14 @@ class ConvPools(nn.Module):
 
 
 def test_through_the_backend(monkeypatch):
+    """With Inductor's caches off: a cache hit (this test run before, the same sources) loads the
+    compiled code without running the post-grad pass, and nothing would be counted."""
     moved = []
     original = pool_relu.move_relu_after_max_pool
     monkeypatch.setattr(pool_relu, "move_relu_after_max_pool", lambda graph: moved.append(original(graph)) or moved[-1])
     model = randomize_bn(ConvPools().eval())
     wave, image = torch.randn(2, 1, 200), torch.randn(2, 3, 12, 12)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.compiler.config.patch(force_disable_caches=True):
         out = torch.compile(model, backend="bnfuse")(wave, image)
         eager = model(wave, image)
     assert moved == [2], "the two pools whose indices are unused"
