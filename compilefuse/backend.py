@@ -228,9 +228,7 @@ class GraphCompiler:
         placeholders = traced.graph.find_nodes(op="placeholder")
         written_nodes = tp.written_placeholders(traced.graph)
         written = {i for i, node in enumerate(placeholders) if node in written_nodes}
-        live = self._live | (written & set(state))
-        freezing.check_written_state_apart(live, state, inputs)
-        readable = freezing.read_only_state(self.gm, inputs, live | written)
+        readable = freezing.read_only_state(self.gm, inputs, self._live | written)
         if merges_when_frozen(traced, {placeholders[i]: inputs[i] for i in readable}, self.config.rules):
             raise _MergesWhenFrozen
         record = FoldRecord(traced_decisions(self.gm, autograd=False))

@@ -362,11 +362,17 @@ def _fold_dtype(site: BnSite, run: RewriteContext) -> torch.dtype:
     conversions to bfloat16, at every step, made a bf16 step on resnet18 1.5x Inductor's, and
     float32 then one rounding to bfloat16 lies within that rounding."""
     weight = _constants.frozen_operand(site.weight, run.frozen) if run.per_step else None
-    if weight is None or weight.value.dtype == fold_math.FOLD_DTYPE or not weight.value.is_floating_point():
-        return fold_math.FOLD_DTYPE
-    stored = weight.value.dtype
-    lower = torch.finfo(_computes_in(site)).bits < torch.finfo(stored).bits
-    return stored if lower else fold_math.FOLD_DTYPE
+    return (None if weight is None else _stored_above_op(site, weight)) or fold_math.FOLD_DTYPE
+
+
+def _stored_above_op(site: BnSite, weight: _constants.FrozenOperand) -> torch.dtype | None:
+    """The dtype the op's weight is stored in, where the op computes in a lower precision
+    (autocast); None elsewhere."""
+    stored = weight.value.dtype if weight.value.dtype != fold_math.FOLD_DTYPE else weight.dtype
+    computes = _computes_in(site)
+    if not stored.is_floating_point or not computes.is_floating_point:
+        return None
+    return stored if torch.finfo(computes).bits < torch.finfo(stored).bits else None
 
 
 def _computes_in(site: BnSite) -> torch.dtype:
@@ -379,9 +385,7 @@ def _bias_dtype(site: BnSite, weight: _constants.FrozenOperand) -> torch.dtype:
     lower precision than the weight is stored in (autocast), the stored one, for the op to add
     after it computes (``_bias_after``). A BN adds its shift at full precision: rounded to the op's
     dtype, the bias (and its gradient, in the backward) would carry that rounding too."""
-    stored = weight.value.dtype if weight.value.dtype != fold_math.FOLD_DTYPE else weight.dtype
-    lower = torch.finfo(_computes_in(site)).bits < torch.finfo(stored).bits
-    return stored if lower else weight.dtype
+    return _stored_above_op(site, weight) or weight.dtype
 
 
 def _bias_after(op: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
