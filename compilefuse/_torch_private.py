@@ -681,6 +681,32 @@ def recompute_in_backward(node: torch.fx.Node) -> None:
     node.meta["ac_graph_id"] = 0
 
 
+def outputs_for_backward(graph: torch.fx.Graph) -> list[int]:
+    """The outputs of a forward graph Inductor compiles that its user does not see (what AOTAutograd
+    saves for the backward, and mutated inputs' values), by ``compile_fx``'s mark on the output node.
+    Empty without the mark (``keep_output_stride=False``): then no output is known to be unseen. An
+    inference or backward graph marks all its outputs as seen."""
+    output = graph.find_nodes(op="output")[0]
+    seen = output.meta.get("user_visible_output_idxs")
+    if seen is None:
+        return []
+    return [i for i in range(len(output.args[0])) if i not in set(seen)]
+
+
+def keep_layout(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """``node`` through two aliases (to be inserted after the graph's last convolution): returned
+    from the graph, it keeps its own strides. Inductor gives a channels-last copy to an output that
+    lies on the way to a convolution (``GraphLowering.find_nodes_prefer_channels_last``), which is
+    every user of such a node, the first alias included; it propagates only up to the last
+    convolution, so the second alias is not on the way. (Torch 2.6 propagates through the whole
+    graph: there the copy stays, as without this.)"""
+    alias = node
+    for _ in range(2):
+        alias = graph.call_function(aten.alias.default, (alias,))
+        alias.meta["val"] = aten.alias.default(node.meta["val"])
+    return alias
+
+
 def written_placeholders(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """The inputs an aten graph that is not functionalised writes, data or metadata, directly or
     through a view: each argument an op's schema marks as written, followed back through views."""

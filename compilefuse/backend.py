@@ -25,6 +25,7 @@ from .decisions import FoldRecord, name_from_root, renamed, sort_in_program_orde
 from .passes import (
     BnFoldPass,
     PostGradPass,
+    SavedInputsPass,
     fold_graph_as_data,
     fold_graph_per_step,
     folded_graph_patches,
@@ -328,7 +329,8 @@ class GraphCompiler:
             body.recompile()
         record.seconds += time.perf_counter() - start
         traced.recompile()
-        call = tp.compile_with_inductor(traced, inputs, dict(self.config.inductor_patches), keep_bn=False)
+        patches = {**self.config.inductor_patches, "post_grad_custom_post_pass": SavedInputsPass()}
+        call = tp.compile_with_inductor(traced, inputs, patches, keep_bn=False)
         self._publish(record)
         return _ReportedAgain(call, record)
 

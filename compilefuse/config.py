@@ -90,7 +90,8 @@ def _inductor(value: Any) -> dict[str, Any]:
     unknown = sorted(set(value) - tp.inductor_config_keys())
     if unknown:
         raise _error(f"bnfuse: unknown Inductor config key(s) {unknown} in option 'inductor'")
-    reserved = sorted({"freezing", "joint_custom_pre_pass", "post_grad_custom_pre_pass"} & set(value))
+    reserved = sorted({"freezing", "joint_custom_pre_pass", "post_grad_custom_pre_pass", "post_grad_custom_post_pass"}
+                      & set(value))
     if reserved:
         raise _error(f"bnfuse: option 'inductor' may not set {reserved}: bnfuse controls them")
     return dict(value)

@@ -572,6 +572,35 @@ def test_saved_for_backward_is_below_efficient_conv_bn_eval_and_three_quarters_o
     assert saved["bnfuse"] <= 0.75 * saved["inductor"], saved
 
 
+@pytest.mark.parametrize("autocast", [None, pytest.param(torch.bfloat16, marks=needs_autocast_tracing)],
+                         ids=["float32", "bfloat16"])
+def test_the_forward_saves_no_copy_of_a_weight_it_folds(autocast):
+    """Inductor's layout optimisation returned each folded weight the backward recomputes its fold
+    from as a channels-last copy: a second copy of every folded weight alive from forward to
+    backward, float32 under autocast (``passes/saved_inputs.py``)."""
+    model, x = eval_bn_for_finetuning(randomize_bn(resnet_style(width=16))), torch.randn(4, 3, 32, 32)
+    weights = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    fn = torch.compile(model, backend="bnfuse")
+
+    def run() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            return loss_of(fn(x))
+
+    run().backward()
+    copies = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own and tuple(t.shape) in weights:
+            copies.append((tuple(t.shape), t.dtype, t.stride()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    loss.backward()
+    assert copies == []
+
+
 class MultiUserConvOp(nn.Module):
     """PyTorch's ``test_efficient_conv_bn_eval.py`` model: a conv applied twice, a BN applied twice."""
 

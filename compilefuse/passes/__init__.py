@@ -16,8 +16,9 @@ from .fold import (
     merges_when_frozen,
 )
 from .post_grad import PostGradPass
+from .saved_inputs import SavedInputsPass
 
-__all__ = ["FOLDED_PREFIX", "BnFoldPass", "PostGradPass", "computed_from", "fold_graph", "fold_graph_as_data",
+__all__ = ["FOLDED_PREFIX", "BnFoldPass", "PostGradPass", "SavedInputsPass", "computed_from", "fold_graph", "fold_graph_as_data",
            "fold_graph_per_step", "folded_graph_patches", "merges_read_values", "merges_when_frozen"]
 
 
