@@ -115,6 +115,46 @@ def test_branch_merge_refusal_reasons(a, b, reason):
     assert reason in seen, seen
 
 
+class InputWeightBranch(nn.Module):
+    """Two convs of one input summed, one of them with a weight the caller passes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, weight):
+        return self.conv(x) + nn.functional.conv2d(x, weight, padding=1)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "reason"),
+    [
+        (lambda: TwoBranches(nn.Sequential(nn.ConvTranspose2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
+                             bn_conv(3)),
+         lambda: (torch.randn(2, 8, 5, 5),), "a branch is a transposed convolution"),
+        (InputWeightBranch, lambda: (torch.randn(2, 8, 5, 5), torch.randn(8, 8, 3, 3)),
+         "a branch's weight or bias is not a frozen parameter or buffer"),
+    ],
+    ids=["transposed", "weight_from_an_input"],
+)
+def test_branch_merge_refuses_trees_it_cannot_merge_and_says_why(model, inputs, reason):
+    """Refusals read off the rule itself, and the answer still exact."""
+    from compilefuse.rules import branch_merge
+
+    seen = []
+    real = branch_merge._refusal
+
+    def spy(tree, frozen):
+        seen.append(real(tree, frozen))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(branch_merge, "_refusal", spy)
+        result = check(model(), *inputs())
+    assert reason in seen, seen
+    assert not merges(result)
+
+
 def test_branch_merge_disabled_keeps_the_identity_bn():
     result = check(branchy.RepBlock(8, 8), torch.randn(2, 8, 6, 6),
                    options={"rules": ["conv_bn", "conv_transpose_bn", "linear_bn", "bn_conv", "bn_linear"]})
@@ -237,6 +277,13 @@ def test_bn_over_a_dimension_that_is_not_the_linear_features_is_refused():
     [decision] = result.decisions
     assert not decision.folded
     assert decision.reason == "the BN's channels are not the linear's features (the reshapes between them move the channel axis)"
+
+
+def test_bn_on_tokens_with_dynamic_sizes_is_refused_and_exact():
+    result = check(NormLinear(), torch.randn(2, 5, 8), dynamic=True)
+    [decision] = result.decisions
+    assert not decision.folded
+    assert decision.reason == "dynamic sizes in the reshapes between the BN and the linear"
 
 
 # --- a BN read by several ops; FrozenBatchNorm2d before a conv -----------------------------------
