@@ -1,0 +1,81 @@
+"""Issue 32 item 1: what torch's public guard options do to bnfuse's per-call cost, against the
+package (``compilefuse.load``), which runs the same folds without Dynamo.
+
+Systems, interleaved round by round in one process, each timed with ``torch.utils.benchmark.Timer``
+(thread count set): bnfuse as is; with ``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``
+(no guards on module attributes, parameters and buffers); with ``skip_guard_eval_unsafe`` (the
+stance: guards checked only where several graphs compete); with Inductor's C++ wrapper; frozen (the
+weights compiled in, as the package has them); and the exported package.
+
+    python benchmarks/guard_options.py [--model mobilenet_v3_large] [--threads 2] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+
+import torch
+from torch.utils.benchmark import Timer
+
+import compilefuse
+from compilefuse.bench.catalog import resolve
+
+
+def model_and_input(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    spec = resolve(name)  # the bench's models: BN statistics calibrated
+    return spec.build(), spec.make_input(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mobilenet_v3_large")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, x = model_and_input(args.model)
+    with torch.no_grad():
+        reference = model(x)
+    calls = {}
+    calls["bnfuse"] = torch.compile(copy.deepcopy(model), backend="bnfuse")
+    calls["bnfuse, no nn-module guards"] = torch.compile(
+        copy.deepcopy(model), backend="bnfuse",
+        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    calls["bnfuse, cpp_wrapper"] = torch.compile(copy.deepcopy(model), backend="bnfuse",
+                                                 options={"inductor": {"cpp_wrapper": True}})
+    calls["bnfuse, freeze=True"] = torch.compile(copy.deepcopy(model), backend="bnfuse", options={"freeze": True})
+    skipping = torch.compile(copy.deepcopy(model), backend="bnfuse")
+
+    def skip_guard_eval(x: torch.Tensor, fn=skipping) -> torch.Tensor:
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return fn(x)
+
+    calls["bnfuse, skip_guard_eval_unsafe"] = skip_guard_eval
+    with tempfile.TemporaryDirectory() as tmp:
+        compilefuse.export(copy.deepcopy(model), (x,), f"{tmp}/model.pt2")
+        calls["package"] = compilefuse.load(f"{tmp}/model.pt2")
+        with torch.no_grad():
+            for name, fn in calls.items():
+                for _ in range(3):
+                    out = fn(x)
+                error = ((out - reference).abs().max() / reference.abs().max()).item()
+                print(f"{name}: relative error {error:.1e}", flush=True)
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            names = list(calls)
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    timer = Timer("fn(x)", globals={"fn": calls[name], "x": x}, num_threads=args.threads)
+                    times[name].append(timer.blocked_autorange(min_run_time=0.5).median * 1e3)
+    package = statistics.median(times["package"])
+    print(f"\n{args.model}, batch {x.shape[0]}, {args.threads} threads, medians of {args.rounds} rounds")
+    print("| system | ms per call | x package |\n| --- | --- | --- |")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {median / package:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
