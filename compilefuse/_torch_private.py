@@ -348,6 +348,17 @@ def _fake(mode: Any, value: torch.Tensor) -> Any:
         return torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
 
 
+def size_asserts_for_packed_inputs(patches: dict[str, Any]) -> dict[str, Any]:
+    """The size-assert setting for a graph that takes oneDNN-packed inputs. Inductor's C++ wrapper
+    checks each input's strides as ATen's C API reports them, which for a packed tensor are not
+    the ``(1, 0, ...)`` its fake (and Python's ``stride()``) has, so such a graph failed its first
+    call; the Python wrapper's check skips packed tensors. Without asserts: Dynamo's guards check
+    the user's inputs, and bnfuse's prologue makes the packed ones."""
+    if patches.get("cpp_wrapper", inductor_config.cpp_wrapper):
+        return {"size_asserts": False}
+    return {}
+
+
 def compiled_root() -> torch.nn.Module | None:
     """The model whose compiled call is running (``torch.compile(model)``'s ``OptimizedModule``, or
     a module after ``model.compile()``), found on the Python stack while Dynamo compiles one of its

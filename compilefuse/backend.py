@@ -201,6 +201,8 @@ class GraphCompiler:
         # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
         examples = [*prepared, *[inputs[i] for i in parts.kept]]
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
+        if any(getattr(value, "is_mkldnn", False) for value in prepared):
+            patches.update(tp.size_asserts_for_packed_inputs(patches))
         with torch.no_grad():
             if tp.has_symbolic_shapes(self.gm):
                 examples[:len(prepared)] = [tp.static_fake(value) for value in prepared]

@@ -95,3 +95,20 @@ def test_the_rule_on_hand_built_convolutions():
         assert packed((1, 8, 4, 4), (8, 8, 1, 1), torch.bfloat16)
         batch = mode.shape_env.create_unbacked_symint()
         assert packed((batch, 8, 4, 4), (8, 8, 1, 1))
+
+
+def test_inductors_cpp_wrapper_keeps_the_folds_and_the_packed_weights():
+    """Inductor's C++ wrapper checked a packed input's strides as ATen's C API reports them, not as
+    its fake has them: the graph failed its first call and bnfuse fell back to plain Inductor,
+    folding nothing (``tp.size_asserts_for_packed_inputs``)."""
+    import compilefuse
+
+    model, x = three_convolutions(), torch.randn(2, 4, 24, 24)
+    compiled = torch.compile(model, backend="bnfuse", options={"inductor": {"cpp_wrapper": True}})
+    with compilefuse.report.collecting() as records, torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        eager = model(x)
+    decisions = [d for r in records for d in r.decisions]
+    assert len(decisions) == 2 and all(d.folded for d in decisions), decisions
+    assert "\n".join(code).count("mkldnn__convolution_pointwise") >= 3  # the C shim's name for it
+    assert_matches_reference(out, eager, float64_reference(model, x))
