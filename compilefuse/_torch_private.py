@@ -54,7 +54,11 @@ aten = torch.ops.aten
 BN_INFERENCE_OP = aten._native_batch_norm_legit_no_training.default
 
 
-def _max_pool_ops() -> tuple[Any, ...]:
+@functools.cache
+def max_pool_ops() -> tuple[Any, ...]:
+    """Max-pool ops as a post-grad pass sees them: Inductor's decomposition into values and
+    offsets, or the ATen op where Inductor falls back. Output 0 is the pooled values in each. (A
+    function, not a constant: importing this module registers no prims.)"""
     import torch._inductor.inductor_prims  # registers the prims below
 
     decomposed = ("_low_memory_max_pool_with_offsets", "_low_memory_max_pool2d_with_offsets")  # torch >= 2.7, 2.6
@@ -65,11 +69,7 @@ def _max_pool_ops() -> tuple[Any, ...]:
     )
 
 
-#: Max-pool ops as a post-grad pass sees them: Inductor's decomposition into values and offsets, or
-#: the ATen op where Inductor falls back. Output 0 is the pooled values in each.
-MAX_POOL_OPS: tuple[Any, ...] = _max_pool_ops()
-
-__all__ = ["BN_INFERENCE_OP", "MAX_POOL_OPS", "CustomGraphPass", "Match", "PatternMatcherPass"]
+__all__ = ["BN_INFERENCE_OP", "CustomGraphPass", "Match", "PatternMatcherPass"]
 
 
 # --- Inductor: config, modes, the compile entry point ----------------------------------------------

@@ -40,7 +40,7 @@ def pool3d(x):
 
 
 def inductor_decomposition(x):  # the values + offsets form Inductor decomposes max-pools into
-    return tp.MAX_POOL_OPS[0](torch.relu(x), [3, 3], [2, 2], [1, 1], [1, 1], False)[0]
+    return tp.max_pool_ops()[0](torch.relu(x), [3, 3], [2, 2], [1, 1], [1, 1], False)[0]
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ _VIEWS = (aten.unsqueeze.default, aten.view.default)
 def move_relu_after_max_pool(graph: torch.fx.Graph) -> int:
     """Rewrite every ``max_pool(relu(x))`` of ``graph`` whose indices are unused; the count moved."""
     moved = 0
-    for pool in [n for op in tp.MAX_POOL_OPS for n in graph.find_nodes(op="call_function", target=op)]:
+    for pool in [n for op in tp.max_pool_ops() for n in graph.find_nodes(op="call_function", target=op)]:
         values = _only_values_read(pool)
         relu, views = _relu_before(pool.args[0])
         if values is None or relu is None:
