@@ -701,7 +701,8 @@ def outputs_for_backward(graph: torch.fx.Graph) -> list[int]:
     seen = output.meta.get("user_visible_output_idxs")
     if seen is None:
         return []
-    return [i for i in range(len(output.args[0])) if i not in set(seen)]
+    seen = set(seen)
+    return [i for i in range(len(output.args[0])) if i not in seen]
 
 
 def keep_layout(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:

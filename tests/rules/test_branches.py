@@ -89,32 +89,6 @@ def test_branch_merge_refuses_what_it_cannot_merge_exactly(model, size, reason):
         assert not identity.folded and identity.reason == reason, identity
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "reason"),
-    [
-        (bn_conv(3, 1, padding=0), bn_conv(1, 2, 0), "branches differ in stride: [1, 1], [2, 2]"),
-        (bn_conv(3, 2, 1), bn_conv(2, 2, 0),
-         "kernels are not centred alike (2 * padding - dilation * (kernel - 1) differs between branches)"),
-    ],
-)
-def test_branch_merge_refusal_reasons(a, b, reason):
-    """The reasons of refusals whose trees carry no BN of their own, read off the rule itself."""
-    from compilefuse.rules import branch_merge
-
-    seen = []
-    real = branch_merge._refusal
-
-    def spy(tree, frozen):
-        seen.append(real(tree, frozen))
-        return seen[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(branch_merge, "_refusal", spy)
-        size = 5 if reason.startswith("branches differ") else 8  # sizes at which the branches add up
-        check(TwoBranches(a, b), torch.randn(2, 8, size, size))
-    assert reason in seen, seen
-
-
 class InputWeightBranch(nn.Module):
     """Two convs of one input summed, one of them with a weight the caller passes in."""
 
@@ -129,16 +103,22 @@ class InputWeightBranch(nn.Module):
 @pytest.mark.parametrize(
     ("model", "inputs", "reason"),
     [
+        # sizes at which the branches add up
+        (lambda: TwoBranches(bn_conv(3, 1, padding=0), bn_conv(1, 2, 0)), lambda: (torch.randn(2, 8, 5, 5),),
+         "branches differ in stride: [1, 1], [2, 2]"),
+        (lambda: TwoBranches(bn_conv(3, 2, 1), bn_conv(2, 2, 0)), lambda: (torch.randn(2, 8, 8, 8),),
+         "kernels are not centred alike (2 * padding - dilation * (kernel - 1) differs between branches)"),
         (lambda: TwoBranches(nn.Sequential(nn.ConvTranspose2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
                              bn_conv(3)),
          lambda: (torch.randn(2, 8, 5, 5),), "a branch is a transposed convolution"),
         (InputWeightBranch, lambda: (torch.randn(2, 8, 5, 5), torch.randn(8, 8, 3, 3)),
          "a branch's weight or bias is not a frozen parameter or buffer"),
     ],
-    ids=["transposed", "weight_from_an_input"],
+    ids=["stride", "centring", "transposed", "weight_from_an_input"],
 )
-def test_branch_merge_refuses_trees_it_cannot_merge_and_says_why(model, inputs, reason):
-    """Refusals read off the rule itself, and the answer still exact."""
+def test_branch_merge_refusal_reasons(model, inputs, reason):
+    """The reasons of refusals whose trees carry no BN of their own, read off the rule itself; the
+    tree is not merged and the answer is exact."""
     from compilefuse.rules import branch_merge
 
     seen = []
