@@ -337,24 +337,28 @@ def set_value(node: torch.fx.Node, value: Any) -> None:
 
 
 def _fake(mode: Any, value: torch.Tensor) -> Any:
-    """A fake of ``value`` with static sizes. A oneDNN-packed weight becomes a strided fake of the
-    sizes and strides its own fake reports: Inductor compiles the same code for either (it reads
-    an input's sizes and strides, never its layout), and both its caches refuse a graph with an
-    input of oneDNN's layout ("mkldnn tensors unpickleable")."""
+    """A fake of ``value`` with static sizes. A oneDNN-packed weight becomes a strided fake of its
+    sizes: Inductor compiles the same code for either (it reads an input's sizes and strides, never
+    its layout), and both its caches refuse a graph with an input of oneDNN's layout ("mkldnn
+    tensors unpickleable"). A convolution's gets the strides its own fake reports, ``(1, 0, ...)``;
+    a linear layer's (2-D) contiguous ones, which Inductor's lowering of oneDNN's linear asks for
+    (it would copy the input otherwise)."""
     if not value.is_mkldnn:
         return mode.from_tensor(value, static_shapes=True)
-    stride = (1,) + (0,) * (value.dim() - 1)  # what FakeTensorMode reports for a oneDNN tensor
+    stride = (value.shape[1], 1) if value.dim() == 2 else (1,) + (0,) * (value.dim() - 1)
     with mode:
         return torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
 
 
-def size_asserts_for_packed_inputs(patches: dict[str, Any]) -> dict[str, Any]:
-    """The size-assert setting for a graph that takes oneDNN-packed inputs. Inductor's C++ wrapper
-    checks each input's strides as ATen's C API reports them, which for a packed tensor are not
-    the ``(1, 0, ...)`` its fake (and Python's ``stride()``) has, so such a graph failed its first
-    call; the Python wrapper's check skips packed tensors. Without asserts: Dynamo's guards check
-    the user's inputs, and bnfuse's prologue makes the packed ones."""
-    if patches.get("cpp_wrapper", inductor_config.cpp_wrapper):
+def size_asserts_for_packed_inputs(patches: dict[str, Any], inputs: Sequence[Any]) -> dict[str, Any]:
+    """The size-assert setting for a graph with these inputs. A oneDNN-packed one fails a size
+    assert where its fake's strides (``_fake``) are not what the check reads: Inductor's C++ wrapper
+    reads them from ATen's C API, which for a packed tensor are not ``(1, 0, ...)``; the Python
+    wrapper from ``stride()``, which is ``(1, 0)``, not the contiguous strides a packed linear
+    weight's fake has. Such a graph compiles without asserts: Dynamo's guards check the user's
+    inputs, and bnfuse's prologue makes the packed ones."""
+    packed = [value for value in inputs if getattr(value, "is_mkldnn", False)]
+    if packed and (patches.get("cpp_wrapper", inductor_config.cpp_wrapper) or any(v.dim() == 2 for v in packed)):
         return {"size_asserts": False}
     return {}
 
@@ -448,6 +452,32 @@ def mark_frozen(value: torch.Tensor) -> None:
 #: binary ops into, in its post-grad passes, frozen or not).
 MKLDNN_CONV_POINTWISE = torch.ops.mkldnn._convolution_pointwise.default
 MKLDNN_CONV_TRANSPOSE_POINTWISE = torch.ops.mkldnn._convolution_transpose_pointwise.default
+
+
+@functools.cache
+def packed_linear_op() -> Any:
+    """``compilefuse::packed_linear(input, weight, bias)``: oneDNN's linear on a weight packed ahead
+    (``mkldnn._linear_pointwise``), as an op Inductor calls rather than lowers. Inductor's lowering
+    of oneDNN's linear takes the weight from the graph's constants only ("weight must be a graph
+    constant"), and a graph compiled with the weights as data reads it as an input. Registered on
+    first use (importing this module registers no op); a fold loaded from the fold cache names it."""
+    library = torch.library.Library("compilefuse", "DEF")
+    library.define("packed_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor")
+    linear = torch.ops.mkldnn._linear_pointwise.default
+
+    def packed_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(input, weight, bias, "none", [], "")
+
+    def fake(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+    library.impl("packed_linear", packed_linear, "CompositeExplicitAutograd")  # a packed weight is MkldnnCPU
+    torch.library.register_fake("compilefuse::packed_linear", fake, lib=library)
+    _LIBRARIES.append(library)  # an op lives as long as its library
+    return torch.ops.compilefuse.packed_linear.default
+
+
+_LIBRARIES: list[Any] = []
 
 
 def onednn_takes(dtype: torch.dtype) -> bool:

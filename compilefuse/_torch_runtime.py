@@ -67,6 +67,13 @@ def pack_conv_weight(weight: torch.Tensor, *hyper: Any) -> torch.Tensor:
     return pack(weight.contiguous(), *hyper)
 
 
+def pack_linear_weight(weight_t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A matrix product's right operand ``weight_t`` (in x out, a linear layer's weight transposed)
+    reordered for oneDNN's linear with ``rows`` rows on the left, as Inductor's freezing packs a
+    frozen one when it compiles ahead of time."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous(), rows)
+
+
 def return_freed_memory() -> None:
     """Hand memory freed on the heap back to the system (glibc's ``malloc_trim``). A prologue's
     float64 intermediates (twice the weights it folds) are freed when it ends, but glibc's dynamic

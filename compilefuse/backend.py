@@ -201,8 +201,7 @@ class GraphCompiler:
         # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
         examples = [*prepared, *[inputs[i] for i in parts.kept]]
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
-        if any(getattr(value, "is_mkldnn", False) for value in prepared):
-            patches.update(tp.size_asserts_for_packed_inputs(patches))
+        patches.update(tp.size_asserts_for_packed_inputs(patches, prepared))
         with torch.no_grad():
             if tp.has_symbolic_shapes(self.gm):
                 examples[:len(prepared)] = [tp.static_fake(value) for value in prepared]
@@ -241,7 +240,7 @@ class GraphCompiler:
         # Inductor drops a write to a graph input that a oneDNN convolution read first (as under
         # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
         no_packing = self._no_packing or bool(written - set(state))
-        pack = (lambda _convolution: False) if no_packing else fold_prologue.packing_choice(self.config.inductor_patches)
+        pack = fold_prologue.NO_PACKING if no_packing else fold_prologue.packing_choice(self.config.inductor_patches)
         parts = fold_prologue.split(traced, readable, pack)
         return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
                                  tp.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))

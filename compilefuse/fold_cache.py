@@ -70,7 +70,7 @@ def key(gm: torch.fx.GraphModule, inputs: Sequence[Any], live: Collection[int], 
     add(_stable(config))
     add(tp.inductor_settings())
     add(tp.traced_global_state())
-    add((sorted(live), no_packing))
+    add((sorted(live), no_packing, torch.get_num_threads()))  # which weights are packed depends on threads
     add(gm.code)
     placeholders = gm.graph.find_nodes(op="placeholder")
     storages: dict[int, int] = {}
@@ -102,6 +102,7 @@ def load(cache_key: str) -> Folded | None:
     path = cache_store.fold_path(cache_key)
     if not os.path.isfile(path):
         return None
+    tp.packed_linear_op()  # a stored main graph may call it
     try:
         with open(path, "rb") as file:
             stored = pickle.load(file)

@@ -24,7 +24,7 @@ import torch.fx
 from . import _torch_private as tp
 from . import freezing, weight_packing
 from .passes import computed_from
-from .prologue import Fold, Packed, Prologue, Ref, Step
+from .prologue import Fold, Packed, PackedLinear, Prologue, Ref, Step
 
 aten = torch.ops.aten
 
@@ -37,10 +37,22 @@ class Split:
     kept: tuple[int, ...]
 
 
-def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Callable[[torch.fx.Node], bool]) -> Split:
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Which weights the prologue provides packed for oneDNN: ``convolution(node)`` for a CPU
+    convolution, ``linear(rows, in_features, out_features)`` for a matrix product by a weight."""
+
+    convolution: Callable[[torch.fx.Node], bool]
+    linear: Callable[[int, int, int], bool]
+
+
+NO_PACKING = Packing(lambda _convolution: False, lambda *_sizes: False)
+
+
+def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Packing) -> Split:
     """Split ``traced`` (its placeholders are the graph's inputs, in order) into the prologue
-    computed from the inputs ``readable`` alone and the main graph. ``pack(convolution)`` says
-    whether a CPU convolution whose weight the prologue provides reads it packed for oneDNN."""
+    computed from the inputs ``readable`` alone and the main graph, where the weights ``pack``
+    chooses are read packed for oneDNN."""
     placeholders = traced.graph.find_nodes(op="placeholder")
     sources = {placeholders[i] for i in readable}
     # Constants (a traced fold's Python numbers) are as fixed as module state.
@@ -55,7 +67,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Callable[
     twin = dict(zip(traced.graph.nodes, main.graph.nodes, strict=True))
     original = {v: k for k, v in twin.items()}
     first = next(iter(main.graph.nodes))
-    outputs: list[torch.fx.Node | tuple[torch.fx.Node, tuple[Any, ...]]] = []  # a value, or one packed
+    outputs: list[torch.fx.Node | tuple[torch.fx.Node, Packed | PackedLinear]] = []  # a value, or one packed
     inputs_for: dict[torch.fx.Node, torch.fx.Node] = {}  # a main placeholder: the prologue node it reads
     with main.graph.inserting_before(first):
         for k, node in enumerate(crossing):
@@ -67,23 +79,42 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Callable[
     for node in reversed(main.graph.nodes):
         if node.op == "call_function" and original[node] in prologue_nodes and not node.users:
             main.graph.erase_node(node)
-    for convolution in list(main.graph.find_nodes(op="call_function", target=aten.convolution.default)):
-        weight = convolution.args[1]
-        source = inputs_for.get(weight) or (original.get(weight) if original.get(weight) in sources else None)
-        hyper = _packing_hyper(convolution)
-        if source is None or hyper is None or not pack(convolution):
-            continue
+    def source_of(weight: torch.fx.Node) -> torch.fx.Node | None:
+        """The prologue node or module-state input a main-graph weight is, if it is one."""
+        return inputs_for.get(weight) or (original.get(weight) if original.get(weight) in sources else None)
+
+    def packed_input(value: Any, output: tuple[torch.fx.Node, Packed | PackedLinear]) -> torch.fx.Node:
         with main.graph.inserting_before(first):
             placeholder = main.graph.placeholder(f"bnfuse_packed_{len(outputs)}")
-        placeholder.meta["val"] = weight.meta.get("val")
-        outputs.append((source, hyper))
+        placeholder.meta["val"] = value
+        outputs.append(output)
+        return placeholder
+
+    def replace(old: torch.fx.Node, op: Any, args: tuple[Any, ...]) -> None:
+        with main.graph.inserting_before(old):
+            new = main.graph.call_function(op, args)
+        new.meta.update(old.meta)
+        old.replace_all_uses_with(new)
+        main.graph.erase_node(old)
+
+    for convolution in list(main.graph.find_nodes(op="call_function", target=aten.convolution.default)):
+        weight = convolution.args[1]
+        source, hyper = source_of(weight), _packing_hyper(convolution)
+        if source is None or hyper is None or not pack.convolution(convolution):
+            continue
+        placeholder = packed_input(weight.meta.get("val"), (source, Packed(-1, hyper)))
         op = tp.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else tp.MKLDNN_CONV_POINTWISE
-        with main.graph.inserting_before(convolution):
-            packed = main.graph.call_function(op, (
-                convolution.args[0], placeholder, convolution.args[2], *hyper[:-1], "none", [], ""))
-        packed.meta.update(convolution.meta)
-        convolution.replace_all_uses_with(packed)
-        main.graph.erase_node(convolution)
+        replace(convolution, op, (convolution.args[0], placeholder, convolution.args[2], *hyper[:-1], "none", [], ""))
+    for product in [*main.graph.find_nodes(op="call_function", target=aten.addmm.default),
+                    *main.graph.find_nodes(op="call_function", target=aten.mm.default)]:
+        bias, input, weight = product.args if product.target is aten.addmm.default else (None, *product.args)
+        source, rows = source_of(weight), _linear_rows(product, input, weight)
+        if source is None or rows is None or not pack.linear(rows, *weight.meta["val"].shape):  # (in, out)
+            continue
+        # oneDNN's linear reads the weight as the layer holds it (out x in), not transposed.
+        placeholder = packed_input(weight.meta["val"].new_empty(weight.meta["val"].shape[::-1]),
+                                   (source, PackedLinear(-1, rows)))
+        replace(product, tp.packed_linear_op(), (input, placeholder, bias))
     # Inputs nothing reads any more (a folded BN's statistics, a packed weight's plain copy) go.
     new = [n for n in main.graph.find_nodes(op="placeholder") if original.get(n) is None]
     kept_outputs = [(node, out) for node, out in zip(new, outputs, strict=True) if node.users]
@@ -104,7 +135,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Callable[
 
 
 def _as_data(traced: torch.fx.GraphModule, reads: list[int], nodes: list[torch.fx.Node],
-             outputs: list[torch.fx.Node | tuple[torch.fx.Node, tuple[Any, ...]]]) -> Prologue:
+             outputs: list[torch.fx.Node | tuple[torch.fx.Node, Packed | PackedLinear]]) -> Prologue:
     """The prologue computing ``outputs`` by the calls ``nodes`` from the graph inputs ``reads``:
     each node a step reading earlier values, a ``get_attr`` the constant it names."""
     placeholders = traced.graph.find_nodes(op="placeholder")
@@ -118,7 +149,8 @@ def _as_data(traced: torch.fx.GraphModule, reads: list[int], nodes: list[torch.f
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), argument)
         index[node] = len(reads) + len(steps)
         steps.append(Step(node.target, _plain(args), _plain(kwargs)))
-    return Prologue(reads, steps, [Packed(index[o[0]], o[1]) if isinstance(o, tuple) else index[o] for o in outputs])
+    return Prologue(reads, steps, [dataclasses.replace(o[1], source=index[o[0]]) if isinstance(o, tuple) else index[o]
+                                   for o in outputs])
 
 
 def _plain(value: Any) -> Any:
@@ -152,8 +184,24 @@ def _packing_hyper(convolution: torch.fx.Node) -> tuple[Any, ...] | None:
     return (list(padding), list(output_padding), list(stride), list(dilation), groups, list(x.shape))
 
 
-def packing_choice(patches: dict[str, Any]) -> Callable[[torch.fx.Node], bool]:
-    """Which convolutions read a packed weight: ``weight_packing.worth_packing``, or for every one
-    what ``cpp.weight_prepack`` says when the user sets it."""
+def _linear_rows(product: torch.fx.Node, input: Any, weight: Any) -> int | None:
+    """The rows of a CPU matrix product oneDNN's linear could run with ``weight`` packed (plain
+    ``addmm``, a 2-D float input of static size in a type oneDNN takes); None for any other."""
+    if product.kwargs.get("alpha", 1) != 1 or product.kwargs.get("beta", 1) != 1:
+        return None
+    x = input.meta.get("val") if isinstance(input, torch.fx.Node) else None
+    w = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.device.type != "cpu":
+        return None
+    if x.dtype != w.dtype or not tp.onednn_takes(w.dtype) or not all(isinstance(n, int) for n in (*x.shape, *w.shape)):
+        return None
+    return x.shape[0]
+
+
+def packing_choice(patches: dict[str, Any], linear: bool = True) -> Packing:
+    """Which weights are read packed: ``weight_packing``'s choice for each (linear layers' only
+    where ``linear``), or for every one what ``cpp.weight_prepack`` says when the user sets it."""
     setting = patches.get("cpp.weight_prepack")
-    return weight_packing.worth_packing if setting is None else (lambda _convolution: bool(setting))
+    if setting is None:
+        return Packing(weight_packing.worth_packing, weight_packing.worth_packing_linear if linear else NO_PACKING.linear)
+    return Packing(lambda _convolution: bool(setting), lambda *_sizes: bool(setting) and linear)

@@ -64,7 +64,7 @@ def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...
         like = tp.unlifted_module(decomposed)
         values = {**decomposed.state_dict, **decomposed.constants}
         patches = {**build_patches(like, args, config), "freezing": False}
-        plan = package_refit.plan(decomposed, config.rules, fold_prologue.packing_choice(patches), record)
+        plan = package_refit.plan(decomposed, config.rules, fold_prologue.packing_choice(patches, linear=False), record)
         inputs = plan.inputs(values)
         constants = plan.constants(plan.prologue(inputs), inputs)
         record.seconds = time.perf_counter() - start

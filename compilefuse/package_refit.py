@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -64,10 +64,10 @@ class Plan:
         return {name: value for name, value in zip(self.names, values, strict=True) if name is not None}
 
 
-def plan(program: torch.export.ExportedProgram, rules: frozenset[str], pack: Callable[[torch.fx.Node], bool],
+def plan(program: torch.export.ExportedProgram, rules: frozenset[str], pack: fold_prologue.Packing,
          record: FoldRecord) -> Plan:
     """Fold a decomposed exported program (in place) with the weights as data, adding the
-    decisions to ``record``; ``pack`` decides each CPU convolution's packing."""
+    decisions to ``record``; ``pack`` decides which weights are packed."""
     if program.graph_signature.buffers_to_mutate:
         raise ValueError("compilefuse.export(refittable=True): the model writes buffers "
                          f"({', '.join(sorted(program.graph_signature.buffers_to_mutate.values()))}); a refittable "

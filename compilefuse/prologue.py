@@ -19,7 +19,14 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ._torch_runtime import is_operator_overload, operator_named, pack_conv_weight, real_tensor_math, return_freed_memory
+from ._torch_runtime import (
+    is_operator_overload,
+    operator_named,
+    pack_conv_weight,
+    pack_linear_weight,
+    real_tensor_math,
+    return_freed_memory,
+)
 from .value_checks import Judge, Judged, value_refusal
 
 #: The aten calls of a fold's arithmetic (``passes.tape.Tape``): (op, flattened arguments, each
@@ -116,14 +123,31 @@ class Packed:
     #: padding, (transposed: output padding,) stride, dilation, groups, input size
     hyper: tuple[Any, ...]
 
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        return pack_conv_weight(value, *self.hyper)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLinear:
+    """An output that is a matrix product's right operand (value ``source``: a linear layer's
+    weight, transposed) packed for oneDNN's linear with ``rows`` rows on the left."""
+
+    source: int
+    rows: int
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        return pack_linear_weight(value, self.rows)
+
 
 class Prologue:
     """Values 0 .. len(reads)-1 are the graph inputs ``reads`` names, in that order; value
-    len(reads) + k is what step k computes. The outputs are values, or values packed for oneDNN."""
+    len(reads) + k is what step k computes. The outputs are values, or values packed for oneDNN
+    (``Packed``, ``PackedLinear``)."""
 
-    def __init__(self, reads: Sequence[int], steps: Sequence[Step], outputs: Sequence[int | Packed]) -> None:
+    def __init__(self, reads: Sequence[int], steps: Sequence[Step],
+                 outputs: Sequence[int | Packed | PackedLinear]) -> None:
         self._reads, self._steps, self._outputs = tuple(reads), tuple(steps), tuple(outputs)
-        needed = {o.source if isinstance(o, Packed) else o for o in outputs}
+        needed = {o if isinstance(o, int) else o.source for o in outputs}
         #: After which step each value is read for the last time (then dropped: the float64
         #: intermediates of a large model would otherwise all be held at once).
         last: dict[int, int] = {}
@@ -154,8 +178,7 @@ class Prologue:
                 values[first + k] = step.target(*_resolved(step.args, values), **_resolved(step.kwargs, values))
                 for done in self._last_use.get(k, ()):
                     values[done] = None
-            outputs = [pack_conv_weight(values[o.source], *o.hyper) if isinstance(o, Packed) else values[o]
-                       for o in self._outputs]
+            outputs = [values[o] if isinstance(o, int) else o(values[o.source]) for o in self._outputs]
         values.clear()
         return_freed_memory()
         return outputs

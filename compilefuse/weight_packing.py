@@ -10,6 +10,11 @@ choose oneDNN for that convolution, or where the convolution is large enough for
 to matter (mobilenet_v2's 1x1 expansions on 7x7 and 14x14 inputs: ATen's direct kernel made the
 model 1.1x slower). A ``cpp.weight_prepack`` the user sets decides instead, for every convolution
 of the compile.
+
+A linear layer's weight is packed for oneDNN's linear (``mkldnn._linear_pointwise``) where the
+product is large enough: oneDNN's call costs about 13 us more than ATen's ``addmm``, but on larger
+products it is 1.2-1.7x faster, and at batch 1 with two or more threads ATen's matrix-vector
+product runs on one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ from . import _torch_private as tp
 #: (``ConvParams::use_mkldnn`` in aten/src/ATen/native/Convolution.cpp: "for some case, native is faster").
 ATEN_ONEDNN_FROM_ELEMENTS = 20480
 
-#: Multiply-adds per call from which a convolution is packed whatever ATen would do.
+#: Multiply-adds per call from which a convolution is packed whatever ATen would do, and a linear
+#: layer's weight on one thread.
 PACK_FROM_MACS = 4_000_000
+
+#: Multiply-adds per call from which a linear layer's weight is packed when torch runs more than one thread.
+LINEAR_PACK_FROM_MACS = 500_000
 
 
 def worth_packing(convolution: torch.fx.Node) -> bool:
@@ -51,6 +60,12 @@ def worth_packing(convolution: torch.fx.Node) -> bool:
             all(s == 1 for s in stride) and all(d == 1 for d in dilation):
         return False
     return groups > 1 or (kernel_h > 3 and kernel_w > 3) or batch > 1 or input.numel() > ATEN_ONEDNN_FROM_ELEMENTS
+
+
+def worth_packing_linear(batch: int, in_features: int, out_features: int) -> bool:
+    """Whether oneDNN's packed linear is the faster for this product (at compile time's thread count)."""
+    macs = batch * in_features * out_features
+    return macs >= (LINEAR_PACK_FROM_MACS if torch.get_num_threads() > 1 else PACK_FROM_MACS)
 
 
 def packing(patches: Mapping[str, Any]) -> contextlib.AbstractContextManager:

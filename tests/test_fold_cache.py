@@ -83,9 +83,15 @@ def test_what_the_fold_depends_on_is_in_the_key():
     assert {row.bn for row in report.rows} == {"stem_bn", "head_bn"}
     answer(randomize_bn(Net(width=6).eval()), x)  # other weight shapes
     answer(randomize_bn(Net().eval()).double(), x.double())  # another dtype
-    assert len(entries()) == 6
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # which weights are packed depends on it
+        answer(model, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(entries()) == 7
     answer(model, x)  # and the first again: a hit
-    assert len(entries()) == 6
+    assert len(entries()) == 7
 
 
 def test_an_unreadable_entry_is_a_miss_and_is_replaced():
@@ -134,3 +140,40 @@ def test_a_fleet_gets_the_fold_through_save_cache_artifacts(tmp_path, monkeypatc
     model = randomize_bn(Net().eval())
     out, report = answer(model, x)
     assert report.folded == 2 and relative_error(out, float64_reference(model, x)) < 1e-5
+
+
+LINEAR_RUN = """
+import sys, torch
+from torch import nn
+import compilefuse
+from compilefuse import _torch_private
+from compilefuse.examples.models import randomize_bn
+from compilefuse.examples.reference import float64_reference, relative_error
+if sys.argv[1] == "warm":
+    def no_trace(*_args, **_kwargs):
+        raise AssertionError("traced again: the cached fold was not used")
+    _torch_private.forward_before_autograd = no_trace
+torch.manual_seed(int(sys.argv[2]))
+model = randomize_bn(nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 8)).eval())
+x = torch.randn(16, 512)
+with compilefuse.report.collecting() as records, torch.inference_mode():
+    out = torch.compile(model, backend="bnfuse", options={"strict": True})(x)
+assert sum(d.folded for r in records for d in r.decisions) == 1
+assert relative_error(out, float64_reference(model, x)) < 1e-5
+print("ok")
+"""
+
+
+def test_a_fresh_process_loads_a_fold_that_calls_the_packed_linear(tmp_path):
+    """A stored main graph names ``compilefuse::packed_linear``, an op registered on first use: a
+    fresh process that loads the fold (and traces nothing) must have it registered first."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COMPILEFUSE_CACHE_DIR": str(tmp_path / "compilefuse"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for run, seed in (("cold", "0"), ("warm", "1")):
+        done = subprocess.run([sys.executable, "-c", LINEAR_RUN, run, seed], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert len(os.listdir(tmp_path / "compilefuse" / "folds")) == 1

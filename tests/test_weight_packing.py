@@ -11,6 +11,7 @@ from torch import nn
 from torch._inductor.utils import run_and_get_code
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+import compilefuse
 from compilefuse import weight_packing
 
 PACKED = "torch.ops.mkldnn._convolution_pointwise.default("
@@ -112,3 +113,62 @@ def test_inductors_cpp_wrapper_keeps_the_folds_and_the_packed_weights():
     assert len(decisions) == 2 and all(d.folded for d in decisions), decisions
     assert "\n".join(code).count("mkldnn__convolution_pointwise") >= 3  # the C shim's name for it
     assert_matches_reference(out, eager, float64_reference(model, x))
+
+
+PACKED_LINEAR = "torch.ops.compilefuse.packed_linear.default("
+
+
+def linear_head() -> nn.Module:
+    """At batch 16: a 512x512 linear layer (4.2 M multiply-adds, packed at any thread count) with
+    its BN folded, and a 512x8 one (66 K, left to ATen's ``addmm``)."""
+    return randomize_bn(nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 8)).eval())
+
+
+@pytest.mark.parametrize("options,packed", [(None, 1), ({"inductor": {"cpp.weight_prepack": False}}, 0)],
+                         ids=["by-size", "user-packs-none"])
+def test_large_linear_layers_read_a_packed_weight_that_follows_the_model(options, packed, monkeypatch):
+    """The prologue packs a large linear layer's folded weight for oneDNN's linear, as freezing
+    packs a constant one, and packs it again after a weight changes: no recompile, no stale answer."""
+    from compilefuse import _torch_private as tp
+
+    compiles = []
+    original = tp.compile_with_inductor
+    monkeypatch.setattr(tp, "compile_with_inductor", lambda *a, **k: compiles.append(1) or original(*a, **k))
+    model, x = linear_head(), torch.randn(16, 512)
+    compiled = torch.compile(model, backend="bnfuse", options=options)
+    with compilefuse.report.collecting() as records, torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        eager = model(x)
+    assert sum(d.folded for r in records for d in r.decisions) == 1
+    assert "\n".join(code).count(PACKED_LINEAR) == packed
+    assert_matches_reference(out, eager, float64_reference(model, x))
+    with torch.no_grad():
+        model[0].weight.mul_(-0.5)
+        model[1].running_var.mul_(4.0)
+    with torch.inference_mode():
+        out, eager = compiled(x), model(x)
+    assert len(compiles) == 1  # refitted, not recompiled
+    assert_matches_reference(out, eager, float64_reference(model, x))
+
+
+def test_a_packed_linear_weight_under_inductors_cpp_wrapper():
+    """The C++ wrapper calls the packed linear through its proxy for ops it has no shim for, and
+    checks no input's strides (a packed weight's are not its fake's)."""
+    model, x = linear_head(), torch.randn(16, 512)
+    compiled = torch.compile(model, backend="bnfuse", options={"inductor": {"cpp_wrapper": True}, "strict": True})
+    with torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        eager = model(x)
+    assert "packed_linear" in "\n".join(code)
+    assert_matches_reference(out, eager, float64_reference(model, x))
+
+
+def test_the_linear_rule_on_sizes(monkeypatch):
+    """oneDNN's linear costs a fixed 13 us more than ``addmm``: packed from 4 M multiply-adds on one
+    thread, from 0.5 M on more (where ATen's matrix-vector product runs on one)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert weight_packing.worth_packing_linear(1, 960, 1280)  # mobilenet_v3_large's classifier
+    assert not weight_packing.worth_packing_linear(1, 256, 256)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not weight_packing.worth_packing_linear(1, 960, 1280)
+    assert weight_packing.worth_packing_linear(32, 512, 512)
