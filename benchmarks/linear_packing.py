@@ -62,6 +62,7 @@ def main() -> None:
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     timer = Timer("fn(x)", globals={"fn": calls[name], "x": x}, num_threads=args.threads)
                     times[name].append(timer.blocked_autorange(min_run_time=0.5).median * 1e3)
+    print({name: [round(t, 2) for t in values] for name, values in times.items()})
     package = statistics.median(times["package"])
     print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, medians of {args.rounds} rounds")
     print("| system | ms per call | x package |\n| --- | --- | --- |")

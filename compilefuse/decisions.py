@@ -11,6 +11,7 @@ import torch
 import torch.fx
 
 from . import _torch_runtime as tp  # not _torch_private: a loaded package's report must not import Dynamo
+from .graph_ops import CASTS
 
 AUTOGRAD_REASON = "autograd enabled (run under torch.inference_mode() to fold)"
 _BN_ARG_POSITIONS = {"running_mean": 1, "training": 5}
@@ -198,8 +199,6 @@ def op_name(node: object) -> str:
     return str(node.target).removesuffix(".default")
 
 
-#: Ops that change only a tensor's dtype: autocast's cast of an op's input is one.
-_CASTS = (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
 #: The ops a BN folds into, as they read an input autocast cast.
 _WEIGHTED = (torch.ops.aten.convolution.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
              torch.ops.aten.linear.default)
@@ -222,7 +221,7 @@ def neighbours_description(bn: torch.fx.Node) -> str:
 def _rounds_down(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     """``node`` casts ``source`` to a dtype of fewer bits."""
     before, after = source.meta.get("val"), node.meta.get("val")
-    return node.op == "call_function" and node.target in _CASTS and isinstance(before, torch.Tensor) \
+    return node.op == "call_function" and node.target in CASTS and isinstance(before, torch.Tensor) \
         and isinstance(after, torch.Tensor) and after.dtype.itemsize < before.dtype.itemsize
 
 

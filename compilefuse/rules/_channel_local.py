@@ -17,6 +17,7 @@ import torch
 import torch.fx
 
 from .._torch_private import BN_INFERENCE_OP
+from ..graph_ops import CASTS
 
 aten = torch.ops.aten
 
@@ -26,9 +27,9 @@ _PADS = {
 }
 #: Fresh buffers whose every value the padding then overwrites (circular padding builds one).
 _FRESH = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default}
-#: Casts on the way are allowed only to dtypes that hold every value of the BN's dtype exactly
-#: (a low-precision pad computes in float32 and casts back), and the op must read the BN's dtype.
-_CASTS = {torch.ops.prims.convert_element_type.default, aten._to_copy.default}
+#: Casts (``graph_ops.CASTS``) on the way are allowed only to dtypes that hold every value of the
+#: BN's dtype exactly (a low-precision pad computes in float32 and casts back), and the op must read
+#: the BN's dtype.
 _EXACT_HOLDERS = {
     torch.float16: {torch.float16, torch.float32, torch.float64},
     torch.bfloat16: {torch.bfloat16, torch.float32, torch.float64},
@@ -102,7 +103,7 @@ def _moved_inputs(node: torch.fx.Node) -> list[torch.fx.Node] | None:
         source, result = args[1].meta["val"], node.meta["val"]
         same_channels = source.dim() == result.dim() and tuple(source.shape[:2]) == tuple(result.shape[:2])
         return [args[0], args[1]] if same_channels else None
-    if target in _CASTS and not set(node.kwargs) - {"dtype"}:
+    if target in CASTS and not set(node.kwargs) - {"dtype"}:
         return [args[0]]
     if target in _PADS or target is aten.clone.default:
         return [args[0]]

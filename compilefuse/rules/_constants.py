@@ -21,12 +21,10 @@ import torch
 import torch.fx
 
 from ..fold_math import FOLD_DTYPE
+from ..graph_ops import CASTS
 
-aten, prims = torch.ops.aten, torch.ops.prims
+aten = torch.ops.aten
 
-#: Casts that autocast (or the user) puts between a frozen tensor and the op reading it (``to`` as
-#: a training graph's aten ops before autograd keep it).
-CASTS = (prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype)
 
 #: Ops a constant expression may use: shape changes, elementwise arithmetic and the reductions and
 #: products weight parametrisations use; nothing random, nothing that reads a run-time input. Casts

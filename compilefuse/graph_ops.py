@@ -1,0 +1,13 @@
+"""ATen ops that more than one part of bnfuse recognises in a graph, named once. Imports only torch:
+the report of a loaded package reads it too."""
+
+from __future__ import annotations
+
+import torch
+
+aten, prims = torch.ops.aten, torch.ops.prims
+
+#: Ops that change only a tensor's dtype: autocast's cast of an op's input (``convert_element_type``
+#: after decomposition, ``_to_copy`` before it), and ``to`` as a training graph's aten ops before
+#: autograd keep it.
+CASTS = frozenset({prims.convert_element_type.default, aten._to_copy.default, aten.to.dtype})
