@@ -101,6 +101,8 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Packing) 
         weight = convolution.args[1]
         source, hyper = source_of(weight), _packing_hyper(convolution)
         if source is None or hyper is None or not pack.convolution(convolution):
+            if _bias_after(convolution):
+                _add_bias_after(main.graph, convolution)
             continue
         placeholder = packed_input(weight.meta.get("val"), (source, Packed(-1, hyper)))
         op = tp.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else tp.MKLDNN_CONV_POINTWISE
@@ -182,6 +184,31 @@ def _packing_hyper(convolution: torch.fx.Node) -> tuple[Any, ...] | None:
     if (groups > 1 and groups == w.shape[0]) or any(o >= s for o, s in zip(output_padding, stride, strict=True)):
         return None
     return (list(padding), list(output_padding), list(stride), list(dilation), groups, list(x.shape))
+
+
+def _bias_after(convolution: torch.fx.Node) -> bool:
+    """Whether a CPU convolution left to ATen's direct kernel (``weight_packing.worth_packing``
+    false) takes its bias as an add after it, which Inductor fuses into the next kernel, as plain
+    Inductor adds an unfolded BN: ATen's kernel writes a bias into its output by a copy first
+    (docs/benchmarks.md). The arithmetic is the same up to where one float32 addition falls."""
+    bias, output = convolution.args[2], convolution.meta.get("val")
+    return isinstance(bias, torch.fx.Node) and not convolution.args[6] and isinstance(output, torch.Tensor) \
+        and output.device.type == "cpu" and not weight_packing.worth_packing(convolution)
+
+
+def _add_bias_after(graph: torch.fx.Graph, convolution: torch.fx.Node) -> None:
+    bias, output = convolution.args[2], convolution.meta["val"]
+    shape = [-1] + [1] * (output.dim() - 2)
+    with graph.inserting_before(convolution):
+        bare = graph.call_function(aten.convolution.default, (convolution.args[0], convolution.args[1], None,
+                                                              *convolution.args[3:]))
+        column = graph.call_function(aten.view.default, (bias, shape))
+        added = graph.call_function(aten.add.Tensor, (bare, column))
+    bare.meta.update(convolution.meta)
+    column.meta["val"] = bias.meta["val"].view(shape)
+    added.meta.update(convolution.meta)
+    convolution.replace_all_uses_with(added)
+    graph.erase_node(convolution)
 
 
 def _linear_rows(product: torch.fx.Node, input: Any, weight: Any) -> int | None:

@@ -172,3 +172,17 @@ def test_the_linear_rule_on_sizes(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert not weight_packing.worth_packing_linear(1, 960, 1280)
     assert weight_packing.worth_packing_linear(32, 512, 512)
+
+
+def test_a_convolution_left_to_aten_adds_its_folded_bias_after_it():
+    """The two small convolutions ATen runs with its direct kernel take no bias: the folded bias is
+    an add Inductor fuses into the ReLU after them; the packed one keeps it in oneDNN's call."""
+    model, x = three_convolutions(), torch.randn(1, 4, 24, 24)
+    compiled = torch.compile(model, backend="bnfuse", options={"strict": True})
+    with torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        eager = model(x)
+    calls = [line for line in "\n".join(code).splitlines() if "extern_kernels.convolution(" in line]
+    assert len(calls) == 2 and all("bias=None" in line for line in calls), calls
+    assert "\n".join(code).count(PACKED) == 1
+    assert_matches_reference(out, eager, float64_reference(model, x))
