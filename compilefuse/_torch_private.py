@@ -338,27 +338,33 @@ def set_value(node: torch.fx.Node, value: Any) -> None:
 
 def _fake(mode: Any, value: torch.Tensor) -> Any:
     """A fake of ``value`` with static sizes. A oneDNN-packed weight becomes a strided fake of its
-    sizes: Inductor compiles the same code for either (it reads an input's sizes and strides, never
-    its layout), and both its caches refuse a graph with an input of oneDNN's layout ("mkldnn
-    tensors unpickleable"). A convolution's gets the strides its own fake reports, ``(1, 0, ...)``;
-    a linear layer's (2-D) contiguous ones, which Inductor's lowering of oneDNN's linear asks for
-    (it would copy the input otherwise)."""
+    sizes and ``_packed_fake_stride``: Inductor compiles the same code for either (it reads an
+    input's sizes and strides, never its layout), and both its caches refuse a graph with an input
+    of oneDNN's layout ("mkldnn tensors unpickleable")."""
     if not value.is_mkldnn:
         return mode.from_tensor(value, static_shapes=True)
-    stride = (value.shape[1], 1) if value.dim() == 2 else (1,) + (0,) * (value.dim() - 1)
     with mode:
-        return torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
+        return torch.empty_strided(value.shape, _packed_fake_stride(value), dtype=value.dtype, device=value.device)
+
+
+def _packed_fake_stride(value: torch.Tensor) -> tuple[int, ...]:
+    """The strides a packed weight's fake gets: a convolution's those its own fake reports,
+    ``(1, 0, ...)``; a linear layer's (2-D) contiguous ones, which Inductor's lowering of oneDNN's
+    linear asks for (it would copy the input otherwise)."""
+    return (value.shape[1], 1) if value.dim() == 2 else (1,) + (0,) * (value.dim() - 1)
 
 
 def size_asserts_for_packed_inputs(patches: dict[str, Any], inputs: Sequence[Any]) -> dict[str, Any]:
     """The size-assert setting for a graph with these inputs. A oneDNN-packed one fails a size
-    assert where its fake's strides (``_fake``) are not what the check reads: Inductor's C++ wrapper
-    reads them from ATen's C API, which for a packed tensor are not ``(1, 0, ...)``; the Python
-    wrapper from ``stride()``, which is ``(1, 0)``, not the contiguous strides a packed linear
-    weight's fake has. Such a graph compiles without asserts: Dynamo's guards check the user's
-    inputs, and bnfuse's prologue makes the packed ones."""
+    assert where its fake's strides are not what the check reads: Inductor's C++ wrapper reads them
+    from ATen's C API, which for a packed tensor are never its fake's; the Python wrapper from
+    ``stride()``, which is ``(1, 0, ...)``. Such a graph compiles without asserts: Dynamo's guards
+    check the user's inputs, and bnfuse's prologue makes the packed ones."""
     packed = [value for value in inputs if getattr(value, "is_mkldnn", False)]
-    if packed and (patches.get("cpp_wrapper", inductor_config.cpp_wrapper) or any(v.dim() == 2 for v in packed)):
+    if not packed:
+        return {}
+    if patches.get("cpp_wrapper", inductor_config.cpp_wrapper) or \
+            any(_packed_fake_stride(value) != tuple(value.stride()) for value in packed):
         return {"size_asserts": False}
     return {}
 

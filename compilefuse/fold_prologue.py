@@ -228,7 +228,5 @@ def _linear_rows(product: torch.fx.Node, input: Any, weight: Any) -> int | None:
 def packing_choice(patches: dict[str, Any], linear: bool = True) -> Packing:
     """Which weights are read packed: ``weight_packing``'s choice for each (linear layers' only
     where ``linear``), or for every one what ``cpp.weight_prepack`` says when the user sets it."""
-    setting = patches.get("cpp.weight_prepack")
-    if setting is None:
-        return Packing(weight_packing.worth_packing, weight_packing.worth_packing_linear if linear else NO_PACKING.linear)
-    return Packing(lambda _convolution: bool(setting), lambda *_sizes: bool(setting) and linear)
+    return Packing(weight_packing.convolution_choice(patches),
+                   weight_packing.linear_choice(patches) if linear else NO_PACKING.linear)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,13 +68,23 @@ def worth_packing_linear(batch: int, in_features: int, out_features: int) -> boo
     return macs >= (LINEAR_PACK_FROM_MACS if torch.get_num_threads() > 1 else PACK_FROM_MACS)
 
 
-def packing(patches: Mapping[str, Any]) -> contextlib.AbstractContextManager:
-    """The weight packing of one freezing compile with these Inductor ``patches``: ``worth_packing``
-    per convolution, or what ``cpp.weight_prepack`` says when the patches set it."""
+def convolution_choice(patches: Mapping[str, Any]) -> Callable[[torch.fx.Node], bool]:
+    """Which convolutions of a compile with these Inductor ``patches`` read a packed weight:
+    ``worth_packing``, or for every one what ``cpp.weight_prepack`` says when the patches set it."""
     setting = patches.get("cpp.weight_prepack")
-    if setting is None:
-        return tp.cpu_conv_weight_packing(worth_packing)
-    return tp.cpu_conv_weight_packing(lambda _convolution: bool(setting))
+    return worth_packing if setting is None else (lambda _convolution: bool(setting))
+
+
+def linear_choice(patches: Mapping[str, Any]) -> Callable[[int, int, int], bool]:
+    """Which matrix products (rows, in features, out features) read a packed weight:
+    ``worth_packing_linear``, or for every one what ``cpp.weight_prepack`` says when set."""
+    setting = patches.get("cpp.weight_prepack")
+    return worth_packing_linear if setting is None else (lambda *_sizes: bool(setting))
+
+
+def packing(patches: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+    """The weight packing of one freezing compile with these Inductor ``patches`` (``convolution_choice``)."""
+    return tp.cpu_conv_weight_packing(convolution_choice(patches))
 
 
 def cpu_float64_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:
