@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 
+import _against_package  # benchmarks/_against_package.py (the script's folder is on sys.path)
 import torch
-from torch.utils.benchmark import Timer
 
 import compilefuse
 from compilefuse.bench.catalog import resolve
@@ -57,24 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         compilefuse.export(copy.deepcopy(model), (x,), f"{tmp}/model.pt2")
         calls["package"] = compilefuse.load(f"{tmp}/model.pt2")
-        with torch.no_grad():
-            for name, fn in calls.items():
-                for _ in range(3):
-                    out = fn(x)
-                error = ((out - reference).abs().max() / reference.abs().max()).item()
-                print(f"{name}: relative error {error:.1e}", flush=True)
-            times: dict[str, list[float]] = {name: [] for name in calls}
-            names = list(calls)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    timer = Timer("fn(x)", globals={"fn": calls[name], "x": x}, num_threads=args.threads)
-                    times[name].append(timer.blocked_autorange(min_run_time=0.5).median * 1e3)
-    package = statistics.median(times["package"])
-    print(f"\n{args.model}, batch {x.shape[0]}, {args.threads} threads, medians of {args.rounds} rounds")
-    print("| system | ms per call | x package |\n| --- | --- | --- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {median / package:.2f} |")
+        _against_package.compare(calls, x, reference, args.threads, args.rounds, f"{args.model}, batch {x.shape[0]}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 from unittest import mock
 
+import _against_package  # benchmarks/_against_package.py (the script's folder is on sys.path)
 import torch
-from torch.utils.benchmark import Timer
 
 import compilefuse
 from compilefuse import compiled_graph, weight_packing
@@ -53,22 +52,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             compilefuse.export(copy.deepcopy(model), (x,), f"{tmp}/model.pt2")
             calls["package"] = compilefuse.load(f"{tmp}/model.pt2")
-            for name, fn in calls.items():
-                error = ((fn(x) - reference).abs().max() / reference.abs().max()).item()
-                print(f"{name}: relative error {error:.1e}", flush=True)
-            times: dict[str, list[float]] = {name: [] for name in calls}
-            names = list(calls)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    timer = Timer("fn(x)", globals={"fn": calls[name], "x": x}, num_threads=args.threads)
-                    times[name].append(timer.blocked_autorange(min_run_time=0.5).median * 1e3)
-    print({name: [round(t, 2) for t in values] for name, values in times.items()})
-    package = statistics.median(times["package"])
-    print(f"\n{args.model}, batch {args.batch_size}, {args.threads} threads, medians of {args.rounds} rounds")
-    print("| system | ms per call | x package |\n| --- | --- | --- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {median / package:.2f} |")
+            _against_package.compare(calls, x, reference, args.threads, args.rounds,
+                                     f"{args.model}, batch {args.batch_size}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""What the scripts that set JIT variants against the package do with them: each system's error
+against eager, then every system timed round by round in one process (the order rotated each round,
+``torch.utils.benchmark.Timer`` with the thread count set), and a table of medians against the
+package's."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+from torch.utils.benchmark import Timer
+
+
+def compare(calls: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, reference: torch.Tensor,
+            threads: int, rounds: int, title: str) -> dict[str, list[float]]:
+    """Time ``calls`` (one named "package") on ``x`` and print the table; the times (ms) per system."""
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(3):
+                out = fn(x)
+            error = ((out - reference).abs().max() / reference.abs().max()).item()
+            print(f"{name}: relative error {error:.1e}", flush=True)
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        names = list(calls)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                timer = Timer("fn(x)", globals={"fn": calls[name], "x": x}, num_threads=threads)
+                times[name].append(timer.blocked_autorange(min_run_time=0.5).median * 1e3)
+    print({name: [round(t, 3) for t in values] for name, values in times.items()})
+    package = statistics.median(times["package"])
+    print(f"\n{title}, {threads} threads, medians of {rounds} rounds")
+    print("| system | ms per call | x package |\n| --- | --- | --- |")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {median / package:.2f} |")
+    return times
