@@ -27,7 +27,8 @@ def run(variant: str) -> None:
     from torch.export.pt2_archive import _package
 
     import compilefuse
-    from compilefuse import _torch_private, exporting, package
+    from compilefuse import exporting, package
+    from compilefuse._torch_private import aoti
     from compilefuse.config import BnfuseConfig
     from compilefuse.examples.models import SmallCNN, randomize_bn
 
@@ -43,7 +44,7 @@ def run(variant: str) -> None:
             torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,), dynamic_shapes=dynamic), package_path=path)
         elif variant in ("no_extra_files", "no_freezing"):
             gm, _ = package.fold_program(exporting.trace_for_export(model, (x,), dynamic), BnfuseConfig.from_options(None).rules)
-            files = _torch_private.aoti_compile(gm, (x,), {}, {"freezing": variant == "no_extra_files"})
+            files = aoti.aoti_compile(gm, (x,), {}, {"freezing": variant == "no_extra_files"})
             _package.package_pt2(path, aoti_files=files)
         else:
             compilefuse.export(model, (x,), path, dynamic_shapes=dynamic)

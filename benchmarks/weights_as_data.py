@@ -35,7 +35,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import compilefuse
-from compilefuse import _torch_private, fold_math
+from compilefuse import fold_math
+from compilefuse._torch_private import aoti, inductor
 from compilefuse.examples.models import randomize_bn
 from compilefuse.examples.reference import float64_reference, relative_error
 
@@ -68,18 +69,18 @@ def per_step_graph(model: nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphMod
     """bnfuse's per-step graph of ``model`` (folds as float64 arithmetic on the raw weights) and its
     inputs, captured from a compile with grad enabled. (An experiment: it wraps a private function.)"""
     captured: list[tuple[torch.fx.GraphModule, list[object]]] = []
-    compile_with_inductor = _torch_private.compile_with_inductor
+    compile_with_inductor = inductor.compile_with_inductor
 
     def capture(gm, inputs, patches, *, keep_bn):
         captured.append((gm, list(inputs)))
         return compile_with_inductor(gm, inputs, patches, keep_bn=keep_bn)
 
-    _torch_private.compile_with_inductor = capture
+    inductor.compile_with_inductor = capture
     try:
         torch._dynamo.reset()
         torch.compile(model, backend="bnfuse")(x)
     finally:
-        _torch_private.compile_with_inductor = compile_with_inductor
+        inductor.compile_with_inductor = compile_with_inductor
     (gm, inputs), = captured
     return gm, inputs
 
@@ -114,10 +115,10 @@ def aoti_runtime_folding(model: nn.Module, x: torch.Tensor, loaded_models: list[
     module = runtime_folding_module(model, x)
     with torch.no_grad():
         program = torch.export.export(module, (x,))
-        files = _torch_private.aoti_compile(_torch_private.unlifted_module(program), (x,), {},
+        files = aoti.aoti_compile(aoti.unlifted_module(program), (x,), {},
                                             {"aot_inductor.use_runtime_constant_folding": True})
     path = os.path.join(tempfile.mkdtemp(), "runtime_folding.pt2")
-    _torch_private.write_package(path, files, {})
+    aoti.write_package(path, files, {})
     loaded = torch._inductor.aoti_load_package(path)
     loaded_models.append(loaded)
     return lambda x: loaded(x)[0]

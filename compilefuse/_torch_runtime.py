@@ -143,3 +143,15 @@ def record_cache_artifact(name: str, key: str, content: bytes) -> None:
         return
 
     CacheArtifactManager.record_artifact(name, key, content)
+
+
+#: ``version_of(tensor)``: the version counter, read by the C getter itself (no attribute lookup:
+#: the per-call freshness check maps it over hundreds of tensors). Raises for inference tensors.
+version_of = torch.Tensor._version.__get__  # type: ignore[attr-defined]
+
+
+def version_counter(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for an inference tensor, which has none."""
+    if tensor.is_inference():
+        return None
+    return version_of(tensor)

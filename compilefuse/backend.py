@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from . import _torch_private as tp
-from . import compiled_graph, fold_cache, fold_prologue, freezing, graph_cache, versions, weight_packing
+from . import aliasing, compiled_graph, fold_cache, fold_prologue, freezing, graph_cache, versions, weight_packing
+from ._torch_private import dynamo, fake_tensors, gates, inductor, onednn, ops, pre_dispatch
 from .config import BnfuseConfig
 from .decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
 from .passes import (
@@ -68,11 +68,11 @@ def bnfuse(
             _log_autograd_once(needing_grad)
             return compile_graph.plain(list(example_inputs), lambda: FoldRecord(traced_decisions(gm, autograd=True)))
         placeholders = gm.graph.find_nodes(op="placeholder")
-        key = (gm.code, repr(config), tp.traced_global_state(), tuple(
-            compiled_graph.input_key(value, frozen=tp.is_module_state(node))
+        key = (gm.code, repr(config), dynamo.traced_global_state(), tuple(
+            compiled_graph.input_key(value, frozen=dynamo.is_module_state(node))
             for node, value in zip(placeholders, example_inputs, strict=True)
         ))
-        fake_mode, dynamic = tp.current_fake_mode(), tp.has_symbolic_shapes(gm)
+        fake_mode, dynamic = fake_tensors.current_fake_mode(), dynamo.has_symbolic_shapes(gm)
         return compiled_graph.shared(key, lambda: compiled_graph.CompiledGraph(
             compile_graph,
             example_inputs,
@@ -80,11 +80,11 @@ def bnfuse(
             # A dynamic graph's symbolic sizes live in Dynamo's fake mode, so a recompile reuses it.
             # A static one gets a fresh mode: in Dynamo's, tensors it has not seen (another instance's
             # weights) would get fresh symbolic sizes and the recompile would turn dynamic.
-            recompile_context=lambda: tp.tracing(fake_mode if dynamic else None),
+            recompile_context=lambda: fake_tensors.tracing(fake_mode if dynamic else None),
             input_names=[source_path(node) for node in placeholders],
         ))
     except Exception as error:  # bnfuse's own set-up failed: never the user's problem
-        if config.strict or tp.is_dynamo_restart(error):
+        if config.strict or dynamo.is_dynamo_restart(error):
             raise
         compiled_graph.warn_fallback_once(error)
         return compile_graph(list(example_inputs), error).call
@@ -114,7 +114,7 @@ class GraphCompiler:
         (names only: a failure leaves Dynamo's names, and is never a reason to fall back); the
         prefix of each frame local (``decisions.name_from_root``)."""
         try:
-            root = tp.compiled_root()
+            root = dynamo.compiled_root()
             if root is not None:
                 return name_from_root(root, self.gm, inputs)
         except Exception as error:  # noqa: BLE001 - see the docstring
@@ -128,7 +128,7 @@ class GraphCompiler:
                 try:
                     return self.as_data(inputs) if self._as_data_allowed() else self.folded(inputs)
                 except Exception as error:
-                    if self._no_packing or not tp.is_inductor_error(error):
+                    if self._no_packing or not inductor.is_inductor_error(error):
                         raise
                     # Inductor's oneDNN packing under freezing fails on some graphs (a circular-padded
                     # conv at batch >= 2, torchvision's detection transforms): fold without it.
@@ -147,7 +147,7 @@ class GraphCompiler:
 
     def _as_data_allowed(self) -> bool:
         return not (self.config.cache or self.config.freeze or self._as_data_failed) and \
-            tp.unsupported_before_autograd(self.gm) is None and _autocast_around() is None
+            pre_dispatch.unsupported_before_autograd(self.gm) is None and _autocast_around() is None
 
     def as_data(self, inputs: list[Any]) -> compiled_graph.Compiled:
         """Fold with the module state as data (``fold_prologue``): the folds traced into the graph and
@@ -164,7 +164,7 @@ class GraphCompiler:
         except freezing.UnprovableWrite:
             raise
         except Exception as error:
-            if tp.is_dynamo_restart(error) or self.config.strict:
+            if dynamo.is_dynamo_restart(error) or self.config.strict:
                 raise
             log.info("bnfuse: folding with the weights as data failed (%s: %s); folding them frozen instead",
                      type(error).__name__, str(error).splitlines()[0] if str(error) else "")
@@ -201,14 +201,14 @@ class GraphCompiler:
         # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
         examples = [*prepared, *[inputs[i] for i in parts.kept]]
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
-        patches.update(tp.size_asserts_for_packed_inputs(patches, prepared))
+        patches.update(onednn.size_asserts_for_packed_inputs(patches, prepared))
         with torch.no_grad():
-            if tp.has_symbolic_shapes(self.gm):
-                examples[:len(prepared)] = [tp.static_fake(value) for value in prepared]
-                call = tp.compile_with_inductor(parts.main, examples, patches, keep_bn=False)
+            if dynamo.has_symbolic_shapes(self.gm):
+                examples[:len(prepared)] = [fake_tensors.static_fake(value) for value in prepared]
+                call = inductor.compile_with_inductor(parts.main, examples, patches, keep_bn=False)
             else:
-                with tp.static_tracing() as fake:
-                    call = tp.compile_with_inductor(parts.main, [fake(value) for value in examples], patches,
+                with fake_tensors.static_tracing() as fake:
+                    call = inductor.compile_with_inductor(parts.main, [fake(value) for value in examples], patches,
                                                     keep_bn=False)
         return compiled_graph.Compiled(
             call,
@@ -226,9 +226,9 @@ class GraphCompiler:
     def _fold_as_data(self, inputs: list[Any], state: Sequence[int]) -> fold_cache.Folded:
         """Trace the graph before autograd, fold it (each fold one call) and split out the
         prologue: everything the weights' values do not change (``fold_cache`` keeps it)."""
-        traced = tp.forward_before_autograd(self.gm)
+        traced = pre_dispatch.forward_before_autograd(self.gm)
         placeholders = traced.graph.find_nodes(op="placeholder")
-        written_nodes = tp.written_placeholders(traced.graph)
+        written_nodes = aliasing.written_placeholders(traced.graph)
         written = {i for i, node in enumerate(placeholders) if node in written_nodes}
         readable = freezing.read_only_state(self.gm, inputs, self._live | written)
         if merges_when_frozen(traced, {placeholders[i]: inputs[i] for i in readable}, self.config.rules):
@@ -243,7 +243,7 @@ class GraphCompiler:
         pack = fold_prologue.NO_PACKING if no_packing else fold_prologue.packing_choice(self.config.inductor_patches)
         parts = fold_prologue.split(traced, readable, pack)
         return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
-                                 tp.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
+                                 ops.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
 
     def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
         """Freeze every parameter and buffer except those the graph writes. Which those are,
@@ -273,7 +273,7 @@ class GraphCompiler:
             }
             try:
                 with torch.no_grad(), weight_packing.packing(patches):
-                    call = tp.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
+                    call = inductor.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
                 break
             except freezing.FrozenStateWritten as written:
                 found = {i for i, value in enumerate(inputs) if any(value is t for t in written.tensors)}
@@ -307,23 +307,23 @@ class GraphCompiler:
         """A graph that needs autograd: folded per step in its aten ops before autograd, then
         compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
         module state the graph does not write; state that requires grad is read as it is."""
-        unsupported = tp.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True) or (
-            None if tp.AUTOCAST_TRACES_BEFORE_AUTOGRAD else _autocast_around())
+        unsupported = pre_dispatch.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True) or (
+            None if gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD else _autocast_around())
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
             _log_unsupported_once(reason)
             return self.plain(inputs, lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason)))
         record = FoldRecord(traced_decisions(self.gm, autograd=False))
-        traced = tp.forward_before_autograd(self.gm)
+        traced = pre_dispatch.forward_before_autograd(self.gm)
         placeholders = traced.graph.find_nodes(op="placeholder")
-        written_nodes = tp.written_placeholders(traced.graph)
+        written_nodes = aliasing.written_placeholders(traced.graph)
         written = [i for i, node in enumerate(placeholders) if node in written_nodes]
         readable = freezing.read_only_state(self.gm, inputs, written)
         start = time.perf_counter()
         fold_graph_per_step(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable},
                             {placeholders[i]: inputs[i] for i in readable}, self.config.rules, record)
         real = {placeholders[i]: inputs[i] for i in readable}
-        for body, arguments in tp.checkpoint_regions(traced):  # inside each region, on what it is passed
+        for body, arguments in pre_dispatch.checkpoint_regions(traced):  # inside each region, on what it is passed
             passed = [(p, a) for p, a in zip(body.graph.find_nodes(op="placeholder"), arguments, strict=True) if a in real]
             fold_graph_per_step(body.graph, {p: p.meta["val"] for p, _ in passed}, {p: real[a] for p, a in passed},
                                 self.config.rules, record)
@@ -331,7 +331,7 @@ class GraphCompiler:
         record.seconds += time.perf_counter() - start
         traced.recompile()
         patches = {**self.config.inductor_patches, "post_grad_custom_post_pass": SavedInputsPass()}
-        call = tp.compile_with_inductor(traced, inputs, patches, keep_bn=False)
+        call = inductor.compile_with_inductor(traced, inputs, patches, keep_bn=False)
         self._publish(record)
         return _ReportedAgain(call, record)
 
@@ -341,7 +341,7 @@ class GraphCompiler:
     def plain(self, inputs: list[Any], record: Callable[[], FoldRecord]) -> Callable[..., Any]:
         """Plain Inductor, nothing frozen or folded; ``record()`` says why. This is the fallback, so
         a failure to report never fails it (the report then lacks this graph, and the log says so)."""
-        call = tp.compile_with_inductor(self.gm, inputs, dict(self.config.inductor_patches), keep_bn=False)
+        call = inductor.compile_with_inductor(self.gm, inputs, dict(self.config.inductor_patches), keep_bn=False)
         try:
             made = record()
             self._publish(made)
@@ -393,7 +393,7 @@ def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
 def _autocast_around() -> str | None:
     """Autocast entered around the compiled call: the per-step trace would lose its casts (the
     convolutions would run in float32), so such a graph is not folded per step."""
-    on = [device for device in tp.AUTOCAST_DEVICES if tp.autocast_on(device)]
+    on = [device for device in dynamo.AUTOCAST_DEVICES if dynamo.autocast_on(device)]
     return f"autocast ({', '.join(on)}) around the compiled call" if on else None
 
 

@@ -13,7 +13,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from . import _torch_private as tp
+from ._torch_private import inductor
 
 _PACKAGE = __name__.rpartition(".")[0]
 
@@ -67,4 +67,4 @@ def code_hash(module: str, extra: str) -> bytes:
     """Inductor's file hash of ``sources_of(module)``, with ``extra`` (a pass's settings). Once per
     process: the code a process runs is the code it imported (reading the files cost 60 ms of
     every compile's cache lookup)."""
-    return tp.file_hash(list(sources_of(module)), extra=extra)
+    return inductor.file_hash(list(sources_of(module)), extra=extra)

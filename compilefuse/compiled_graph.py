@@ -37,8 +37,8 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _torch_private as tp
-from . import freshness
+from . import _torch_runtime, freshness
+from ._torch_private import code_cache, dynamo
 from .freshness import FrozenTensors
 from .prologue import RefitRefused
 from .report import RERUNS_WANTED
@@ -147,7 +147,7 @@ class CompiledGraph:
         recorded = freshness.Recorded(inputs)
         try:
             try:
-                with tp.loaded_code_modules() as modules:
+                with code_cache.loaded_code_modules() as modules:
                     compiled = self._compile_fn(inputs, None)
             except Exception as error:  # noqa: BLE001 - any failure of bnfuse falls back (or raises, strict)
                 self._give_up_or_raise(error)
@@ -183,7 +183,7 @@ class CompiledGraph:
                         prepared=tuple(prepared), reports=reports)
 
     def _give_up_or_raise(self, error: Exception) -> None:
-        if self._strict or tp.is_dynamo_restart(error):
+        if self._strict or dynamo.is_dynamo_restart(error):
             raise error
         warn_fallback_once(error)
 
@@ -347,7 +347,7 @@ class CompiledGraph:
             if old.compiled is self._refittable or any(v.compiled is old.compiled for v in self._variants.values()):
                 return  # its code serves other sets of weights
             try:
-                tp.release_code_modules(old.modules)  # its constants go with its graph
+                code_cache.release_code_modules(old.modules)  # its constants go with its graph
             except Exception as error:  # noqa: BLE001 - releasing is an optimisation, never a reason to fail
                 log.debug("bnfuse: could not release generated code: %r", error)
 
@@ -371,7 +371,7 @@ def input_key(value: Any, frozen: bool) -> Hashable:
     if not isinstance(value, torch.Tensor):
         return repr(value)
     meta = (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
-    return (id(value), tp.version_counter(value), value.data_ptr(), meta) if frozen else meta
+    return (id(value), _torch_runtime.version_counter(value), value.data_ptr(), meta) if frozen else meta
 
 
 _fallback_warned = False

@@ -7,7 +7,7 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from . import _torch_private as tp
+from ._torch_private import dynamo, inductor
 from .rules import RULE_IDS
 
 #: Option keys accepted in ``torch.compile(..., backend="bnfuse", options={...})``.
@@ -65,7 +65,7 @@ class BnfuseConfig:
 
 
 def _error(message: str) -> Exception:
-    return tp.compile_time_error(message)
+    return dynamo.compile_time_error(message)
 
 
 def _rules(value: Any) -> frozenset[str]:
@@ -87,7 +87,7 @@ def _bool(name: str, value: Any) -> bool:
 def _inductor(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise _error(f"bnfuse: option 'inductor' must be a dict of Inductor config, got {value!r}")
-    unknown = sorted(set(value) - tp.inductor_config_keys())
+    unknown = sorted(set(value) - inductor.inductor_config_keys())
     if unknown:
         raise _error(f"bnfuse: unknown Inductor config key(s) {unknown} in option 'inductor'")
     reserved = sorted({"freezing", "joint_custom_pre_pass", "post_grad_custom_pre_pass", "post_grad_custom_post_pass"}
@@ -99,6 +99,6 @@ def _inductor(value: Any) -> dict[str, Any]:
 
 def _mode_patches(mode: str | None) -> dict[str, Any]:
     try:
-        return tp.inductor_mode_options(mode)
+        return inductor.inductor_mode_options(mode)
     except RuntimeError as err:
         raise _error(f"bnfuse: {err}") from None

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.fx
 
-from . import _torch_runtime as tp  # not _torch_private: a loaded package's report must not import Dynamo
+from . import _torch_runtime  # not _torch_private: a loaded package's report must not import Dynamo
 from .graph_ops import CASTS
 
 AUTOGRAD_REASON = "autograd enabled (run under torch.inference_mode() to fold)"
@@ -110,8 +110,8 @@ def source_path(placeholder: torch.fx.Node) -> str:
     """The user's name for a Dynamo graph input, e.g. ``layer1.0.bn1.running_var``."""
     if _FULL_NAME in placeholder.meta:
         return placeholder.meta[_FULL_NAME]
-    source = tp.dynamo_source(placeholder)
-    return _clean_dynamo_path(tp.source_name(source)) if source is not None else placeholder.name
+    source = _torch_runtime.dynamo_source(placeholder)
+    return _clean_dynamo_path(_torch_runtime.source_name(source)) if source is not None else placeholder.name
 
 
 _FULL_NAME = "compilefuse_full_name"
@@ -132,10 +132,10 @@ def name_from_root(root: torch.nn.Module, gm: torch.fx.GraphModule, example_inpu
     prefixes: dict[str, str] = {}
     for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs, strict=True):
         node.meta.pop(_FULL_NAME, None)
-        full, source = names.get(id(value)), tp.dynamo_source(node)
+        full, source = names.get(id(value)), _torch_runtime.dynamo_source(node)
         if full is None or source is None:
             continue
-        raw = tp.source_name(source)
+        raw = _torch_runtime.source_name(source)
         local, relative = _LOCAL.match(raw), _clean_dynamo_path(raw)
         if local is not None and (full == relative or full.endswith("." + relative)):
             prefixes.setdefault(local.group(0), full[: len(full) - len(relative)].rstrip("."))

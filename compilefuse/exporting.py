@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import _torch_private as tp
-from . import loading, package, package_tuning
+from . import aliasing, loading, package, package_tuning
+from ._torch_private import aoti
 from .config import BnfuseConfig
 from .report import FoldReport
 
@@ -46,7 +46,7 @@ def export(
         raise ValueError("compilefuse.export: tune=True and refittable=True do not go together (tuning chooses "
                          "among frozen builds, whose constants cannot be refit)")
     config = BnfuseConfig.from_options(options, entry="compilefuse.export", takes=("rules", "inductor", "report"))
-    tp.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
+    aoti.package_extra_prefix()  # a torch without the PT2 archive format fails here, before any work
     path = _package_path(path)
     args = args if isinstance(args, tuple) else (args,)
     device = package.device_of(args)
@@ -68,7 +68,7 @@ def _warn_if_state_written(program: torch.export.ExportedProgram) -> None:
     """A package keeps no state between calls: a buffer the model writes starts every call from its
     exported value (its inputs' writes do reach the caller)."""
     buffers = program.graph_signature.inputs_to_buffers  # (export's graph lists no writes: the schemas do)
-    written = sorted({buffers[node.name] for node in tp.written_placeholders(program.graph) if node.name in buffers})
+    written = sorted({buffers[node.name] for node in aliasing.written_placeholders(program.graph) if node.name in buffers})
     if written:
         log.warning(
             "compilefuse.export: the model writes buffer(s) %s; a package keeps no state between calls, so each "

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_private as tp
-from . import cache_store, code_identity, freezing
+from . import _torch_runtime, cache_store, code_identity, freezing
+from ._torch_private import code_cache, dynamo, gates, inductor, onednn
 from .decisions import FoldRecord
 from .fold_prologue import Split
 from .prologue import Prologue
@@ -58,7 +58,7 @@ class Folded:
 def key(gm: torch.fx.GraphModule, inputs: Sequence[Any], live: Collection[int], no_packing: bool,
         config: Any) -> str | None:
     """The key of ``gm``'s fold for these inputs; None where the fold is not kept."""
-    if not tp.PICKLES_GRAPHS or tp.caches_disabled() or tp.has_symbolic_shapes(gm):
+    if not gates.PICKLES_GRAPHS or inductor.caches_disabled() or dynamo.has_symbolic_shapes(gm):
         return None
     digest = hashlib.sha256()
 
@@ -68,15 +68,15 @@ def key(gm: torch.fx.GraphModule, inputs: Sequence[Any], live: Collection[int], 
 
     add((_FORMAT, torch.__version__, _sources_hash(), torch.backends.cpu.get_cpu_capability()))
     add(_stable(config))
-    add(tp.inductor_settings())
-    add(tp.traced_global_state())
+    add(inductor.inductor_settings())
+    add(dynamo.traced_global_state())
     add((sorted(live), no_packing, torch.get_num_threads()))  # which weights are packed depends on threads
     add(gm.code)
     placeholders = gm.graph.find_nodes(op="placeholder")
     storages: dict[int, int] = {}
     for node, value in zip(placeholders, inputs, strict=True):
-        source = tp.dynamo_source(node)
-        add((None if source is None else tp.source_name(source), tp.is_module_state(node)))
+        source = _torch_runtime.dynamo_source(node)
+        add((None if source is None else _torch_runtime.source_name(source), dynamo.is_module_state(node)))
         if isinstance(value, torch.Tensor):
             shared = storages.setdefault(value.untyped_storage().data_ptr(), len(storages))
             add((type(value).__name__, tuple(value.shape), value.stride(), value.storage_offset(), value.dtype,
@@ -102,13 +102,13 @@ def load(cache_key: str) -> Folded | None:
     path = cache_store.fold_path(cache_key)
     if not os.path.isfile(path):
         return None
-    tp.packed_linear_op()  # a stored main graph may call it
+    onednn.packed_linear_op()  # a stored main graph may call it
     try:
         with open(path, "rb") as file:
             stored = pickle.load(file)
         if stored.get("format") != _FORMAT:
             return None
-        split = Split(Prologue.from_bytes(stored["prologue"]), tp.graph_from_bytes(stored["main"]),
+        split = Split(Prologue.from_bytes(stored["prologue"]), code_cache.graph_from_bytes(stored["main"]),
                       tuple(stored["kept"]))
         return Folded(frozenset(stored["written"]), tuple(stored["readable"]), stored["record"], split,
                       stored["draws_random_numbers"])
@@ -125,7 +125,7 @@ def store(cache_key: str, folded: Folded) -> None:
             "readable": list(folded.readable),
             "record": folded.record,
             "prologue": folded.split.prologue.to_bytes(),
-            "main": tp.graph_to_bytes(folded.split.main),
+            "main": code_cache.graph_to_bytes(folded.split.main),
             "kept": list(folded.split.kept),
             "draws_random_numbers": folded.draws_random_numbers,
         }, protocol=pickle.HIGHEST_PROTOCOL)
@@ -137,7 +137,7 @@ def store(cache_key: str, folded: Folded) -> None:
 
 @functools.cache
 def _sources_hash() -> str:
-    return tp.file_hash(code_identity.sources_of("compilefuse.backend"), extra=_FORMAT).hex()
+    return inductor.file_hash(code_identity.sources_of("compilefuse.backend"), extra=_FORMAT).hex()
 
 
 def _stable(value: Any) -> Any:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_private as tp
 from . import freezing, weight_packing
+from ._torch_private import onednn
 from .passes import computed_from
 from .prologue import Fold, Packed, PackedLinear, Prologue, Ref, Step
 
@@ -105,7 +105,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Packing) 
                 _add_bias_after(main.graph, convolution)
             continue
         placeholder = packed_input(weight.meta.get("val"), (source, Packed(-1, hyper)))
-        op = tp.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else tp.MKLDNN_CONV_POINTWISE
+        op = onednn.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else onednn.MKLDNN_CONV_POINTWISE
         replace(convolution, op, (convolution.args[0], placeholder, convolution.args[2], *hyper[:-1], "none", [], ""))
     for product in [*main.graph.find_nodes(op="call_function", target=aten.addmm.default),
                     *main.graph.find_nodes(op="call_function", target=aten.mm.default)]:
@@ -116,7 +116,7 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Packing) 
         # oneDNN's linear reads the weight as the layer holds it (out x in), not transposed.
         placeholder = packed_input(weight.meta["val"].new_empty(weight.meta["val"].shape[::-1]),
                                    (source, PackedLinear(-1, rows)))
-        replace(product, tp.packed_linear_op(), (input, placeholder, bias))
+        replace(product, onednn.packed_linear_op(), (input, placeholder, bias))
     # Inputs nothing reads any more (a folded BN's statistics, a packed weight's plain copy) go.
     new = [n for n in main.graph.find_nodes(op="placeholder") if original.get(n) is None]
     kept_outputs = [(node, out) for node, out in zip(new, outputs, strict=True) if node.users]
@@ -175,7 +175,7 @@ def _packing_hyper(convolution: torch.fx.Node) -> tuple[Any, ...] | None:
     x, w = input.meta.get("val"), weight.meta.get("val")
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
         return None
-    if x.device.type != "cpu" or w.dim() not in (4, 5) or x.dtype != w.dtype or not tp.onednn_takes(w.dtype):
+    if x.device.type != "cpu" or w.dim() not in (4, 5) or x.dtype != w.dtype or not onednn.onednn_takes(w.dtype):
         return None
     if not all(isinstance(size, int) for size in x.shape):
         return None
@@ -220,7 +220,7 @@ def _linear_rows(product: torch.fx.Node, input: Any, weight: Any) -> int | None:
     w = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
     if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.device.type != "cpu":
         return None
-    if x.dtype != w.dtype or not tp.onednn_takes(w.dtype) or not all(isinstance(n, int) for n in (*x.shape, *w.shape)):
+    if x.dtype != w.dtype or not onednn.onednn_takes(w.dtype) or not all(isinstance(n, int) for n in (*x.shape, *w.shape)):
         return None
     return x.shape[0]
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_private as tp
+from . import _torch_runtime
+from ._torch_private import aot_autograd, dynamo, inductor, ops
 
 
 def constants_as_buffers() -> dict[str, Any]:
@@ -28,7 +29,7 @@ def constants_as_buffers() -> dict[str, Any]:
     is then rebuilt into a buffer on every call, a kernel and an allocation each (mixnet_style's
     8-channel depthwise splits, any folded conv of at most 8 channels). As buffers, folded constants
     cost nothing per call."""
-    return {"always_keep_tensor_constants": True} if "always_keep_tensor_constants" in tp.inductor_config_keys() else {}
+    return {"always_keep_tensor_constants": True} if "always_keep_tensor_constants" in inductor.inductor_config_keys() else {}
 
 
 class FrozenValuesMismatch(RuntimeError):
@@ -58,7 +59,7 @@ def module_state(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> lis
     placeholders = gm.graph.find_nodes(op="placeholder")
     return [
         i for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True))
-        if isinstance(value, torch.Tensor) and tp.is_module_state(node)
+        if isinstance(value, torch.Tensor) and dynamo.is_module_state(node)
     ]
 
 
@@ -125,8 +126,8 @@ class GraphEffects:
         return bool(self.written) or self.draws_random
 
     def observe(self, graph: torch.fx.Graph) -> None:
-        self.written, _ = tp.aot_input_writes()
-        self.draws_random = tp.draws_random_numbers(graph)
+        self.written, _ = aot_autograd.aot_input_writes()
+        self.draws_random = ops.draws_random_numbers(graph)
 
 
 def lift_module_state(
@@ -142,10 +143,10 @@ def lift_module_state(
     graph.output(graph.graph_copy(gm.graph, old_to_new))
     for old, new in old_to_new.items():
         if old.op == "placeholder":
-            tp.set_dynamo_source(new, tp.dynamo_source(old))
+            dynamo.set_dynamo_source(new, _torch_runtime.dynamo_source(old))
     lifted = torch.fx.GraphModule(gm, graph)
     lifted.meta = copy.copy(gm.meta)
-    sources = tp.param_sources(gm)
+    sources = dynamo.param_sources(gm)
 
     kept: list[int] = []
     lifts = set(module_state(gm, example_inputs)) - set(live)
@@ -159,13 +160,13 @@ def lift_module_state(
             lifted.register_parameter(name, value)
         else:
             lifted.register_buffer(name, value)
-        sources[name] = tp.dynamo_source(node)
+        sources[name] = _torch_runtime.dynamo_source(node)
         with graph.inserting_before(node):
             attr = graph.get_attr(name)
         attr.meta.update(node.meta)
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
-    tp.set_param_sources(lifted, sources)
+    dynamo.set_param_sources(lifted, sources)
     lifted.recompile()
     return lifted, kept
 
@@ -190,7 +191,7 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
     paired with the wrong node would fold silently wrong, so the pass then folds nothing. Lifted
     state the graph writes or returns a view of raises ``FrozenStateWritten``: it must not be frozen.
     """
-    found = tp.aot_parameters()
+    found = aot_autograd.aot_parameters()
     if found is None:
         return {}
     params, not_frozen = found

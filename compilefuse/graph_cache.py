@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_private as tp
-from . import cache_store, freezing, loading, package
+from . import aliasing, cache_store, freezing, loading, package
+from ._torch_private import aoti, dynamo, fake_tensors, inductor, ops
 from .config import BnfuseConfig
 from .decisions import FoldRecord
 
@@ -72,7 +72,7 @@ def compiled(
 def _no_packages() -> bool:
     """A torch without the PT2 archive format cannot write packages: said once, then nothing is cached."""
     try:
-        tp.package_extra_prefix()
+        aoti.package_extra_prefix()
     except RuntimeError:
         log.warning("bnfuse: the compile cache needs torch's PT2 archive format (torch.export.pt2_archive), "
                     "which torch %s lacks; graphs compile without it", torch.__version__)
@@ -86,7 +86,7 @@ def _not_cacheable(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> str | Non
             return f"an input is a {type(value).__name__}, not a dense tensor"
         if value.device.type != "cpu":
             return f"an input is on {value.device.type} (packages are cached for CPU graphs)"
-    if tp.has_symbolic_shapes(gm):
+    if dynamo.has_symbolic_shapes(gm):
         return "symbolic sizes"
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -105,7 +105,7 @@ _KEYED_MODULES = frozenset({"torch", "_operator", "operator", "math", "builtins"
 
 
 def _code_in_the_key(target: Any) -> bool:
-    if tp.is_operator(target):
+    if ops.is_operator(target):
         return True
     module = getattr(target, "__module__", None) or getattr(getattr(target, "__objclass__", None), "__module__", "")
     return module.split(".")[0] in _KEYED_MODULES
@@ -126,8 +126,8 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
     add((cache_store.ARTIFACT_TYPE, torch.__version__, _compilefuse_sources(),
          torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()))
     add((sorted(config.rules), sorted((k, repr(v)) for k, v in config.inductor_patches.items())))
-    add(tp.inductor_settings())
-    add(tp.traced_global_state())  # autocast and the rest Dynamo guards but its graph's code omits
+    add(inductor.inductor_settings())
+    add(dynamo.traced_global_state())  # autocast and the rest Dynamo guards but its graph's code omits
     add(gm.code)
     taken = set(kept)
     for index, value in enumerate(inputs):
@@ -145,13 +145,13 @@ def _build(gm: torch.fx.GraphModule, inputs: Sequence[Any], key: str, config: Bn
     numbers or returns an input's view)."""
     lifted, kept = freezing.lift_module_state(gm, inputs)
     args = tuple(inputs[i] for i in kept)
-    with tp.outside_dynamo_tracing(), torch.no_grad():
+    with fake_tensors.outside_dynamo_tracing(), torch.no_grad():
         program = torch.export.export(lifted, args, strict=False)
         # (export's graph is not functionalised: its signature lists no writes; the ops' schemas do)
         reason = (
-            "it writes its inputs or state" if tp.written_placeholders(program.graph)
-            else "it draws random numbers" if tp.draws_random_numbers(program.graph)
-            else "it returns an input or a view of one" if tp.outputs_alias_inputs(program.graph)
+            "it writes its inputs or state" if aliasing.written_placeholders(program.graph)
+            else "it draws random numbers" if ops.draws_random_numbers(program.graph)
+            else "it returns an input or a view of one" if aliasing.outputs_alias_inputs(program.graph)
             else None
         )
         if reason is not None:
@@ -172,4 +172,4 @@ def _build(gm: torch.fx.GraphModule, inputs: Sequence[Any], key: str, config: Bn
 def _compilefuse_sources() -> str:
     root = os.path.dirname(os.path.abspath(__file__))
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names if name.endswith(".py"))
-    return tp.file_hash(paths, extra="graph-cache").hex()
+    return inductor.file_hash(paths, extra="graph-cache").hex()

@@ -18,8 +18,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import _torch_private as tp
-from . import fold_prologue, freezing, package_refit, weight_packing
+from . import fold_prologue, freezing, graph_ops, package_refit, weight_packing
+from ._torch_private import aoti
 from .config import BnfuseConfig
 from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
 from .loading import FORMAT, METADATA_FILE, InputSpec
@@ -48,7 +48,7 @@ def build_folded(folded: tuple[torch.fx.GraphModule, FoldRecord], program: torch
     with torch.no_grad():
         patches = build_patches(gm, args, config, patches)
         with weight_packing.packing(patches):
-            files = tp.aoti_compile(gm, args, {}, patches)
+            files = aoti.aoti_compile(gm, args, {}, patches)
     return _write(path, files, program, args, record, patches["freezing"], metadata)
 
 
@@ -61,7 +61,7 @@ def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...
     start = time.perf_counter()
     with torch.no_grad():
         decomposed = program.run_decompositions(_core_aten_with_linear_on_rows())
-        like = tp.unlifted_module(decomposed)
+        like = aoti.unlifted_module(decomposed)
         values = {**decomposed.state_dict, **decomposed.constants}
         patches = {**build_patches(like, args, config), "freezing": False}
         plan = package_refit.plan(decomposed, config.rules, fold_prologue.packing_choice(patches, linear=False), record)
@@ -69,7 +69,7 @@ def build_refittable(program: torch.export.ExportedProgram, args: tuple[Any, ...
         constants = plan.constants(plan.prologue(inputs), inputs)
         record.seconds = time.perf_counter() - start
         sort_in_program_order(record, program.graph)
-        files = tp.aoti_compile(package_refit.package_module(plan, constants, like), args, {}, patches)
+        files = aoti.aoti_compile(package_refit.package_module(plan, constants, like), args, {}, patches)
     return _write(path, files, program, args, record, False,
                   {"refit": package_refit.refit_metadata(plan, decomposed, constants)})
 
@@ -88,7 +88,7 @@ def _write(path: str, files: list[Any], program: torch.export.ExportedProgram, a
         "report": report.to_dict(),
         **(metadata or {}),
     }
-    tp.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
+    aoti.write_package(path, files, {METADATA_FILE: json.dumps(metadata)})
     return report
 
 
@@ -122,7 +122,7 @@ def fold_program(program: torch.export.ExportedProgram, rules: frozenset[str]) -
     ``compilefuse.fold`` returns."""
     record = FoldRecord(_traced_decisions(program.graph))
     decomposed = program.run_decompositions(_core_aten_with_linear_on_rows())
-    gm = tp.unlifted_module(decomposed)
+    gm = aoti.unlifted_module(decomposed)
     # A buffer the program writes is state, not a weight: never folded (as in the backend).
     written = set(decomposed.graph_signature.buffers_to_mutate.values())
     frozen = {node: freezing.attribute(gm, node.target)
@@ -187,7 +187,8 @@ def _kept_bn_after_producer(graph: torch.fx.Graph) -> bool:
     """Whether a kept BN reads a conv or linear directly. Inductor's freezing would fold it anyway
     (binary folding, in the model's precision, without bnfuse's checks), so such a package is
     compiled without freezing: a refusal stays a refusal."""
-    return any(bn.args[0].target in _BINARY_FOLDABLE for bn in graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
+    bns = graph.find_nodes(op="call_function", target=graph_ops.BN_INFERENCE_OP)
+    return any(bn.args[0].target in _BINARY_FOLDABLE for bn in bns)
 
 
 def input_specs(program: torch.export.ExportedProgram) -> list[InputSpec]:

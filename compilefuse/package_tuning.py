@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import _torch_private as tp
 from . import package, weight_packing
+from ._torch_private import code_cache, inductor
 from .config import BnfuseConfig
 from .report import FoldReport
 
@@ -51,13 +51,13 @@ def build_fastest(program: torch.export.ExportedProgram, args: tuple[Any, ...], 
     with torch.no_grad():
         folded = package.fold_program(program, config.rules)
     same = _same_as_default(folded[0], candidates)
-    with tp.loaded_code_modules() as modules:
+    with code_cache.loaded_code_modules() as modules:
         runs = {name: _compiled(folded[0], args, config, patches) for name, patches in candidates.items() if name not in same}
     try:
         timings = _median_ms(runs, args)
     finally:
         del runs
-        tp.release_code_modules(modules)  # the candidates' constants: a copy of the weights each
+        code_cache.release_code_modules(modules)  # the candidates' constants: a copy of the weights each
     best = min(timings, key=timings.__getitem__)
     tuning = {"chosen": best, "median_ms": timings, "same_as_default": sorted(same), "candidates": candidates,
               "threads": torch.get_num_threads(), "timed": "each candidate JIT-compiled by Inductor with its package's settings"}
@@ -81,7 +81,7 @@ def _compiled(gm: torch.fx.GraphModule, args: tuple[Any, ...], config: BnfuseCon
     patches = package.build_patches(gm, args, config, candidate)
     with torch.no_grad(), weight_packing.packing(patches):
         # (a copy: Inductor takes the module over, and freezing rewrites its constants)
-        return tp.compile_with_inductor(copy.deepcopy(gm), pytree.tree_leaves(args), patches, keep_bn=False)
+        return inductor.compile_with_inductor(copy.deepcopy(gm), pytree.tree_leaves(args), patches, keep_bn=False)
 
 
 def _median_ms(runs: dict[str, Any], args: tuple[Any, ...]) -> dict[str, float]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_private as tp
+from ._torch_private import onednn
 
 #: ATen's own input size (elements) above which a batch-1 float32 convolution runs on oneDNN
 #: (``ConvParams::use_mkldnn`` in aten/src/ATen/native/Convolution.cpp: "for some case, native is faster").
@@ -84,7 +84,7 @@ def linear_choice(patches: Mapping[str, Any]) -> Callable[[int, int, int], bool]
 
 def packing(patches: Mapping[str, Any]) -> contextlib.AbstractContextManager:
     """The weight packing of one freezing compile with these Inductor ``patches`` (``convolution_choice``)."""
-    return tp.cpu_conv_weight_packing(convolution_choice(patches))
+    return onednn.cpu_conv_weight_packing(convolution_choice(patches))
 
 
 def cpu_float64_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from helpers import DEVICES, float64_reference, randomize_bn, relative_error, ru
 from torch import nn
 
 import compilefuse
-from compilefuse import _torch_private
+from compilefuse._torch_private import inductor
 
 
 def small_cnn() -> nn.Module:
@@ -78,13 +78,13 @@ def test_unknown_mode_raises_value_error():
 )
 def test_mode_and_inductor_options_reach_inductor(monkeypatch, compile_kwargs, expected):
     seen = []
-    real = _torch_private.compile_fx
+    real = inductor.compile_fx
 
     def spy(gm, inputs, config_patches=None, decompositions=None):
         seen.append(dict(config_patches))
         return real(gm, inputs, config_patches=config_patches, decompositions=decompositions)
 
-    monkeypatch.setattr(_torch_private, "compile_fx", spy)
+    monkeypatch.setattr(inductor, "compile_fx", spy)
     run_bnfuse(small_cnn(), torch.randn(1, 3, 4, 4), **compile_kwargs)
     [patches] = seen
     assert {k: patches[k] for k in expected} == expected

@@ -15,9 +15,10 @@ from helpers import float64_reference, randomize_bn, relative_error
 from torch import nn
 
 import compilefuse
-from compilefuse import _torch_private, backend
+from compilefuse import backend
+from compilefuse._torch_private import gates, pre_dispatch
 
-pytestmark = pytest.mark.skipif(not _torch_private.PICKLES_GRAPHS, reason="this torch cannot pickle graphs (< 2.7)")
+pytestmark = pytest.mark.skipif(not gates.PICKLES_GRAPHS, reason="this torch cannot pickle graphs (< 2.7)")
 
 
 class Net(nn.Module):
@@ -64,7 +65,7 @@ def test_a_warm_start_loads_the_fold_and_answers_another_instance_exactly(monkey
     def no_trace(*_args, **_kwargs):
         raise AssertionError("traced again: the cached fold was not used")
 
-    monkeypatch.setattr(_torch_private, "forward_before_autograd", no_trace)
+    monkeypatch.setattr(pre_dispatch, "forward_before_autograd", no_trace)
     second = randomize_bn(Net().eval())  # other weights: the fold is kept, never its values
     out, again = answer(second, x)
     assert relative_error(out, float64_reference(second, x)) < 1e-5
@@ -136,7 +137,7 @@ def test_a_fleet_gets_the_fold_through_save_cache_artifacts(tmp_path, monkeypatc
     assert entries() == []
     torch.compiler.load_cache_artifacts(saved[0])
     assert folded in entries()
-    monkeypatch.setattr(_torch_private, "forward_before_autograd", lambda *_a, **_k: pytest.fail("traced again"))
+    monkeypatch.setattr(pre_dispatch, "forward_before_autograd", lambda *_a, **_k: pytest.fail("traced again"))
     model = randomize_bn(Net().eval())
     out, report = answer(model, x)
     assert report.folded == 2 and relative_error(out, float64_reference(model, x)) < 1e-5
@@ -146,13 +147,13 @@ LINEAR_RUN = """
 import sys, torch
 from torch import nn
 import compilefuse
-from compilefuse import _torch_private
+from compilefuse._torch_private import gates, pre_dispatch
 from compilefuse.examples.models import randomize_bn
 from compilefuse.examples.reference import float64_reference, relative_error
 if sys.argv[1] == "warm":
     def no_trace(*_args, **_kwargs):
         raise AssertionError("traced again: the cached fold was not used")
-    _torch_private.forward_before_autograd = no_trace
+    pre_dispatch.forward_before_autograd = no_trace
 torch.manual_seed(int(sys.argv[2]))
 model = randomize_bn(nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 8)).eval())
 x = torch.randn(16, 512)

@@ -8,7 +8,8 @@ import torch
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
 from torch import nn
 
-from compilefuse import _torch_private, freezing
+from compilefuse import freezing
+from compilefuse._torch_private import aot_autograd
 
 
 def conv_bn() -> nn.Module:
@@ -18,7 +19,7 @@ def conv_bn() -> nn.Module:
 
 def scrambled(order):
     """``aot_parameters`` with its values reordered by ``order(values)``."""
-    real = _torch_private.aot_parameters
+    real = aot_autograd.aot_parameters
 
     def wrong_order():
         found = real()
@@ -44,7 +45,7 @@ def swap_same_shaped(values):
 @pytest.mark.parametrize("order", [swap_same_shaped, lambda values: values[::-1], lambda values: values[:-1]],
                          ids=["swap_same_shaped", "reversed", "one_missing"])
 def test_scrambled_frozen_values_fold_nothing_and_say_why(monkeypatch, order):
-    monkeypatch.setattr(_torch_private, "aot_parameters", scrambled(order))
+    monkeypatch.setattr(aot_autograd, "aot_parameters", scrambled(order))
     model, x = conv_bn(), torch.randn(2, 3, 6, 6)
     result = run_bnfuse(model, x, options={"freeze": True})
     assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5

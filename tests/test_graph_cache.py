@@ -26,7 +26,7 @@ CACHED = {"options": {"cache": True}}
 # them into an empty cache directory, with every way of compiling made to fail, and compiles again.
 CHILD = r"""
 import sys, torch, compilefuse
-from compilefuse import _torch_private as tp
+from compilefuse._torch_private import aoti, inductor
 from compilefuse.examples.models import SmallCNN, randomize_bn
 stage, blob, out = sys.argv[1:]
 if stage == "load":
@@ -35,7 +35,7 @@ if stage == "load":
     assert len(info.compilefuse_package_artifacts) == 1, info
     def refuse(*args, **kwargs):
         raise AssertionError("compiled despite the cache")
-    tp.compile_with_inductor = tp.aoti_compile = torch.export.export = refuse
+    inductor.compile_with_inductor = aoti.aoti_compile = torch.export.export = refuse
 torch.manual_seed(0)
 model = randomize_bn(SmallCNN()).eval()
 x = torch.randn(2, 3, 16, 16)

@@ -55,3 +55,55 @@ def test_no_import_circles():
         if module not in done:
             visit(module, [module], done)
     assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_torch_shim_holds_no_bnfuse_logic():
+    """``_torch_private`` wraps torch; bnfuse's own modules build on it, never the other way round
+    (it may name ops from ``graph_ops`` and the replica's shim)."""
+    folder = os.path.join(ROOT, "_torch_private")
+    paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py")]
+    modules = {module_name(p) for folder_, _, files in os.walk(ROOT) for p in
+               (os.path.join(folder_, f) for f in files if f.endswith(".py"))}
+    allowed = {"compilefuse.graph_ops", "compilefuse._torch_runtime"}
+    outside = {module_name(p): {m for m in imported_modules(p, modules)
+                                if not m.startswith("compilefuse._torch_private") and m not in allowed} for p in paths}
+    assert not any(outside.values()), outside
+
+
+SHIM_IMPORT_EFFECTS = """
+import importlib, logging, pkgutil
+import torch
+# What the shim's modules import of torch, first: only what importing the shim itself adds is compared.
+import torch._inductor.compile_fx, torch._inductor.pattern_matcher, torch._inductor.decomposition
+import torch._inductor.custom_graph_pass, torch._dynamo.source, torch._higher_order_ops.wrap
+import torch._functorch._aot_autograd.schemas, torch.utils._pytree
+from torch._inductor import config
+import compilefuse  # the package's own import effects (its notice filter) are not the shim's
+
+def state():
+    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger)]
+    return (set(torch._C._dispatch_get_all_op_names()), config.save_config_portable(),
+            {l.name: list(l.filters) for l in loggers if l.filters})
+
+before = state()
+import compilefuse._torch_private as shim
+names = [m.name for m in pkgutil.iter_modules(shim.__path__)]
+for name in names:
+    importlib.import_module(f"compilefuse._torch_private.{name}")
+after = state()
+assert len(names) >= 10, names
+assert after[0] == before[0], sorted(after[0] - before[0])
+assert after[1] == before[1], {k: v for k, v in after[1].items() if before[1].get(k) != v}
+assert after[2] == before[2], "a logging filter was installed"
+print("ok", len(names))
+"""
+
+
+def test_importing_the_torch_shim_changes_nothing_in_torch():
+    """No op registered, no Inductor setting changed, no logging filter installed by importing any
+    of the shim's modules (in a fresh process: this one has long imported them)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SHIM_IMPORT_EFFECTS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]

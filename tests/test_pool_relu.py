@@ -12,7 +12,7 @@ from helpers import assert_matches_reference, float64_reference, randomize_bn
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from compilefuse import _torch_private as tp
+from compilefuse._torch_private import inductor
 from compilefuse.passes import pool_relu
 
 aten = torch.ops.aten
@@ -40,7 +40,7 @@ def pool3d(x):
 
 
 def inductor_decomposition(x):  # the values + offsets form Inductor decomposes max-pools into
-    return tp.max_pool_ops()[0](torch.relu(x), [3, 3], [2, 2], [1, 1], [1, 1], False)[0]
+    return inductor.max_pool_ops()[0](torch.relu(x), [3, 3], [2, 2], [1, 1], [1, 1], False)[0]
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def planted(*_args, **_kwargs):
 STAGES = {
     "setting up the frozen call": ("compilefuse.compiled_graph", "input_key"),
     "naming placeholders": ("compilefuse.backend", "source_path"),
-    "reading frozen values": ("compilefuse._torch_private", "aot_parameters"),
+    "reading frozen values": ("compilefuse._torch_private.aot_autograd", "aot_parameters"),
     "the fold pass": ("compilefuse.passes.fold", "fold_graph"),
     "building the report": ("compilefuse.backend.GraphCompiler", "_publish"),
     "the per-call check": ("compilefuse.freshness.FrozenTensors", "match"),
@@ -199,7 +199,7 @@ def test_failure_of_the_weights_as_data_route_raises_when_strict(stage, monkeypa
 
 
 def test_failing_release_of_old_code_never_fails_a_call(monkeypatch):
-    monkeypatch.setattr("compilefuse._torch_private.release_code_modules", planted)
+    monkeypatch.setattr("compilefuse._torch_private.code_cache.release_code_modules", planted)
     model, x = conv_bn_model(), torch.randn(2, 3, 6, 6)
     compiled = torch.compile(model, backend="bnfuse", options={"strict": True})
     with torch.inference_mode():

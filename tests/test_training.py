@@ -348,7 +348,7 @@ def _selective():
 
 
 needs_checkpoint_tracing = pytest.mark.skipif(
-    not compilefuse._torch_private.CHECKPOINT_TRACES_BEFORE_AUTOGRAD,
+    not compilefuse._torch_private.gates.CHECKPOINT_TRACES_BEFORE_AUTOGRAD,
     reason="this torch cannot trace a checkpointed region before autograd (a graph with one is not folded per step)")
 
 
@@ -454,7 +454,7 @@ def autocast_step(model: nn.Module, x: torch.Tensor, backend: str | None):
 
 
 needs_autocast_tracing = pytest.mark.skipif(
-    not compilefuse._torch_private.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
+    not compilefuse._torch_private.gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
     reason="this torch does not fold per step under autocast (the graph goes to plain Inductor)")
 
 

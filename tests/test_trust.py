@@ -131,16 +131,16 @@ def test_an_inductor_error_falls_back_to_plain_inductor_with_one_warning(monkeyp
     """``InductorError`` is a ``TorchDynamoException``: it used to pass through as Dynamo's own."""
     from torch._inductor.exc import InductorError
 
-    from compilefuse import _torch_private as tp
+    from compilefuse._torch_private import inductor
 
-    real = tp.compile_with_inductor
+    real = inductor.compile_with_inductor
 
     def failing_when_folded(gm, inputs, patches, *, keep_bn):
         if patches.get("freezing") or patches.get("post_grad_custom_pre_pass"):  # frozen, or as data
             raise InductorError(RuntimeError("planted Inductor failure"), "")
         return real(gm, inputs, patches, keep_bn=keep_bn)
 
-    monkeypatch.setattr(tp, "compile_with_inductor", failing_when_folded)
+    monkeypatch.setattr(inductor, "compile_with_inductor", failing_when_folded)
     monkeypatch.setattr(compiled_graph, "_fallback_warned", False)
     model, x = conv_bn(), torch.randn(2, 3, 8, 8)
     with caplog.at_level(logging.WARNING, logger="compilefuse"), torch.no_grad():
@@ -197,7 +197,7 @@ def test_autocast_around_a_training_call_keeps_autocasts_dtypes():
     assert (out.float() - eager.float()).abs().max() <= 2 * (eager.float() - float64_reference(model, x)).abs().max() + 1e-2
     [decision] = [d for r in records for d in r.decisions]
     # folded per step in autocast's dtype (issue 31), where this torch traces autocast before autograd
-    assert decision.folded == decision.per_step == compilefuse._torch_private.AUTOCAST_TRACES_BEFORE_AUTOGRAD
+    assert decision.folded == decision.per_step == compilefuse._torch_private.gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD
     out.float().sum().backward()
     assert model[0].weight.grad is not None
 
@@ -301,7 +301,8 @@ def test_each_pass_is_identified_by_every_file_it_runs():
 
     fold_files = {p.rpartition("compilefuse/")[2] for p in code_identity.sources_of("compilefuse.passes.fold")}
     post_grad_files = {p.rpartition("compilefuse/")[2] for p in code_identity.sources_of("compilefuse.passes.post_grad")}
-    assert {"passes/fold.py", "fold_math.py", "freezing.py", "_torch_private.py", "rules/site.py", "rules/rule.py"} <= fold_files
+    assert {"passes/fold.py", "fold_math.py", "freezing.py", "_torch_private/pre_dispatch.py",
+            "_torch_private/inductor.py", "rules/site.py", "rules/rule.py"} <= fold_files
     assert {"passes/post_grad.py", "passes/lower.py", "passes/pool_relu.py", "rules/site.py"} <= post_grad_files
 
 

@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from compilefuse import _torch_private, versions
+from compilefuse import versions
+from compilefuse._torch_private import code_cache
 
 
 @pytest.mark.parametrize(
@@ -48,5 +49,5 @@ def test_unknown_code_cache_layout_skips_the_release(monkeypatch, caplog):
     monkeypatch.setattr(codecache.PyCodeCache, "modules", {}, raising=False)  # not the list it knows
     module = types.ModuleType("compilefuse_test_module")
     with caplog.at_level(logging.DEBUG, logger="compilefuse"):
-        _torch_private.release_code_modules([module])
+        code_cache.release_code_modules([module])
     assert "unknown PyCodeCache layout" in caplog.text

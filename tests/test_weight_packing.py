@@ -101,7 +101,7 @@ def test_the_rule_on_hand_built_convolutions():
 def test_inductors_cpp_wrapper_keeps_the_folds_and_the_packed_weights():
     """Inductor's C++ wrapper checked a packed input's strides as ATen's C API reports them, not as
     its fake has them: the graph failed its first call and bnfuse fell back to plain Inductor,
-    folding nothing (``tp.size_asserts_for_packed_inputs``)."""
+    folding nothing (``onednn.size_asserts_for_packed_inputs``)."""
     import compilefuse
 
     model, x = three_convolutions(), torch.randn(2, 4, 24, 24)
@@ -129,11 +129,11 @@ def linear_head() -> nn.Module:
 def test_large_linear_layers_read_a_packed_weight_that_follows_the_model(options, packed, monkeypatch):
     """The prologue packs a large linear layer's folded weight for oneDNN's linear, as freezing
     packs a constant one, and packs it again after a weight changes: no recompile, no stale answer."""
-    from compilefuse import _torch_private as tp
+    from compilefuse._torch_private import inductor
 
     compiles = []
-    original = tp.compile_with_inductor
-    monkeypatch.setattr(tp, "compile_with_inductor", lambda *a, **k: compiles.append(1) or original(*a, **k))
+    original = inductor.compile_with_inductor
+    monkeypatch.setattr(inductor, "compile_with_inductor", lambda *a, **k: compiles.append(1) or original(*a, **k))
     model, x = linear_head(), torch.randn(16, 512)
     compiled = torch.compile(model, backend="bnfuse", options=options)
     with compilefuse.report.collecting() as records, torch.inference_mode():

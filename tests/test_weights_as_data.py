@@ -19,8 +19,8 @@ from helpers import calls_racing, float64_reference, randomize_bn, relative_erro
 from torch import nn
 
 import compilefuse
-from compilefuse import _torch_private as tp
 from compilefuse import compiled_graph
+from compilefuse._torch_private import inductor
 
 
 def conv_bn_model() -> nn.Module:
@@ -33,13 +33,13 @@ def conv_bn_model() -> nn.Module:
 def inductor_compiles(monkeypatch):
     """How many graphs bnfuse hands Inductor (plain, frozen or as data)."""
     calls = []
-    original = tp.compile_with_inductor
+    original = inductor.compile_with_inductor
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tp, "compile_with_inductor", counting)
+    monkeypatch.setattr(inductor, "compile_with_inductor", counting)
     return calls
 
 

@@ -1,5 +1,5 @@
 """The benchmark's uses of torch's private compiler internals (the backend's are in
-``compilefuse/_torch_private.py``)."""
+``compilefuse/_torch_private/``)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from . import _torch_private as tp
+from . import _torch_private
 
 MULTIPLY = re.compile(r"mul\(|\* ")  # a multiply in Inductor's C++ or Triton kernels
 
@@ -21,10 +21,10 @@ def generated_code(model: nn.Module, x: torch.Tensor, system: str) -> str:
     """Inductor's code for ``model`` compiled as ``system`` ("bnfuse" or "inductor-freezing")."""
     torch.compiler.reset()
     if system == "inductor-freezing":
-        with torch.inference_mode(), tp.inductor_freezing():
-            return tp.generated_code(torch.compile(model, options={"freezing": True}), x)
+        with torch.inference_mode(), _torch_private.inductor_freezing():
+            return _torch_private.generated_code(torch.compile(model, options={"freezing": True}), x)
     with torch.inference_mode():
-        return tp.generated_code(torch.compile(model, backend="bnfuse"), x)
+        return _torch_private.generated_code(torch.compile(model, backend="bnfuse"), x)
 
 
 def multiplications(code: str) -> int:

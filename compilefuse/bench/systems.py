@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._torch_private import inductor_mode_options
+from .._torch_private.inductor import inductor_mode_options
 from ..examples.models import is_batch_norm
 from . import _torch_private
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from .. import _torch_private as tp
-from .. import code_identity, freezing
+from .. import _torch_runtime, code_identity, freezing, graph_ops
+from .._torch_private import aot_autograd, fake_tensors, inductor, ops, patterns, pre_dispatch
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..prologue import Fold, JudgedSlots
 from ..rules import RULES
@@ -70,12 +70,12 @@ class _FoldRun:
         self._bn_modules = frozenset(module_path(bn) for bn in _bn_outputs(graph))
         rules = [rule for rule in RULES if self.takes(rule)]
         stages = sorted({rule.stage for rule in rules})
-        self.passes = [tp.PatternMatcherPass() for _ in stages]
+        self.passes = [patterns.PatternMatcherPass() for _ in stages]
         for rule in rules:
             for pattern in rule.patterns:
-                tp.register_graph_pattern(pattern, extra_check=rule.claims, pass_dict=self.passes[stages.index(rule.stage)])(
-                    functools.partial(self.apply, rule)
-                )
+                stage = self.passes[stages.index(rule.stage)]
+                patterns.register_graph_pattern(pattern, extra_check=rule.claims, pass_dict=stage)(
+                    functools.partial(self.apply, rule))
 
     def takes(self, rule: Rule) -> bool:
         return True
@@ -97,7 +97,7 @@ class _FoldRun:
             if self.changes == changes:
                 return
 
-    def apply(self, rule: Rule, match: tp.Match, *_matched_args: object, **_matched_kwargs: object) -> None:
+    def apply(self, rule: Rule, match: patterns.Match, *_matched_args: object, **_matched_kwargs: object) -> None:
         """The pattern matcher's handler: the rule rewrites the site ``match`` describes, or says why not."""
         rule.rewrite(match, self)
 
@@ -130,7 +130,7 @@ class _FoldRun:
     def evaluate(self, compute: Compute, judge: Judge | None = None) -> Folded | Refused:
         """The fold on the real frozen tensors, refused if not finite in the op's dtype or if
         ``judge`` refuses it."""
-        with tp.real_tensor_math():
+        with _torch_runtime.real_tensor_math():
             result = compute(self.frozen)
             if isinstance(result, Folded):
                 reason = value_refusal(result.weight, result.bias, judge, result.judged)
@@ -141,17 +141,17 @@ class _FoldRun:
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
         return self.add_constant(folded.weight, like), self.add_constant(folded.bias, like)
 
-    def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
+    def replace(self, match: patterns.Match, fn: Callable[..., Any], args: list[Any]) -> None:
         match.replace_by_example(fn, args)
 
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
         gm = self.graph.owning_module
         name = next(f"{FOLDED_PREFIX}{i}" for i in itertools.count() if not hasattr(gm, f"{FOLDED_PREFIX}{i}"))
-        tp.mark_frozen(value)
+        inductor.mark_frozen(value)
         gm.register_buffer(name, value)
         with self.graph.inserting_before(like):
             node = self.graph.get_attr(name)
-        node.meta["val"] = tp.fake_tensor_of(like, value)
+        node.meta["val"] = fake_tensors.fake_tensor_of(like, value)
         self.frozen[node] = value  # a folded op can fold again (conv -> BN -> BN)
         return node
 
@@ -199,7 +199,7 @@ class _PerStepRun(_FoldRun):
         if isinstance(result, Folded) and (result.judged.dtype if result.judged else result.weight.dtype) == torch.float16:
             return Refused("per-step fold in float16: the folded weight could overflow where the BN does not")
         if isinstance(result, Folded) and judge is not None and all(leaf in self.real for leaf in self.leaves[compute]):
-            with tp.real_tensor_math(), torch.no_grad():
+            with _torch_runtime.real_tensor_math(), torch.no_grad():
                 now = compute(self.real)
                 reason = judge(now.judged) if now.judged is not None else None
             if reason is not None:
@@ -220,15 +220,15 @@ class _PerStepRun(_FoldRun):
             assert isinstance(result, Folded)
             return result.weight, result.bias
 
-        traced = tp.trace_before_autograd(fold, [leaf.meta["val"] for leaf in leaves])
+        traced = pre_dispatch.trace_before_autograd(fold, [leaf.meta["val"] for leaf in leaves])
         _hoist_before(leaves, like)
         weight, bias = _inline(traced, leaves, before=like)
         for node in (weight, bias):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
         return weight, bias
 
-    def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
-        match.replace_by_example(fn, args, trace_fn=tp.trace_before_autograd)
+    def replace(self, match: patterns.Match, fn: Callable[..., Any], args: list[Any]) -> None:
+        match.replace_by_example(fn, args, trace_fn=pre_dispatch.trace_before_autograd)
 
     def fold(self, bn: torch.fx.Node, decision: FoldDecision) -> None:
         super().fold(bn, dataclasses.replace(decision, per_step=True))
@@ -280,7 +280,7 @@ class _AsDataRun(_PerStepRun):
             self.frozen[node] = node.meta["val"]  # a folded op can fold again (conv -> BN -> BN)
         return weight, bias
 
-    def replace(self, match: tp.Match, fn: Callable[..., Any], args: list[Any]) -> None:
+    def replace(self, match: patterns.Match, fn: Callable[..., Any], args: list[Any]) -> None:
         """Traced from the aten calls it makes (``tape.traced``), not with ``make_fx``: an
         inference graph is traced again by AOTAutograd anyway."""
         try:
@@ -301,7 +301,7 @@ def computed_from(graph: torch.fx.Graph, sources: Collection[torch.fx.Node]) -> 
             continue
         if all(n in computed for n in node.all_input_nodes) and (
                 node.target is operator.getitem or isinstance(node.target, Fold)
-                or tp.is_pure_operator(node.target)):
+                or ops.is_pure_operator(node.target)):
             computed.add(node)
             found.append(node)
     return found
@@ -322,7 +322,7 @@ def _real_values_computed_from(graph: torch.fx.Graph, real: Frozen) -> Frozen:
     """``real`` and the value now of every tensor the graph computes from it alone by pure ops
     (``_with_values_computed_from``'s, on real values): what the checks judge a computed weight by."""
     values = dict(real)
-    with tp.real_tensor_math(), torch.no_grad():
+    with _torch_runtime.real_tensor_math(), torch.no_grad():
         for node in computed_from(graph, real):
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
             values[node] = node.target(*args, **kwargs)
@@ -376,7 +376,7 @@ def _hoist_before(leaves: list[torch.fx.Node], like: torch.fx.Node) -> None:
     if not late:
         return
     passed = nodes[position[like]:max(position[n] for n in late)]
-    if any(node.op == "call_function" and not tp.is_operator(node.target) and node.target is not operator.getitem
+    if any(node.op == "call_function" and not ops.is_operator(node.target) and node.target is not operator.getitem
            for node in passed):  # a grad-mode change (or another call) would now lie on the other side
         raise RuntimeError("bnfuse: a value a per-step fold reads is computed after the op, past a grad-mode "
                            "change or a non-aten call; it cannot be moved ahead")
@@ -425,7 +425,7 @@ def _inline(sub: torch.fx.GraphModule, inputs: list[torch.fx.Node], before: torc
             elif node.op != "placeholder":
                 env[node] = graph.node_copy(node, env.__getitem__)
                 _name_after(env[node], before)
-                tp.recompute_in_backward(env[node])
+                aot_autograd.recompute_in_backward(env[node])
     raise RuntimeError("bnfuse: a traced fold has no output")
 
 
@@ -435,15 +435,15 @@ def _name_after(node: torch.fx.Node, like: torch.fx.Node) -> None:
 
 
 def _count_bn_ops(graph: torch.fx.Graph) -> int:
-    return len(graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP))
+    return len(graph.find_nodes(op="call_function", target=graph_ops.BN_INFERENCE_OP))
 
 
 def _bn_outputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The normalised output (``getitem 0``) of each inference BN op in the graph."""
-    return [next(iter(op.users)) for op in graph.find_nodes(op="call_function", target=tp.BN_INFERENCE_OP) if op.users]
+    return [next(iter(op.users)) for op in graph.find_nodes(op="call_function", target=graph_ops.BN_INFERENCE_OP) if op.users]
 
 
-class BnFoldPass(tp.CustomGraphPass):
+class BnFoldPass(inductor.CustomGraphPass):
     """Joint-graph pass folding inference BatchNorm; its uuid keys Inductor's caches."""
 
     def __init__(

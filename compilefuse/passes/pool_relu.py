@@ -21,7 +21,7 @@ import operator
 import torch
 import torch.fx
 
-from .. import _torch_private as tp
+from .._torch_private import inductor
 
 aten = torch.ops.aten
 _VIEWS = (aten.unsqueeze.default, aten.view.default)
@@ -30,7 +30,7 @@ _VIEWS = (aten.unsqueeze.default, aten.view.default)
 def move_relu_after_max_pool(graph: torch.fx.Graph) -> int:
     """Rewrite every ``max_pool(relu(x))`` of ``graph`` whose indices are unused; the count moved."""
     moved = 0
-    for pool in [n for op in tp.max_pool_ops() for n in graph.find_nodes(op="call_function", target=op)]:
+    for pool in [n for op in inductor.max_pool_ops() for n in graph.find_nodes(op="call_function", target=op)]:
         values = _only_values_read(pool)
         relu, views = _relu_before(pool.args[0])
         if values is None or relu is None:

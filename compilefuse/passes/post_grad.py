@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .. import _torch_private as tp
 from .. import code_identity
+from .._torch_private import inductor
 from . import lower, pool_relu
 
 
-class PostGradPass(tp.CustomGraphPass):
+class PostGradPass(inductor.CustomGraphPass):
     """Decompose the BNs the fold kept (``lower.py``), then move each ReLU that feeds a max-pool to
     after it (``pool_relu.py``). Its uuid keys Inductor's caches."""
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .. import _torch_private as tp
 from .. import code_identity
+from .._torch_private import inductor
 
 aten = torch.ops.aten
 
 
 def save_inputs_as_they_are(graph: torch.fx.Graph) -> int:
     """Return each 4-D graph input the forward saves for the backward (no convolution reading it
-    directly) through ``tp.keep_layout``; the number of inputs so returned."""
+    directly) through ``inductor.keep_layout``; the number of inputs so returned."""
     output = graph.find_nodes(op="output")[0]
-    saved = tp.outputs_for_backward(graph)
+    saved = inductor.outputs_for_backward(graph)
     values = list(output.args[0])
     changed = 0
     for index in saved:
@@ -37,7 +37,7 @@ def save_inputs_as_they_are(graph: torch.fx.Graph) -> int:
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.dim() == 4:
             with graph.inserting_before(output):
-                values[index] = tp.keep_layout(graph, node)
+                values[index] = inductor.keep_layout(graph, node)
             changed += 1
     if changed:
         output.args = (tuple(values), *output.args[1:])
@@ -48,7 +48,7 @@ def _read_by_convolution(node: torch.fx.Node) -> bool:
     return any(user.target is aten.convolution.default for user in node.users)
 
 
-class SavedInputsPass(tp.CustomGraphPass):
+class SavedInputsPass(inductor.CustomGraphPass):
     """Installed as Inductor's post-grad post pass for per-step graphs; its uuid keys Inductor's caches."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:

@@ -19,8 +19,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import _torch_private as tp
-from .. import prologue
+from .. import _torch_runtime, prologue
+from .._torch_private import fake_tensors
 
 
 class NotRecordable(RuntimeError):
@@ -59,7 +59,7 @@ class Tape(TorchDispatchMode):
             return ("value", value)
         if id(value) in self._slot or isinstance(value, torch._subclasses.FakeTensor):
             return ("slot", self.slot(value))
-        with tp.real_tensor_math():  # a real constant (a graph's constant, a Python number as a tensor)
+        with _torch_runtime.real_tensor_math():  # a real constant (a graph's constant, a Python number as a tensor)
             return ("value", value.detach().clone())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Any:
@@ -90,7 +90,7 @@ def traced(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
     placeholders = []
     for i, value in enumerate(args):
         placeholders.append(graph.placeholder(f"arg{i}"))
-        tp.set_value(placeholders[-1], value)
+        fake_tensors.set_value(placeholders[-1], value)
         if isinstance(value, torch.Tensor):
             nodes[tape.add_input(value)] = placeholders[-1]
     fake_mode = next((a.fake_mode for a in args if isinstance(a, torch._subclasses.FakeTensor)), None)
@@ -103,14 +103,14 @@ def traced(fn: Callable[..., Any], args: Sequence[Any]) -> torch.fx.GraphModule:
         node = graph.call_function(func, tuple(call_args), call_kwargs)
         if len(outputs) == 1 and outputs[0] is not None and isinstance(tape.value(outputs[0]), torch.Tensor) \
                 and not isinstance(func._schema.returns[0].type, torch.ListType) and len(func._schema.returns) == 1:
-            tp.set_value(node, tape.value(outputs[0]))
+            fake_tensors.set_value(node, tape.value(outputs[0]))
             nodes[outputs[0]] = node
             continue
         node.meta["val"] = [None if slot is None else tape.value(slot) for slot in outputs]
         for index, slot in enumerate(outputs):
             if slot is not None:
                 nodes[slot] = graph.call_function(operator.getitem, (node, index))
-                tp.set_value(nodes[slot], tape.value(slot))
+                fake_tensors.set_value(nodes[slot], tape.value(slot))
     graph.output(pytree.tree_map(lambda v: nodes[tape.slot(v)] if isinstance(v, torch.Tensor) else v, result))
     tape.release()
     return torch.fx.GraphModule(torch.nn.Module(), graph)

@@ -16,8 +16,7 @@ import operator
 import torch
 import torch.fx
 
-from .._torch_private import BN_INFERENCE_OP
-from ..graph_ops import CASTS
+from ..graph_ops import BN_INFERENCE_OP, CASTS
 
 aten = torch.ops.aten
 

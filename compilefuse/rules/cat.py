@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .._torch_private import KeywordArg, Match
+from .._torch_private.patterns import KeywordArg, Match
 from ..decisions import FoldDecision, module_path
 from .convolution import CONV_ARGS, Convolution, conv_kind
 from .rule import BN_TENSORS, BatchNormStats, BnSite, Compute, Folded, FoldRule, Refused, RewriteContext, Side, bn_of, erase_bn

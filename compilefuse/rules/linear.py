@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import fold_math
-from .._torch_private import MULTIPLE, CallFunction, KeywordArg, Match
+from .._torch_private.patterns import MULTIPLE, CallFunction, KeywordArg, Match
 from .rule import BnSite, FoldRule, Producer, Side
 
 aten = torch.ops.aten

@@ -18,8 +18,9 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, KeywordArg, Match
+from .._torch_private.patterns import KeywordArg, Match
 from ..decisions import FoldDecision, MergeDecision, module_path
+from ..graph_ops import BN_INFERENCE_OP
 from ..value_checks import Judge, Judged, NumericJudge
 from . import _constants, _tokens
 from .site import BN_ARGS, BN_TENSORS, BatchNormStats, BnSite, Frozen, FrozenAffine, Side, affine_of, bn_of

@@ -18,7 +18,8 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private import BN_INFERENCE_OP, MULTIPLE, CallFunction, KeywordArg, Match
+from .._torch_private.patterns import MULTIPLE, CallFunction, KeywordArg, Match
+from ..graph_ops import BN_INFERENCE_OP
 from . import _channel_local, _constants, _tokens
 
 
