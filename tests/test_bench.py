@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from compilefuse._torch_private import gates
 from compilefuse.bench import cli
 from compilefuse.bench.harness import Row, benchmark_case, interleaved_order
 from compilefuse.bench.systems import SYSTEMS as SYSTEMS_BY_NAME
@@ -238,7 +239,7 @@ def test_train_reports_saved_bytes_step_time_and_gradient_error(tmp_path, capsys
     assert "folded per step" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not __import__("compilefuse._torch_private.gates")._torch_private.gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
+@pytest.mark.skipif(not gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
                     reason="this torch does not fold per step under autocast")
 def test_train_under_autocast_folds_every_bn_and_refuses_autocast_without_train(tmp_path, capsys):
     json_path = tmp_path / "train.json"

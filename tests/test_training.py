@@ -22,6 +22,7 @@ from helpers import randomize_bn
 from torch import nn
 
 import compilefuse
+from compilefuse._torch_private import gates
 from compilefuse.bench.training import eval_bn_for_finetuning, saved_bytes
 from compilefuse.examples.models import resnet_style
 
@@ -348,7 +349,7 @@ def _selective():
 
 
 needs_checkpoint_tracing = pytest.mark.skipif(
-    not compilefuse._torch_private.gates.CHECKPOINT_TRACES_BEFORE_AUTOGRAD,
+    not gates.CHECKPOINT_TRACES_BEFORE_AUTOGRAD,
     reason="this torch cannot trace a checkpointed region before autograd (a graph with one is not folded per step)")
 
 
@@ -454,7 +455,7 @@ def autocast_step(model: nn.Module, x: torch.Tensor, backend: str | None):
 
 
 needs_autocast_tracing = pytest.mark.skipif(
-    not compilefuse._torch_private.gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
+    not gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD,
     reason="this torch does not fold per step under autocast (the graph goes to plain Inductor)")
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import compilefuse
 from compilefuse import backend, compiled_graph
+from compilefuse._torch_private import gates
 
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -197,7 +198,7 @@ def test_autocast_around_a_training_call_keeps_autocasts_dtypes():
     assert (out.float() - eager.float()).abs().max() <= 2 * (eager.float() - float64_reference(model, x)).abs().max() + 1e-2
     [decision] = [d for r in records for d in r.decisions]
     # folded per step in autocast's dtype (issue 31), where this torch traces autocast before autograd
-    assert decision.folded == decision.per_step == compilefuse._torch_private.gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD
+    assert decision.folded == decision.per_step == gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD
     out.float().sum().backward()
     assert model[0].weight.grad is not None
 
