@@ -46,7 +46,7 @@ def main() -> None:
     frozen = graph._last.frozen
     sync = "torch.cuda.synchronize()" if args.device == "cuda" else ""
     scope = {"frozen": frozen, "call_args": call_args, "compiled": compiled, "x": x, "torch": torch,
-             "raw": graph._last.compiled.call, "kept": [call_args[i] for i in graph._last.compiled.kept]}
+             "raw": graph._last.compiled.call, "taken": [call_args[i] for i in graph._last.compiled.inputs_taken]}
 
     def timed(statement: str, seconds: float) -> float:
         with torch.inference_mode():
@@ -59,7 +59,7 @@ def main() -> None:
     scope["old"] = [(i, ref, version) for i, ref, version, _ in frozen._versioned]
     old_s = timed("all(call_args[i] is ref() and call_args[i]._version == v for i, ref, v in old)", 1)
     model_s = timed(f"compiled(x); {sync}", 3)
-    raw_s = timed(f"raw(*kept); {sync}", 3)
+    raw_s = timed(f"raw(*taken); {sync}", 3)
     print(f"{args.model} batch {args.batch_size} on {args.device}, {args.threads} threads, torch {torch.__version__}")
     print(f"frozen tensors checked per call: {len(frozen.indices)}")
     print(f"check: {check_s * 1e6:.1f} us per call (the former Python loop: {old_s * 1e6:.1f} us); "

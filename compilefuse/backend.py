@@ -57,16 +57,16 @@ def bnfuse(
 ) -> Callable[..., Any]:
     """torch.compile backend folding inference BatchNorm into conv / conv-transpose / linear."""
     config = BnfuseConfig.from_options(options, mode)  # the user's errors: raised, never swallowed
-    compile_graph = GraphCompiler(gm, config)
+    compiler = GraphCompiler(gm, config)
     try:
         versions.warn_once_if_untested()
-        compile_graph.name(example_inputs)
+        compiler.name(example_inputs)
         needing_grad = _first_requiring_grad(gm, example_inputs)
         if needing_grad is not None:
             if config.training:
-                return compile_graph.per_step(list(example_inputs))
+                return compiler.per_step(list(example_inputs))
             _log_autograd_once(needing_grad)
-            return compile_graph.plain(list(example_inputs), lambda: FoldRecord(traced_decisions(gm, autograd=True)))
+            return compiler.plain(list(example_inputs), lambda: FoldRecord(traced_decisions(gm, autograd=True)))
         placeholders = gm.graph.find_nodes(op="placeholder")
         key = (gm.code, repr(config), dynamo.traced_global_state(), tuple(
             compiled_graph.input_key(value, frozen=dynamo.is_module_state(node))
@@ -74,7 +74,7 @@ def bnfuse(
         ))
         fake_mode, dynamic = fake_tensors.current_fake_mode(), dynamo.has_symbolic_shapes(gm)
         return compiled_graph.shared(key, lambda: compiled_graph.CompiledGraph(
-            compile_graph,
+            compiler,
             example_inputs,
             strict=config.strict,
             # A dynamic graph's symbolic sizes live in Dynamo's fake mode, so a recompile reuses it.
@@ -87,7 +87,7 @@ def bnfuse(
         if config.strict or dynamo.is_dynamo_restart(error):
             raise
         compiled_graph.warn_fallback_once(error)
-        return compile_graph(list(example_inputs), error).call
+        return compiler.fall_back(list(example_inputs), error).call
 
 
 class GraphCompiler:
@@ -121,35 +121,41 @@ class GraphCompiler:
             log.debug("bnfuse: graph named as Dynamo traced it (%s: %s)", type(error).__name__, error)
         return {}
 
-    def __call__(self, inputs: list[Any], failure: Exception | None) -> compiled_graph.Compiled:
+    def fold(self, inputs: list[Any]) -> compiled_graph.Executable:
+        """The graph folded for ``inputs``: weights as data where it can, frozen otherwise."""
         self._prefixes = self.name(inputs)
-        if failure is None:
+        try:
             try:
-                try:
-                    return self.as_data(inputs) if self._as_data_allowed() else self.folded(inputs)
-                except Exception as error:
-                    if self._no_packing or not inductor.is_inductor_error(error):
-                        raise
-                    # Inductor's oneDNN packing under freezing fails on some graphs (a circular-padded
-                    # conv at batch >= 2, torchvision's detection transforms): fold without it.
-                    log.info("bnfuse: Inductor failed on the folded graph (%s); folding again without "
-                             "oneDNN weight packing", type(error).__name__)
-                    self._no_packing = True
-                    return self.folded(inputs)
-            except freezing.UnprovableWrite as refusal:  # a decision, not a failure: strict too
-                reason = (f"not folded: {self._input_name(refusal.written)} and {self._input_name(refusal.frozen)} "
-                          "share memory and the graph writes to it; compiled by plain Inductor")
-                log.warning("bnfuse: %s", reason)
-        else:
-            reason = f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}"
+                return self.as_data(inputs) if self._as_data_allowed() else self.folded(inputs)
+            except Exception as error:
+                if self._no_packing or not inductor.is_inductor_error(error):
+                    raise
+                # Inductor's oneDNN packing under freezing fails on some graphs (a circular-padded
+                # conv at batch >= 2, torchvision's detection transforms): fold without it.
+                log.info("bnfuse: Inductor failed on the folded graph (%s); folding again without "
+                         "oneDNN weight packing", type(error).__name__)
+                self._no_packing = True
+                return self.folded(inputs)
+        except freezing.UnprovableWrite as refusal:  # a decision, not a failure: strict too
+            reason = (f"not folded: {self._input_name(refusal.written)} and {self._input_name(refusal.frozen)} "
+                      "share memory and the graph writes to it; compiled by plain Inductor")
+            log.warning("bnfuse: %s", reason)
+            return self._unfolded(inputs, reason)
+
+    def fall_back(self, inputs: list[Any], failure: Exception) -> compiled_graph.Executable:
+        """After a failure of bnfuse: the graph by plain Inductor, reported with the failure."""
+        self._prefixes = self.name(inputs)
+        return self._unfolded(inputs, f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}")
+
+    def _unfolded(self, inputs: list[Any], reason: str) -> compiled_graph.Executable:
         record = lambda: FoldRecord(traced_decisions(self.gm, autograd=False, reason=reason))  # noqa: E731
-        return compiled_graph.Compiled(self.plain(inputs, record), tuple(range(len(inputs))))
+        return compiled_graph.Executable(self.plain(inputs, record), tuple(range(len(inputs))))
 
     def _as_data_allowed(self) -> bool:
         return not (self.config.cache or self.config.freeze or self._as_data_failed) and \
             pre_dispatch.unsupported_before_autograd(self.gm) is None and _autocast_around() is None
 
-    def as_data(self, inputs: list[Any]) -> compiled_graph.Compiled:
+    def as_data(self, inputs: list[Any]) -> compiled_graph.Executable:
         """Fold with the module state as data (``fold_prologue``): the folds traced into the graph and
         split out into a prologue that runs once per set of weights, the rest compiled by Inductor
         without freezing. A new set of weights then refits the compiled code instead of
@@ -171,7 +177,7 @@ class GraphCompiler:
             self._as_data_failed = True
         return self.folded(inputs)
 
-    def _as_data(self, inputs: list[Any]) -> compiled_graph.Compiled:
+    def _as_data(self, inputs: list[Any]) -> compiled_graph.Executable:
         start = time.perf_counter()
         cache_key = fold_cache.key(self.gm, inputs, self._live, self._no_packing, self.config)
         folded = fold_cache.load(cache_key) if cache_key is not None else None
@@ -199,7 +205,7 @@ class GraphCompiler:
         # The prologue's outputs are tensors Dynamo has not seen: in its fake mode a recompile
         # would give them symbolic sizes no guard can name. A static graph compiles in a fresh
         # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
-        examples = [*prepared, *[inputs[i] for i in parts.kept]]
+        examples = [*prepared, *[inputs[i] for i in parts.inputs_taken]]
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
         patches.update(onednn.size_asserts_for_packed_inputs(patches, prepared))
         with torch.no_grad():
@@ -210,9 +216,9 @@ class GraphCompiler:
                 with fake_tensors.static_tracing() as fake:
                     call = inductor.compile_with_inductor(parts.main, [fake(value) for value in examples], patches,
                                                     keep_bn=False)
-        return compiled_graph.Compiled(
+        return compiled_graph.Executable(
             call,
-            parts.kept,
+            parts.inputs_taken,
             on_first_answer=lambda: self._publish(record, sort=False),
             on_rerun=lambda: publish(record, reused=True),
             side_effects=bool(written) or folded.draws_random_numbers,
@@ -245,7 +251,7 @@ class GraphCompiler:
         return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
                                  ops.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
 
-    def folded(self, inputs: list[Any]) -> compiled_graph.Compiled:
+    def folded(self, inputs: list[Any]) -> compiled_graph.Executable:
         """Freeze every parameter and buffer except those the graph writes. Which those are,
         AOTAutograd tells inside the compile; the first compile that finds one stops there (before
         folding) and the next keeps it live. A graph that writes no state compiles once. With the
@@ -254,13 +260,13 @@ class GraphCompiler:
         if self.config.cache and not self._live:
             cached = graph_cache.compiled(self.gm, inputs, self.config)
             if cached is not None:
-                model, kept, record = cached
-                return compiled_graph.Compiled(model, tuple(kept), on_first_answer=lambda: self._publish(record),
-                                               on_rerun=lambda: publish(record, reused=True))
+                model, taken, record = cached
+                return compiled_graph.Executable(model, tuple(taken), on_first_answer=lambda: self._publish(record),
+                                                 on_rerun=lambda: publish(record, reused=True))
         live = set(self._live)
         while True:
             freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
-            lifted, kept = freezing.lift_module_state(self.gm, inputs, live)
+            lifted, taken = freezing.lift_module_state(self.gm, inputs, live)
             record = FoldRecord(traced_decisions(self.gm, autograd=False))
             effects = freezing.GraphEffects()
             state = freezing.state_in_aot_order(lifted)
@@ -273,7 +279,7 @@ class GraphCompiler:
             }
             try:
                 with torch.no_grad(), weight_packing.packing(patches):
-                    call = inductor.compile_with_inductor(lifted, [inputs[i] for i in kept], patches, keep_bn=True)
+                    call = inductor.compile_with_inductor(lifted, [inputs[i] for i in taken], patches, keep_bn=True)
                 break
             except freezing.FrozenStateWritten as written:
                 found = {i for i, value in enumerate(inputs) if any(value is t for t in written.tensors)}
@@ -283,10 +289,10 @@ class GraphCompiler:
         self._live = live
         # Lifted state the graph writes stops the compile (FrozenStateWritten), so what it writes
         # here are its own inputs, which AOTAutograd places after the lifted state.
-        written = [kept[j - len(state)] for j in effects.written if j >= len(state)]
+        written = [taken[j - len(state)] for j in effects.written if j >= len(state)]
         if len(written) != len(effects.written):
             raise RuntimeError("bnfuse: the graph writes lifted state that was frozen")
-        freezing.check_writes_spare_frozen(written, sorted(set(range(len(inputs))) - set(kept)), inputs)
+        freezing.check_writes_spare_frozen(written, sorted(set(range(len(inputs))) - set(taken)), inputs)
         if not self._no_packing and set(written) - set(freezing.module_state(self.gm, inputs)):
             # With oneDNN packing, Inductor's freezing drops a write to a graph input that a convolution
             # read first (``x.mul_(0.5)`` after ``conv(x)``): such a graph is folded without packing.
@@ -294,9 +300,9 @@ class GraphCompiler:
             return self.folded(inputs)
         # Published once the graph has answered: Dynamo may restart a compile that raised midway,
         # and a graph that fails its first run falls back and is reported as that.
-        return compiled_graph.Compiled(
+        return compiled_graph.Executable(
             call,
-            tuple(kept),
+            tuple(taken),
             on_first_answer=lambda: self._publish(record),
             on_rerun=lambda: publish(record, reused=True),
             side_effects=effects.any,

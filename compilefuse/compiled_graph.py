@@ -21,8 +21,8 @@ tensors on every call. ``CompiledGraph`` owns everything that follows from that,
 - **Written from outside.** A frozen tensor changed before every call is made a live input after
   two refolds, with one warning.
 
-How a graph is compiled is not this module's business: ``compile(inputs, failure)`` does it,
-folding when ``failure`` is None and with plain Inductor (recording the failure) otherwise.
+How a graph is compiled is not this module's business: a ``Compiler`` folds it (``fold``) or,
+after a failure, compiles it with plain Inductor and records why (``fall_back``).
 """
 
 from __future__ import annotations
@@ -50,33 +50,40 @@ MAX_VARIANTS = 8
 
 
 @dataclasses.dataclass
-class Compiled:
-    """A compiled graph and the indices of the inputs it takes; every other tensor input is frozen."""
+class Executable:
+    """What one compile of a graph made: the call, and the indices of the graph inputs it takes
+    (after ``prepared``); every other tensor input is frozen or prepared."""
 
     call: Callable[..., Any]
-    kept: tuple[int, ...]
+    inputs_taken: tuple[int, ...]
     #: Called once the graph has answered its first call (a graph that fails then is never reported).
     on_first_answer: Callable[[], None] = lambda: None
     #: Called when a call inside ``compilefuse.explain`` is answered by this compile (its report again).
     on_rerun: Callable[[], None] = lambda: None
     #: Whether a call writes inputs or draws random numbers: then it must run exactly once per call.
     side_effects: bool = False
-    #: Kept inputs that are module state the graph writes: live, read afresh on every call.
+    #: Inputs taken that are module state the graph writes: live, read afresh on every call.
     live: tuple[int, ...] = ()
     #: A graph whose module state is data: what it computes from a set of module tensors (the
-    #: graph inputs), passed before the kept inputs; ``RefitRefused`` if the folds cannot take
+    #: graph inputs), passed before the inputs taken; ``RefitRefused`` if the folds cannot take
     #: them (``prologue.Prologue``). None: the weights are in the code.
     refit: Callable[[Sequence[Any]], list[torch.Tensor]] | None = None
     #: What ``refit`` computed from the inputs the graph was compiled with.
     prepared: tuple[Any, ...] = ()
-    #: The inputs a call is stale without (default: every tensor input not kept).
+    #: The inputs a call is stale without (default: every tensor input not taken).
     watched: tuple[int, ...] | None = None
     #: For a refit: ``on_first_answer`` and ``on_rerun`` of the variant for these inputs.
     report_for: Callable[[Sequence[Any]], tuple[Callable[[], None], Callable[[], None]]] | None = None
 
 
-class Compile(Protocol):
-    def __call__(self, inputs: list[Any], failure: Exception | None) -> Compiled: ...
+class Compiler(Protocol):
+    """How a ``CompiledGraph`` has its graph compiled."""
+
+    def fold(self, inputs: list[Any]) -> Executable:
+        """The graph folded for these inputs (raises where bnfuse fails)."""
+
+    def fall_back(self, inputs: list[Any], failure: Exception) -> Executable:
+        """The graph compiled by plain Inductor, every BN kept, ``failure`` recorded as the reason."""
 
     def keep_live(self, indices: set[int]) -> None:
         """Compile these module-state inputs as live graph inputs from now on (never frozen)."""
@@ -84,17 +91,17 @@ class Compile(Protocol):
 
 @dataclasses.dataclass
 class _Variant:
-    compiled: Compiled
+    compiled: Executable
     frozen: FrozenTensors
     modules: list[Any]  # the generated-code modules holding this variant's constants
     proven: bool = False  # whether it has answered a call yet
     born: int = 0  # the graph's call count when it was compiled
-    prepared: tuple[Any, ...] = ()  # its weights, where they are data (``Compiled.refit``)
+    prepared: tuple[Any, ...] = ()  # its weights, where they are data (``Executable.refit``)
     #: A refit's own report (its rows named for its instance): (on first answer, on rerun).
     reports: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     def run(self, args: Sequence[Any]) -> Any:
-        return self.compiled.call(*self.prepared, *[args[i] for i in self.compiled.kept])
+        return self.compiled.call(*self.prepared, *[args[i] for i in self.compiled.inputs_taken])
 
     def on_first_answer(self) -> None:
         (self.reports[0] if self.reports else self.compiled.on_first_answer)()
@@ -106,21 +113,21 @@ class _Variant:
 class CompiledGraph:
     def __init__(
         self,
-        compile: Compile,
+        compiler: Compiler,
         example_inputs: Sequence[Any],
         *,
         strict: bool,
         recompile_context: Callable[[], Any],
         input_names: Sequence[str],
     ) -> None:
-        self._compile_fn = compile
+        self._compiler = compiler
         self._strict = strict
         self._recompile_context = recompile_context
         self._input_names = list(input_names)
         #: Refolds run at call time, outside Dynamo's compile lock, possibly in several threads.
         self._lock = threading.Lock()
         self._first_answer_lock = threading.Lock()
-        self._plain: Compiled | None = None  # set once bnfuse has failed on this graph
+        self._plain: Executable | None = None  # set once bnfuse has failed on this graph
         self._calls = 0
         #: Per frozen input of one variant (its key): how many refolds in a row found it changed at
         #: the first call after a compile.
@@ -129,7 +136,7 @@ class CompiledGraph:
         first = self._compile(inputs)
         first.born = 1  # Dynamo compiles it inside the first call
         #: The compile whose weights are data: a new set of weights refits it (None: recompile).
-        self._refittable: Compiled | None = first.compiled if first.compiled.refit is not None else None
+        self._refittable: Executable | None = first.compiled if first.compiled.refit is not None else None
         self._frozen_indices = first.frozen.indices
         # Keep only the graph's other example inputs: holding the frozen ones would keep old weights alive.
         frozen = set(self._frozen_indices)
@@ -148,16 +155,16 @@ class CompiledGraph:
         try:
             try:
                 with code_cache.loaded_code_modules() as modules:
-                    compiled = self._compile_fn(inputs, None)
+                    compiled = self._compiler.fold(inputs)
             except Exception as error:  # noqa: BLE001 - any failure of bnfuse falls back (or raises, strict)
                 self._give_up_or_raise(error)
-                compiled, modules = self._compile_fn(inputs, error), []
+                compiled, modules = self._compiler.fall_back(inputs, error), []
         except BaseException:
             recorded.reloads.remove()
             raise
-        kept = set(compiled.kept)
+        taken = set(compiled.inputs_taken)
         frozen = list(compiled.watched) if compiled.watched is not None else [
-            i for i, v in enumerate(inputs) if i not in kept and isinstance(v, torch.Tensor)]
+            i for i, v in enumerate(inputs) if i not in taken and isinstance(v, torch.Tensor)]
         return _Variant(compiled, freshness.FrozenTensors(frozen, recorded), modules, born=self._calls,
                         prepared=compiled.prepared)
 
@@ -187,12 +194,12 @@ class CompiledGraph:
             raise error
         warn_fallback_once(error)
 
-    def _fall_back(self, args: Sequence[Any], error: Exception) -> Compiled:
+    def _fall_back(self, args: Sequence[Any], error: Exception) -> Executable:
         """From now on this graph is plain Inductor: it takes every input, so nothing can go stale."""
         self._give_up_or_raise(error)
         with self._lock, self._recompile_context():
             if self._plain is None:
-                self._plain = self._compile_fn(list(args), error)
+                self._plain = self._compiler.fall_back(list(args), error)
             self._refittable = None
             for key in list(self._variants):
                 self._drop(key)
@@ -336,7 +343,7 @@ class CompiledGraph:
                 "kept live from now on, read on every call instead of folded",
                 ", ".join(self._input_names[i] for i in sorted(every_call)),
             )
-            self._compile_fn.keep_live(every_call)
+            self._compiler.keep_live(every_call)
             self._refittable = None  # the next set of weights compiles, with these live
             self._changed_in_a_row = ((), {})
 

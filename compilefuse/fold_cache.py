@@ -109,7 +109,7 @@ def load(cache_key: str) -> Folded | None:
         if stored.get("format") != _FORMAT:
             return None
         split = Split(Prologue.from_bytes(stored["prologue"]), code_cache.graph_from_bytes(stored["main"]),
-                      tuple(stored["kept"]))
+                      tuple(stored["inputs_taken"]))
         return Folded(frozenset(stored["written"]), tuple(stored["readable"]), stored["record"], split,
                       stored["draws_random_numbers"])
     except Exception as error:  # noqa: BLE001 - an unreadable entry is a miss, never a failure
@@ -126,7 +126,7 @@ def store(cache_key: str, folded: Folded) -> None:
             "record": folded.record,
             "prologue": folded.split.prologue.to_bytes(),
             "main": code_cache.graph_to_bytes(folded.split.main),
-            "kept": list(folded.split.kept),
+            "inputs_taken": list(folded.split.inputs_taken),
             "draws_random_numbers": folded.draws_random_numbers,
         }, protocol=pickle.HIGHEST_PROTOCOL)
         cache_store.store_fold(cache_key, content)

@@ -32,9 +32,9 @@ aten = torch.ops.aten
 @dataclasses.dataclass
 class Split:
     prologue: Prologue
-    #: The main graph: placeholders for the prologue's outputs first, then the graph inputs ``kept``.
+    #: The main graph: placeholders for the prologue's outputs first, then the graph inputs ``inputs_taken``.
     main: torch.fx.GraphModule
-    kept: tuple[int, ...]
+    inputs_taken: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +123,17 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Packing) 
     for node in new:
         if not node.users:
             main.graph.erase_node(node)
-    kept: list[int] = []
+    taken: list[int] = []
     for i, node in enumerate(placeholders):
         if twin[node].users or i not in set(readable):
-            kept.append(i)
+            taken.append(i)
         else:
             main.graph.erase_node(twin[node])
     main.graph.lint()
     main.recompile()
     reads = [i for i in readable if any(u in prologue_nodes for u in placeholders[i].users)
              or any(isinstance(o, tuple) and o[0] is placeholders[i] for _, o in kept_outputs)]
-    return Split(_as_data(traced, sorted(reads), computed, [o for _, o in kept_outputs]), main, tuple(kept))
+    return Split(_as_data(traced, sorted(reads), computed, [o for _, o in kept_outputs]), main, tuple(taken))
 
 
 def _as_data(traced: torch.fx.GraphModule, reads: list[int], nodes: list[torch.fx.Node],

@@ -148,12 +148,12 @@ def lift_module_state(
     lifted.meta = copy.copy(gm.meta)
     sources = dynamo.param_sources(gm)
 
-    kept: list[int] = []
+    taken: list[int] = []
     lifts = set(module_state(gm, example_inputs)) - set(live)
     placeholders = list(graph.find_nodes(op="placeholder"))
     for index, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
         if index not in lifts:
-            kept.append(index)
+            taken.append(index)
             continue
         name = f"_bnfuse_state_{index}"
         if isinstance(value, torch.nn.Parameter):
@@ -168,7 +168,7 @@ def lift_module_state(
         graph.erase_node(node)
     dynamo.set_param_sources(lifted, sources)
     lifted.recompile()
-    return lifted, kept
+    return lifted, taken
 
 
 def state_in_aot_order(lifted: torch.fx.GraphModule) -> list[torch.Tensor]:

@@ -49,8 +49,8 @@ def compiled(
         log.debug("bnfuse: graph not cached: %s", reason)
         return None
     state = set(freezing.module_state(gm, inputs))  # what a miss lifts into the package
-    kept = [i for i in range(len(inputs)) if i not in state]
-    key = cache_key(gm, inputs, kept, config)
+    taken = [i for i in range(len(inputs)) if i not in state]
+    key = cache_key(gm, inputs, taken, config)
     path = cache_store.path_for(key)
     try:
         if os.path.isfile(path):
@@ -65,7 +65,7 @@ def compiled(
                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return None
     report = model.report
-    return model, kept, FoldRecord(list(report.rows), list(report.merges), report.fold_seconds)
+    return model, taken, FoldRecord(list(report.rows), list(report.merges), report.fold_seconds)
 
 
 @functools.cache
@@ -111,7 +111,7 @@ def _code_in_the_key(target: Any) -> bool:
     return module.split(".")[0] in _KEYED_MODULES
 
 
-def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[int], config: BnfuseConfig) -> str:
+def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], inputs_taken: Sequence[int], config: BnfuseConfig) -> str:
     digest = hashlib.sha256()
 
     def add(part: Any) -> None:
@@ -129,7 +129,7 @@ def cache_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], kept: Sequence[in
     add(inductor.inductor_settings())
     add(dynamo.traced_global_state())  # autocast and the rest Dynamo guards but its graph's code omits
     add(gm.code)
-    taken = set(kept)
+    taken = set(inputs_taken)
     for index, value in enumerate(inputs):
         add(index in taken)
         add_tensor(value, data=index not in taken)
@@ -143,8 +143,8 @@ def _build(gm: torch.fx.GraphModule, inputs: Sequence[Any], key: str, config: Bn
     """Export the graph with its module state lifted, build the package and store it under
     ``key``; False if the graph turns out not to be cacheable (export says it writes, draws random
     numbers or returns an input's view)."""
-    lifted, kept = freezing.lift_module_state(gm, inputs)
-    args = tuple(inputs[i] for i in kept)
+    lifted, taken = freezing.lift_module_state(gm, inputs)
+    args = tuple(inputs[i] for i in taken)
     with fake_tensors.outside_dynamo_tracing(), torch.no_grad():
         program = torch.export.export(lifted, args, strict=False)
         # (export's graph is not functionalised: its signature lists no writes; the ops' schemas do)

@@ -49,18 +49,18 @@ class Plan:
 
     prologue: Prologue
     main: torch.fx.GraphModule
-    kept: tuple[int, ...]
+    inputs_taken: tuple[int, ...]
     #: per placeholder of the program: the state's name in ``state_dict`` (None: a user input)
     targets: list[str | None]
     #: per placeholder of ``main``: the package constant it becomes (None: a user input) -- the
-    #: prologue's outputs ``bnfuse_prologue_k``, then the kept program inputs ``bnfuse_state_i``
+    #: prologue's outputs ``bnfuse_prologue_k``, then the program inputs taken, ``bnfuse_state_i``
     names: list[str | None]
 
     def inputs(self, state: Mapping[str, torch.Tensor]) -> list[torch.Tensor | None]:
         return [None if target is None else state[target] for target in self.targets]
 
     def constants(self, prepared: list[torch.Tensor], inputs: list[Any]) -> dict[str, torch.Tensor]:
-        values = [*prepared, *(inputs[i] for i in self.kept)]
+        values = [*prepared, *(inputs[i] for i in self.inputs_taken)]
         return {name: value for name, value in zip(self.names, values, strict=True) if name is not None}
 
 
@@ -83,14 +83,14 @@ def plan(program: torch.export.ExportedProgram, rules: frozenset[str], pack: fol
     fold_graph_as_data(gm.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable}, rules, record)
     gm.recompile()
     parts = fold_prologue.split(gm, readable, pack)
-    outputs = len(parts.main.graph.find_nodes(op="placeholder")) - len(parts.kept)
+    outputs = len(parts.main.graph.find_nodes(op="placeholder")) - len(parts.inputs_taken)
     names = [f"bnfuse_prologue_{k}" for k in range(outputs)]
-    names += [None if targets[i] is None else f"bnfuse_state_{i}" for i in parts.kept]
-    return Plan(parts.prologue, parts.main, parts.kept, targets, names)
+    names += [None if targets[i] is None else f"bnfuse_state_{i}" for i in parts.inputs_taken]
+    return Plan(parts.prologue, parts.main, parts.inputs_taken, targets, names)
 
 
 def package_module(plan_: Plan, constants: dict[str, torch.Tensor], like: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The main graph as AOTInductor compiles it: each prologue output and kept weight an
+    """The main graph as AOTInductor compiles it: each prologue output and weight taken an
     attribute (a constant of the package, named as in ``Plan.constants``), the user's inputs its
     inputs, called as ``like`` (the unlifted program) is called."""
     main = plan_.main
@@ -112,8 +112,8 @@ def package_module(plan_: Plan, constants: dict[str, torch.Tensor], like: torch.
 
 def describe(constants: dict[str, torch.Tensor], plan_: Plan) -> list[dict[str, Any]]:
     """What a refit must give each constant, for the package's metadata."""
-    outputs = len(plan_.names) - len(plan_.kept)
-    sources = [(k, None) for k in range(outputs)] + [(None, plan_.targets[i]) for i in plan_.kept]
+    outputs = len(plan_.names) - len(plan_.inputs_taken)
+    sources = [(k, None) for k in range(outputs)] + [(None, plan_.targets[i]) for i in plan_.inputs_taken]
     return [dataclasses.asdict(Constant(name, output, fqn, list(constants[name].shape), str(constants[name].dtype),
                                         constants[name].is_mkldnn))
             for name, (output, fqn) in zip(plan_.names, sources, strict=True) if name is not None]

@@ -26,7 +26,7 @@ DEVICES = [
 
 
 @dataclasses.dataclass
-class Compiled:
+class BnfuseRun:
     outputs: object
     records: list[compilefuse.FoldRecord]
 
@@ -43,13 +43,13 @@ class Compiled:
         return [d for d in self.decisions if not d.folded]
 
 
-def run_bnfuse(model: nn.Module, *inputs: torch.Tensor, calls: int = 1, **compile_kwargs) -> Compiled:
+def run_bnfuse(model: nn.Module, *inputs: torch.Tensor, calls: int = 1, **compile_kwargs) -> BnfuseRun:
     """Compile ``model`` with bnfuse, call it under inference_mode, and collect its fold records."""
     compiled = torch.compile(model, backend="bnfuse", **compile_kwargs)
     with compilefuse.report.collecting() as records, torch.inference_mode():
         for _ in range(calls):
             outputs = compiled(*inputs)
-    return Compiled(outputs, records)
+    return BnfuseRun(outputs, records)
 
 
 def rms_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -97,7 +97,7 @@ def bn_op_branches(op: type[nn.Module], dims: int, configs: list[tuple[dict, dic
     return Branches([nn.Sequential(bn(c["in_channels"], **b), op(**c)) for c, b in configs])
 
 
-def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-5) -> Compiled:
+def check_branches(model: Branches, x: torch.Tensor, rule: str, tol: float = 1e-5) -> BnfuseRun:
     """Compile a Branches model; every branch must fold with ``rule`` and match float64."""
     model = randomize_bn(model.eval())
     with torch.inference_mode():

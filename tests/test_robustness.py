@@ -57,7 +57,7 @@ def miscompiled_first_run(monkeypatch):
             def call(*args):
                 raise AssertionError("planted miscompile")
 
-            return compiled_graph.Compiled(call, compiled.kept)
+            return compiled_graph.Executable(call, compiled.inputs_taken)
 
         return compile
 

@@ -100,7 +100,7 @@ def test_conv_bn_refuses_fold_that_overflows_float16():
     torch.testing.assert_close(result.outputs, eager)
 
 
-def test_disabled_rule_keeps_its_bn():
+def test_the_rules_option_disables_a_rule_end_to_end():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
     x = torch.randn(2, 3, 6, 6)
     result = run_bnfuse(model, x, options={"rules": ["linear_bn"]})
