@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _notices, cache_store
 from .decisions import FoldDecision, FoldRecord
+from .heap import reuse_freed_memory
 from .loading import ExportedModel, ExportError, load
 from .report import FoldReport, collecting
 
@@ -57,6 +58,7 @@ __all__ = [
     "last_record",
     "last_report",
     "load",
+    "reuse_freed_memory",
 ]
 
 

@@ -6,7 +6,6 @@ torch upgrade should touch on this side."""
 
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 import torch
@@ -72,24 +71,6 @@ def pack_linear_weight(weight_t: torch.Tensor, rows: int) -> torch.Tensor:
     reordered for oneDNN's linear with ``rows`` rows on the left, as Inductor's freezing packs a
     frozen one when it compiles ahead of time."""
     return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous(), rows)
-
-
-def return_freed_memory() -> None:
-    """Hand memory freed on the heap back to the system (glibc's ``malloc_trim``). A prologue's
-    float64 intermediates (twice the weights it folds) are freed when it ends, but glibc's dynamic
-    mmap threshold keeps blocks of that size on the heap once one was freed, where the process
-    holds them. Elsewhere (another C library, another OS) nothing is done."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 def dynamo_source(node: torch.fx.Node) -> Any:

@@ -25,8 +25,8 @@ from ._torch_runtime import (
     pack_conv_weight,
     pack_linear_weight,
     real_tensor_math,
-    return_freed_memory,
 )
+from .heap import return_freed_memory
 from .value_checks import Judge, Judged, value_refusal
 
 #: The aten calls of a fold's arithmetic (``passes.tape.Tape``): (op, flattened arguments, each

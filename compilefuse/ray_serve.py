@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from .heap import reuse_freed_memory
 from .loading import load
 
 MODEL_HEADER = "x-compilefuse-model"
@@ -53,11 +54,14 @@ def load_model(path: str) -> Any:
 
 @serve.deployment(max_ongoing_requests=4, graceful_shutdown_timeout_s=30)
 class ModelReplica:
-    """One replica: the model of ``path``, run with ``threads`` threads under inference mode."""
+    """One replica: the model of ``path``, run with ``threads`` threads under inference mode, in a
+    process whose freed memory is kept for the next call (``heap.reuse_freed_memory``: a replica
+    serves one model, and its large tensors then cost no page faults)."""
 
     def __init__(self, path: str, threads: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+        reuse_freed_memory()
         self.model, self.digest = load_model(path), file_digest(path)
         # One model call at a time, off the event loop: the replica keeps reading the next request
         # and answering Ray's health checks while it computes, and never oversubscribes its threads.

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import heap
 from . import _torch_private, catalog, cold_start, training
 from .harness import Row, benchmark_case, fail, interleaved_order
 from .systems import DTYPES, SYSTEMS, CompileSettings
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
                    "(default model: resnet50, batch 8)")
     p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="with --train: each step under torch.autocast in this dtype (the float64 reference without)")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="compilefuse.reuse_freed_memory() first: every torch system's large tensors reuse "
+                        "heap memory instead of being mapped afresh on each call (ONNX Runtime and OpenVINO "
+                        "keep arenas of their own)")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per Timer measurement (default 0.2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--image-size", type=int, default=224, help="input size for torchvision image models")
@@ -83,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(error))
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    if args.reuse_freed_memory and not heap.reuse_freed_memory():
+        p.error("--reuse-freed-memory: this C library is not glibc")
     if args.train:
         return run_training(p, specs, args)
     systems = [SYSTEMS[name] for name in args.systems or default_systems(args.device)]
@@ -255,6 +262,7 @@ def metadata(args, threads: int, systems: list[str], batches: list[int]) -> dict
         "batch_sizes": batches,
         "systems": systems,
         "round_order": interleaved_order(systems, args.rounds),
+        "reuse_freed_memory": args.reuse_freed_memory,
     }
 
 
