@@ -17,6 +17,11 @@ def module_name(path: str) -> str:
     return relative.removesuffix(".__init__")
 
 
+def source_paths(folder: str) -> list[str]:
+    """Every Python file under ``folder``."""
+    return [os.path.join(below, f) for below, _, files in os.walk(folder) for f in files if f.endswith(".py")]
+
+
 def imported_modules(path: str, modules: set[str]) -> set[str]:
     """The compilefuse modules ``path`` imports, anywhere in it."""
     name = module_name(path)
@@ -37,7 +42,7 @@ def imported_modules(path: str, modules: set[str]) -> set[str]:
 
 
 def test_no_import_circles():
-    paths = [os.path.join(folder, f) for folder, _, files in os.walk(ROOT) for f in files if f.endswith(".py")]
+    paths = source_paths(ROOT)
     modules = {module_name(p) for p in paths}
     graph = {module_name(p): imported_modules(p, modules) for p in paths}
     circles = []
@@ -60,10 +65,8 @@ def test_no_import_circles():
 def test_the_torch_shim_holds_no_bnfuse_logic():
     """``_torch_private`` wraps torch; bnfuse's own modules build on it, never the other way round
     (it may name ops from ``graph_ops`` and the replica's shim)."""
-    folder = os.path.join(ROOT, "_torch_private")
-    paths = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".py")]
-    modules = {module_name(p) for folder_, _, files in os.walk(ROOT) for p in
-               (os.path.join(folder_, f) for f in files if f.endswith(".py"))}
+    paths = source_paths(os.path.join(ROOT, "_torch_private"))
+    modules = {module_name(p) for p in source_paths(ROOT)}
     allowed = {"compilefuse.graph_ops", "compilefuse._torch_runtime"}
     outside = {module_name(p): {m for m in imported_modules(p, modules)
                                 if not m.startswith("compilefuse._torch_private") and m not in allowed} for p in paths}
