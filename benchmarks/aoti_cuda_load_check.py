@@ -27,8 +27,8 @@ def run(variant: str) -> None:
     from torch.export.pt2_archive import _package
 
     import compilefuse
-    from compilefuse import exporting, package
     from compilefuse._torch_private import aoti
+    from compilefuse.aot import exporting, package
     from compilefuse.config import BnfuseConfig
     from compilefuse.examples.models import SmallCNN, randomize_bn
 

@@ -15,8 +15,8 @@ import torch
 import torchvision
 from torch.utils.benchmark import Timer
 
-from compilefuse import compiled_graph
 from compilefuse.examples.models import randomize_bn
+from compilefuse.jit import compiled_graph
 
 
 def main() -> None:

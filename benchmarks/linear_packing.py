@@ -20,8 +20,9 @@ import _against_package  # benchmarks/_against_package.py (the script's folder i
 import torch
 
 import compilefuse
-from compilefuse import compiled_graph, weight_packing
+from compilefuse import weight_packing
 from compilefuse.bench.catalog import resolve
+from compilefuse.jit import compiled_graph
 
 
 def compiled(model: torch.nn.Module, tag: str):

@@ -17,11 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import _notices, cache_store
+from . import _notices
 from .decisions import FoldDecision, FoldRecord
-from .heap import reuse_freed_memory
-from .loading import ExportedModel, ExportError, load
 from .report import FoldReport, collecting
+from .runtime import cache_store
+from .runtime.heap import reuse_freed_memory
+from .runtime.loading import ExportedModel, ExportError, load
 
 __version__ = "0.1.0"
 
@@ -30,15 +31,15 @@ cache_store.register()  # before any load_cache_artifacts that holds bnfuse's pa
 
 #: The names whose modules import the compiler, and those modules.
 _COMPILER_NAMES = {
-    "RECORDS": "backend",
-    "bnfuse": "backend",
+    "RECORDS": "jit.backend",
+    "bnfuse": "jit.backend",
     "BnfuseConfig": "config",
     "RULE_IDS": "rules",
-    "export": "exporting",
-    "fold": "folded_module",
-    "explain": "inspection",
-    "last_record": "inspection",
-    "last_report": "inspection",
+    "export": "aot.exporting",
+    "fold": "aot.folded_module",
+    "explain": "jit.inspection",
+    "last_record": "jit.inspection",
+    "last_report": "jit.inspection",
 }
 
 __all__ = [

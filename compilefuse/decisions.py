@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.fx
 
-from . import _torch_runtime  # not _torch_private: a loaded package's report must not import Dynamo
 from .graph_ops import CASTS
+from .runtime import _torch_runtime  # not _torch_private: a loaded package's report must not import Dynamo
 
 AUTOGRAD_REASON = "autograd enabled (run under torch.inference_mode() to fold)"
 _BN_ARG_POSITIONS = {"running_mean": 1, "training": 5}

@@ -24,7 +24,7 @@ import torch.fx
 from . import freezing, weight_packing
 from ._torch_private import onednn
 from .passes import computed_from
-from .prologue import Fold, Packed, PackedLinear, Prologue, Ref, Step
+from .runtime.prologue import Fold, Packed, PackedLinear, Prologue, Ref, Step
 
 aten = torch.ops.aten
 

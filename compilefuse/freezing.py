@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_runtime
 from ._torch_private import aot_autograd, dynamo, inductor, ops
+from .runtime import _torch_runtime
 
 
 def constants_as_buffers() -> dict[str, Any]:

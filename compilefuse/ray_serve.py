@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from ray import serve
 
-from .heap import reuse_freed_memory
-from .loading import load
+from .runtime.heap import reuse_freed_memory
+from .runtime.loading import load
 
 MODEL_HEADER = "x-compilefuse-model"
 #: How long the replica's model call took (ms): the rest of a request's latency is Ray and HTTP.

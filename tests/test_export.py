@@ -21,7 +21,7 @@ from torch import nn
 
 import compilefuse
 from compilefuse.examples.models import BUILTIN_MODELS, SmallCNN
-from compilefuse.loading import is_metadata_file, read_metadata
+from compilefuse.runtime.loading import is_metadata_file, read_metadata
 
 BATCH = torch.export.Dim("batch", min=1, max=32)
 
@@ -66,7 +66,7 @@ def test_a_replica_that_loads_a_package_imports_neither_dynamo_nor_inductor(smal
         "import sys, torch, compilefuse\n"
         f"out = compilefuse.load({str(path)!r})(torch.load({str(tmp_path / 'x.pt')!r}))\n"
         f"assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r}))\n"
-        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'compilefuse.backend') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'compilefuse.jit.backend') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -15,8 +15,8 @@ from helpers import float64_reference, randomize_bn, relative_error
 from torch import nn
 
 import compilefuse
-from compilefuse import backend
 from compilefuse._torch_private import gates, pre_dispatch
+from compilefuse.jit import backend
 
 pytestmark = pytest.mark.skipif(not gates.PICKLES_GRAPHS, reason="this torch cannot pickle graphs (< 2.7)")
 

@@ -16,9 +16,9 @@ from helpers import assert_matches_reference, float64_reference, randomize_bn, r
 from torch import nn
 
 import compilefuse
-from compilefuse import graph_cache
 from compilefuse.config import BnfuseConfig
 from compilefuse.examples.models import SmallCNN
+from compilefuse.jit import graph_cache
 
 CACHED = {"options": {"cache": True}}
 

@@ -1,6 +1,7 @@
 """The house is one-directional: no import circles between compilefuse's modules, counting imports
-inside functions too. (That a replica loading a package never imports the compiler is in
-test_export.py, beside the package it loads.)"""
+inside functions too; the runtime imports no compiler, and the torch shim no bnfuse logic. (That a
+replica loading a package never imports the compiler when it runs is in test_export.py, beside the
+package it loads.)"""
 
 from __future__ import annotations
 
@@ -62,12 +63,66 @@ def test_no_import_circles():
     assert not circles, "\n".join(" -> ".join(c) for c in circles)
 
 
+#: What a replica's code may import from outside ``runtime/``: the package itself, the report it
+#: reads and the fold arithmetic a refit checks with, each importing torch and these alone.
+RUNTIME_SHARES = {"compilefuse", "compilefuse._notices", "compilefuse.decisions", "compilefuse.report",
+                  "compilefuse.graph_ops", "compilefuse.fold_math", "compilefuse.value_checks"}
+COMPILERS = ("torch._dynamo", "torch._inductor")
+
+
+def module_level_torch_imports(path: str) -> set[str]:
+    """The torch modules ``path`` imports when it is imported (not inside a function)."""
+    found = set()
+    for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return {m for m in found if m == "torch" or m.startswith("torch.")}
+
+
+def test_the_runtime_imports_no_compiler():
+    """``runtime/`` and the Ray Serve replica, with every module they import transitively, stay
+    out of ``jit/``, ``aot/``, the rules, the passes and the compiler's torch shim, and import
+    neither Dynamo nor Inductor when imported."""
+    paths = {module_name(p): p for p in source_paths(ROOT)}
+    modules = set(paths)
+    pending = [m for m in modules if m.startswith("compilefuse.runtime")] + ["compilefuse.ray_serve"]
+    reached: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module not in reached:
+            reached.add(module)
+            pending += imported_modules(paths[module], modules)
+    outside = sorted(m for m in reached if not m.startswith("compilefuse.runtime") and m not in RUNTIME_SHARES
+                     and m != "compilefuse.ray_serve")
+    assert not outside, outside
+    compilers = {m: sorted(t for t in module_level_torch_imports(paths[m]) if t.startswith(COMPILERS)) for m in reached}
+    assert not any(compilers.values()), compilers
+
+
+def test_imports_run_from_jit_to_aot_to_the_fold_engine():
+    """``aot/`` never imports ``jit/``; nothing else imports either (the package's lazy names and
+    the tools aside)."""
+    paths = {module_name(p): p for p in source_paths(ROOT)}
+    tools = ("compilefuse.bench", "compilefuse.examples")
+    wrong = {}
+    for module, path in paths.items():
+        if module == "compilefuse" or module.startswith(tools) or module.startswith("compilefuse.jit"):
+            continue
+        above = ("compilefuse.jit",) if module.startswith("compilefuse.aot") else ("compilefuse.jit", "compilefuse.aot")
+        found = sorted(m for m in imported_modules(path, set(paths)) if m.startswith(above))
+        if found:
+            wrong[module] = found
+    assert not wrong, wrong
+
+
 def test_the_torch_shim_holds_no_bnfuse_logic():
     """``_torch_private`` wraps torch; bnfuse's own modules build on it, never the other way round
     (it may name ops from ``graph_ops`` and the replica's shim)."""
     paths = source_paths(os.path.join(ROOT, "_torch_private"))
     modules = {module_name(p) for p in source_paths(ROOT)}
-    allowed = {"compilefuse.graph_ops", "compilefuse._torch_runtime"}
+    allowed = {"compilefuse.graph_ops", "compilefuse.runtime._torch_runtime"}
     outside = {module_name(p): {m for m in imported_modules(p, modules)
                                 if not m.startswith("compilefuse._torch_private") and m not in allowed} for p in paths}
     assert not any(outside.values()), outside

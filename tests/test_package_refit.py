@@ -15,7 +15,7 @@ from torch import nn
 
 import compilefuse
 from compilefuse.examples.models import SmallCNN
-from compilefuse.loading import read_metadata
+from compilefuse.runtime.loading import read_metadata
 
 X = torch.randn(2, 3, 16, 16)  # batch 2: the larger convolutions read oneDNN-packed weights
 

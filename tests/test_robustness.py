@@ -11,7 +11,7 @@ from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
 from torch import nn
 
 import compilefuse
-from compilefuse import compiled_graph
+from compilefuse.jit import compiled_graph
 from compilefuse.rules import convolution
 
 
@@ -48,7 +48,7 @@ def test_strict_raises_the_rule_failure(broken_conv_bn_rule):
 def miscompiled_first_run(monkeypatch):
     """A folded graph that fails when first run, as Inductor's CPU freezing did on dynamic convnext
     ("expected size 96==96, stride 256==1", torch 2.14.1: see docs/limitations.md)."""
-    from compilefuse import backend
+    from compilefuse.jit import backend
 
     def miscompiled(real):
         def compile(self, inputs):
@@ -124,12 +124,12 @@ def planted(*_args, **_kwargs):
 
 #: Every stage of bnfuse's own work, as (module, attribute) to replace with a failure.
 STAGES = {
-    "setting up the frozen call": ("compilefuse.compiled_graph", "input_key"),
-    "naming placeholders": ("compilefuse.backend", "source_path"),
+    "setting up the frozen call": ("compilefuse.jit.compiled_graph", "input_key"),
+    "naming placeholders": ("compilefuse.jit.backend", "source_path"),
     "reading frozen values": ("compilefuse._torch_private.aot_autograd", "aot_parameters"),
     "the fold pass": ("compilefuse.passes.fold", "fold_graph"),
-    "building the report": ("compilefuse.backend.GraphCompiler", "_publish"),
-    "the per-call check": ("compilefuse.freshness.FrozenTensors", "match"),
+    "building the report": ("compilefuse.jit.backend.GraphCompiler", "_publish"),
+    "the per-call check": ("compilefuse.jit.freshness.FrozenTensors", "match"),
     "the torch version check": ("compilefuse.versions", "warn_once_if_untested"),
 }
 
@@ -139,7 +139,7 @@ FROZEN_ROUTE = {"reading frozen values", "the fold pass"}
 
 #: Stages of the weights-as-data route: a failure there folds frozen instead (or raises, strict).
 AS_DATA_STAGES = {
-    "the as-data fold pass": ("compilefuse.backend", "fold_graph_as_data"),
+    "the as-data fold pass": ("compilefuse.jit.backend", "fold_graph_as_data"),
     "splitting out the prologue": ("compilefuse.fold_prologue", "split"),
 }
 

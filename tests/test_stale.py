@@ -168,7 +168,7 @@ def test_instances_of_one_architecture_get_a_variant_each_instead_of_refolding_e
 def test_frozen_variants_are_bounded_and_stay_correct(monkeypatch):
     """With the weights in the code (``freeze``), each instance's variant is a compile of its own:
     at most ``MAX_VARIANTS`` are kept. (As data, instances share one compile: test_weights_as_data.)"""
-    from compilefuse import compiled_graph
+    from compilefuse.jit import compiled_graph
 
     monkeypatch.setattr(compiled_graph, "MAX_VARIANTS", 2)
     models = [conv_bn_model() for _ in range(3)]

@@ -527,7 +527,7 @@ def test_saved_for_backward_under_bfloat16_autocast_is_at_most_inductors():
 
 
 def test_training_option_off_compiles_autograd_graphs_unfolded_with_one_warning(caplog, monkeypatch):
-    from compilefuse import backend
+    from compilefuse.jit import backend
 
     monkeypatch.setattr(backend, "_autograd_logged", False)
     model = eval_bn_for_finetuning(randomize_bn(StemAndHead()))

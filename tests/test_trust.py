@@ -13,8 +13,8 @@ from helpers import float64_reference, randomize_bn, relative_error
 from torch import nn
 
 import compilefuse
-from compilefuse import backend, compiled_graph
 from compilefuse._torch_private import gates
+from compilefuse.jit import backend, compiled_graph
 
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -379,7 +379,7 @@ def test_explain_after_a_compile_past_dynamos_recompile_limit_reports_what_alone
     for report in (alone, after):
         assert [row.bn for row in report.rows] == [f"{i}.bn" for i in range(10)]
         assert [row.folded for row in report.rows] == [True] * limit + [False] * (10 - limit)
-        assert all(row.reason == compilefuse.inspection.NOT_IN_ANY_GRAPH for row in report.rows[limit:])
+        assert all(row.reason == compilefuse.jit.inspection.NOT_IN_ANY_GRAPH for row in report.rows[limit:])
 
 
 class ScaledBN(nn.BatchNorm2d):

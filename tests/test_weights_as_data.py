@@ -19,8 +19,8 @@ from helpers import calls_racing, float64_reference, randomize_bn, relative_erro
 from torch import nn
 
 import compilefuse
-from compilefuse import compiled_graph
 from compilefuse._torch_private import inductor
+from compilefuse.jit import compiled_graph
 
 
 def conv_bn_model() -> nn.Module:

@@ -19,6 +19,6 @@ changes nothing in torch.
 - ``aoti``: AOTInductor packages.
 - ``ops``: what an operator is and does.
 
-The replica's own shim, which imports no compiler, is ``compilefuse/_torch_runtime.py``; the
+The replica's own shim, which imports no compiler, is ``compilefuse/runtime/_torch_runtime.py``; the
 benchmark's is ``compilefuse/bench/_torch_private.py``.
 """

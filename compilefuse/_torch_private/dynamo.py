@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 
-from .._torch_runtime import dynamo_source
+from ..runtime._torch_runtime import dynamo_source
 
 
 def set_dynamo_source(node: torch.fx.Node, source: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import heap
+from ..runtime import heap
 from . import _torch_private, catalog, cold_start, training
 from .harness import Row, benchmark_case, fail, interleaved_order
 from .systems import DTYPES, SYSTEMS, CompileSettings

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from .. import fresh_process
+from . import fresh_process
 
 #: The systems whose replica loads a package: a cold start is the load, not the build (a tuned
 #: package loads as an untuned one does).
@@ -65,7 +65,8 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     build_s = time.perf_counter() - start
     settings = CompileSettings(mode=request["mode"], dynamic=True if request["dynamic"] else None, threads=request["threads"])
     if request["system"] in PACKAGED:
-        from .. import exporting, loading
+        from ..aot import exporting
+        from ..runtime import loading
 
         if request.get("build_package"):
             exporting.export(model, (example,), request["package"])

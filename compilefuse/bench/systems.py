@@ -160,7 +160,8 @@ def _exported(tune: bool):
     torch.compile's mode does not apply."""
 
     def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
-        from .. import exporting, loading
+        from ..aot import exporting
+        from ..runtime import loading
 
         dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
         with tempfile.TemporaryDirectory() as folder:  # AOTInductor extracts what it loads
@@ -176,7 +177,7 @@ def _folded(compile_with: str | None):
     another backend (Inductor): what any runtime gets from bnfuse without bnfuse."""
 
     def prepare(model: nn.Module, example: torch.Tensor, settings: CompileSettings):
-        from ..folded_module import fold
+        from ..aot.folded_module import fold
 
         dynamic = ({0: torch.export.Dim.AUTO},) if settings.dynamic else None
         folded = fold(model, (example,), dynamic_shapes=dynamic)

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 import torch.fx
 
-from .. import _torch_runtime, code_identity, freezing, graph_ops
+from .. import code_identity, freezing, graph_ops
 from .._torch_private import aot_autograd, fake_tensors, inductor, ops, patterns, pre_dispatch
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
-from ..prologue import Fold, JudgedSlots
 from ..rules import RULES
 from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
+from ..runtime import _torch_runtime
+from ..runtime.prologue import Fold, JudgedSlots
 from ..value_checks import Judge, value_refusal
 from .tape import NotRecordable, Tape, traced
 

@@ -19,8 +19,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .. import _torch_runtime, prologue
 from .._torch_private import fake_tensors
+from ..runtime import _torch_runtime, prologue
 
 
 class NotRecordable(RuntimeError):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from .._torch_runtime import real_tensor_math
+from ..runtime._torch_runtime import real_tensor_math
 
 aten = torch.ops.aten
 

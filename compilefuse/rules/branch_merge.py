@@ -31,9 +31,9 @@ import torch.fx
 
 from .. import fold_math
 from .._torch_private.patterns import MULTIPLE, CallFunction, KeywordArg, Match
-from .._torch_runtime import real_tensor_math
 from ..decisions import FoldDecision, MergeDecision, module_path
 from ..graph_ops import BN_INFERENCE_OP
+from ..runtime._torch_runtime import real_tensor_math
 from . import _constants
 from .convolution import CONV_ARGS, conv_kind
 from .rule import BN_ARGS, BN_TENSORS, BatchNormStats, Frozen, RewriteContext, erase_bn, keep_module_names

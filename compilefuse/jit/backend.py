@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from . import aliasing, compiled_graph, fold_cache, fold_prologue, freezing, graph_cache, versions, weight_packing
-from ._torch_private import dynamo, fake_tensors, gates, inductor, onednn, ops, pre_dispatch
-from .config import BnfuseConfig
-from .decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
-from .passes import (
+from .. import aliasing, fold_prologue, freezing, versions, weight_packing
+from .._torch_private import dynamo, fake_tensors, gates, inductor, onednn, ops, pre_dispatch
+from ..config import BnfuseConfig
+from ..decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
+from ..passes import (
     BnFoldPass,
     PostGradPass,
     SavedInputsPass,
@@ -32,8 +32,9 @@ from .passes import (
     merges_read_values,
     merges_when_frozen,
 )
-from .prologue import RefitRefused
-from .report import RERUNS_WANTED, FoldReport, publish
+from ..report import RERUNS_WANTED, FoldReport, publish
+from ..runtime.prologue import RefitRefused
+from . import compiled_graph, fold_cache, graph_cache
 
 log = logging.getLogger("compilefuse")
 

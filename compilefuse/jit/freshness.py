@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ._torch_runtime import version_of
+from ..runtime._torch_runtime import version_of
 
 
 class _OptimizerSteps:

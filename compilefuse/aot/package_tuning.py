@@ -27,10 +27,11 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import package, weight_packing
-from ._torch_private import code_cache, inductor
-from .config import BnfuseConfig
-from .report import FoldReport
+from .. import weight_packing
+from .._torch_private import code_cache, inductor
+from ..config import BnfuseConfig
+from ..report import FoldReport
+from . import package
 
 #: The CPU candidates: Inductor settings for each build.
 CPU_CANDIDATES: dict[str, dict[str, Any]] = {

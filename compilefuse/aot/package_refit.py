@@ -21,10 +21,11 @@ import torch
 import torch.fx
 from torch.export.graph_signature import InputKind
 
-from . import fold_prologue, refitting
-from .decisions import FoldRecord
-from .passes import fold_graph_as_data
-from .prologue import Prologue
+from .. import fold_prologue
+from ..decisions import FoldRecord
+from ..passes import fold_graph_as_data
+from ..runtime import refitting
+from ..runtime.prologue import Prologue
 
 #: The module state a program reads as placeholders, by kind; only these are refit.
 _STATE = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)

@@ -19,15 +19,9 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ._torch_runtime import (
-    is_operator_overload,
-    operator_named,
-    pack_conv_weight,
-    pack_linear_weight,
-    real_tensor_math,
-)
+from ..value_checks import Judge, Judged, value_refusal
+from ._torch_runtime import is_operator_overload, operator_named, pack_conv_weight, pack_linear_weight, real_tensor_math
 from .heap import return_freed_memory
-from .value_checks import Judge, Judged, value_refusal
 
 #: The aten calls of a fold's arithmetic (``passes.tape.Tape``): (op, flattened arguments, each
 #: ``("slot", i)`` or ``("value", x)``, their pytree spec, output slots (None: not a tensor)).

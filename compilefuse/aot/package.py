@@ -18,13 +18,14 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from . import fold_prologue, freezing, graph_ops, package_refit, weight_packing
-from ._torch_private import aoti
-from .config import BnfuseConfig
-from .decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
-from .loading import FORMAT, METADATA_FILE, InputSpec
-from .passes import fold_graph, folded_graph_patches
-from .report import FoldReport
+from .. import fold_prologue, freezing, graph_ops, weight_packing
+from .._torch_private import aoti
+from ..config import BnfuseConfig
+from ..decisions import FoldDecision, FoldRecord, module_path, sort_in_program_order
+from ..passes import fold_graph, folded_graph_patches
+from ..report import FoldReport
+from ..runtime.loading import FORMAT, METADATA_FILE, InputSpec
+from . import package_refit
 
 log = logging.getLogger("compilefuse")
 

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _torch_runtime, cache_store, code_identity, freezing
-from ._torch_private import code_cache, dynamo, gates, inductor, onednn
-from .decisions import FoldRecord
-from .fold_prologue import Split
-from .prologue import Prologue
+from .. import code_identity, freezing
+from .._torch_private import code_cache, dynamo, gates, inductor, onednn
+from ..decisions import FoldRecord
+from ..fold_prologue import Split
+from ..runtime import _torch_runtime, cache_store
+from ..runtime.prologue import Prologue
 
 log = logging.getLogger("compilefuse")
 
@@ -137,7 +138,7 @@ def store(cache_key: str, folded: Folded) -> None:
 
 @functools.cache
 def _sources_hash() -> str:
-    return inductor.file_hash(code_identity.sources_of("compilefuse.backend"), extra=_FORMAT).hex()
+    return inductor.file_hash(code_identity.sources_of("compilefuse.jit.backend"), extra=_FORMAT).hex()
 
 
 def _stable(value: Any) -> Any:

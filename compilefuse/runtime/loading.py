@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ..report import FoldReport
 from ._torch_runtime import PackageRunner
 from .refitting import Refitter
-from .report import FoldReport
 
 #: The package's own file (under the archive's ``extra/`` folder): report, input spec, device.
 METADATA_FILE = "compilefuse.json"

@@ -37,11 +37,12 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _torch_runtime, freshness
-from ._torch_private import code_cache, dynamo
+from .._torch_private import code_cache, dynamo
+from ..report import RERUNS_WANTED
+from ..runtime import _torch_runtime
+from ..runtime.prologue import RefitRefused
+from . import freshness
 from .freshness import FrozenTensors
-from .prologue import RefitRefused
-from .report import RERUNS_WANTED
 
 log = logging.getLogger("compilefuse")
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from ..decisions import FoldDecision, FoldRecord
+from ..report import FoldReport, collecting
 from .backend import RECORDS, bnfuse
-from .decisions import FoldDecision, FoldRecord
-from .report import FoldReport, collecting
 
 
 def explain(

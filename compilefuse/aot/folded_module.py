@@ -20,13 +20,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from .config import BnfuseConfig
-from .decisions import module_path
+from ..config import BnfuseConfig
+from ..decisions import module_path
+from ..passes import FOLDED_PREFIX
+from ..report import FoldReport
+from ..runtime.loading import describe_sizes, size_fits
 from .exporting import trace_for_export
-from .loading import describe_sizes, size_fits
 from .package import fold_program, input_specs
-from .passes import FOLDED_PREFIX
-from .report import FoldReport
 
 aten = torch.ops.aten
 

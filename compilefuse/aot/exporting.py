@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from . import aliasing, loading, package, package_tuning
-from ._torch_private import aoti
-from .config import BnfuseConfig
-from .report import FoldReport
+from .. import aliasing
+from .._torch_private import aoti
+from ..config import BnfuseConfig
+from ..report import FoldReport
+from ..runtime import loading
+from . import package, package_tuning
 
 log = logging.getLogger("compilefuse")
 

@@ -29,10 +29,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import aliasing, cache_store, freezing, loading, package
-from ._torch_private import aoti, dynamo, fake_tensors, inductor, ops
-from .config import BnfuseConfig
-from .decisions import FoldRecord
+from .. import aliasing, freezing
+from .._torch_private import aoti, dynamo, fake_tensors, inductor, ops
+from ..aot import package
+from ..config import BnfuseConfig
+from ..decisions import FoldRecord
+from ..runtime import cache_store, loading
 
 log = logging.getLogger("compilefuse")
 
@@ -170,6 +172,6 @@ def _build(gm: torch.fx.GraphModule, inputs: Sequence[Any], key: str, config: Bn
 
 @functools.cache
 def _compilefuse_sources() -> str:
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the whole package, not jit/
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names if name.endswith(".py"))
     return inductor.file_hash(paths, extra="graph-cache").hex()
