@@ -52,6 +52,18 @@ def run_bnfuse(model: nn.Module, *inputs: torch.Tensor, calls: int = 1, **compil
     return BnfuseRun(outputs, records)
 
 
+def run_exact(model: nn.Module, *inputs: torch.Tensor, tol: float = 1e-5, **compile_kwargs) -> BnfuseRun:
+    """Compile ``model`` in eval mode, its BN statistics randomised, with bnfuse: every output within
+    ``tol`` of the float64 reference, whatever was folded or kept."""
+    model = randomize_bn(model.eval())
+    result = run_bnfuse(model, *inputs, **compile_kwargs)
+    reference = float64_reference(model, *inputs)
+    outputs, references = (result.outputs, reference) if isinstance(reference, tuple) else ((result.outputs,), (reference,))
+    for out, ref in zip(outputs, references, strict=True):
+        assert relative_error(out, ref) < tol
+    return result
+
+
 def rms_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (actual.double() - reference.double()).pow(2).mean().sqrt().item()
 

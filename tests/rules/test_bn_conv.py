@@ -6,8 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICES, bn_op_branches, check_branches, float64_reference, randomize_bn, relative_error, run_bnfuse
+from helpers import (
+    DEVICES,
+    bn_op_branches,
+    check_branches,
+    float64_reference,
+    randomize_bn,
+    relative_error,
+    run_bnfuse,
+    run_exact,
+)
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {1: 11, 2: 9, 3: 6}
@@ -101,3 +111,40 @@ def test_zero_padding_refusal_has_teeth():
     with torch.inference_mode():
         naive = F.conv2d(x, naive_weight, naive_bias, padding=1)
     assert relative_error(naive, float64_reference(model, x)) > 1e-2
+
+
+# A BN read by several convs; FrozenBatchNorm2d before a conv.
+
+
+class Inception(nn.Module):
+    def __init__(self, zero_padded_branch: bool = False) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(6)
+        self.a, self.b = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 3, padding=1 if zero_padded_branch else 0)
+        self.c = nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return self.a(y), self.b(y), self.c(y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_read_by_several_convs_folds_into_each(device):
+    result = run_exact(Inception().to(device), torch.randn(2, 6, 7, 7, device=device))
+    [decision] = result.decisions
+    assert decision.folded and decision.rule == "bn_conv"
+    assert sum(r.bn_ops_after for r in result.records) == 0
+
+
+def test_bn_read_by_a_zero_padded_conv_too_is_kept():
+    result = run_exact(Inception(zero_padded_branch=True), torch.randn(2, 6, 7, 7))
+    [decision] = result.decisions
+    assert not decision.folded and decision.reason.startswith("output also used by")
+
+
+def test_frozen_batch_norm_before_a_conv_folds():
+    model = nn.Sequential(FrozenBatchNorm2d(6), nn.Conv2d(6, 4, 3))
+    result = run_exact(model, torch.randn(2, 6, 7, 7))
+    [decision] = result.decisions
+    assert decision.folded and decision.rule == "bn_conv" and decision.bn == "0"
