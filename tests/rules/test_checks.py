@@ -215,3 +215,37 @@ def test_bn_conv_refuses_a_bn_output_read_elsewhere_too():
 def test_bn_next_to_no_conv_or_linear_is_kept_with_its_neighbours():
     folding = Folding(lambda x, *s: aten.relu.default(bn(aten.relu.default(x), s)), torch.randn(2, 3, 4, 4), *stats(3))
     assert folding.decision.reason == "no conv or linear next to it (input from aten.relu, output to aten.relu)"
+
+
+def identity_sum(padding: tuple[int, int]):
+    """``conv(x) + conv(x) + x * scale``: two branches and an identity term."""
+    def fn(x, w1, w2, scale):
+        return conv(x, w1, None, padding=padding[0]) + conv(x, w2, None, padding=padding[1]) + x * scale.reshape(1, -1, 1, 1)
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "reason"),
+    [
+        # A float64 scale sums in float64: merged into one float32 conv, the identity would round.
+        (identity_sum((1, 0)), [torch.randn(2, 4, 5, 5), torch.randn(4, 4, 3, 3), torch.randn(4, 4, 1, 1),
+                        torch.rand(4, dtype=torch.float64) + 0.5], "branches differ in dtype (torch.float32, torch.float64)"),
+        # A 1x1 input broadcast over the 3x3 output of padded 1x1 convs: the identity is no centre tap.
+        (identity_sum((1, 1)),
+         [torch.randn(2, 4, 1, 1), torch.randn(4, 4, 1, 1), torch.randn(4, 4, 1, 1), torch.rand(4) + 0.5],
+         "an identity branch, but the convs change the size or alignment of the input"),
+    ],
+    ids=["dtype", "alignment"],
+)
+def test_branch_merge_refuses_an_identity_term_it_cannot_carry(fn, args, reason, monkeypatch):
+    """The identity term stays out; the two convs alone still merge, and the result is exact."""
+    from compilefuse.rules import branch_merge
+
+    reasons, real = [], branch_merge._refusal
+    monkeypatch.setattr(branch_merge, "_refusal", lambda tree, frozen: reasons.append(real(tree, frozen)) or reasons[-1])
+    folding = Folding(fn, *args)
+    assert reason in reasons, reasons
+    [merge] = folding.record.merges
+    assert merge.branches == ("convolution", "convolution_1")
+    assert folding.error_vs_float64() < 1e-5
