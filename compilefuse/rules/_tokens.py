@@ -46,6 +46,15 @@ def replay(chain: Sequence[torch.fx.Node], value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def refusal(source: torch.fx.Node, chain: Sequence[torch.fx.Node]) -> str | None:
+    """Why a BN cannot move across ``chain`` from ``source`` (the Linear after it, or the BN before it)."""
+    if not static(chain):
+        return "dynamic sizes in the reshapes between the BN and the linear"
+    if not channels_line_up(source, chain):
+        return "the BN's channels are not the linear's features (the reshapes between them move the channel axis)"
+    return None
+
+
 def static(chain: Sequence[torch.fx.Node]) -> bool:
     """Whether every size the chain uses is a plain number (not a symbolic, dynamic size)."""
     return not any(isinstance(a, (torch.fx.Node, torch.SymInt)) for n in chain for a in _flat((n.args[1:], n.kwargs)))

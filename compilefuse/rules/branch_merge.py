@@ -36,7 +36,7 @@ from ..graph_ops import BN_INFERENCE_OP
 from ..runtime._torch_runtime import real_tensor_math
 from . import _constants
 from .convolution import CONV_ARGS, conv_kind
-from .rule import BN_ARGS, BN_TENSORS, BatchNormStats, Frozen, RewriteContext, erase_bn, keep_module_names
+from .rule import BN_ARGS, BN_TENSORS, BatchNormStats, Frozen, RewriteContext, disabled, erase_bn, keep_module_names
 
 aten = torch.ops.aten
 
@@ -89,7 +89,7 @@ class BranchMerge:
         bns = [a.bn for a in tree.affines if a.bn is not None]
         if not run.enabled(self.id):
             for bn in bns:
-                run.refuse(bn, self._decision(bn, tree, f"rule {self.id} disabled by options"))
+                run.refuse(bn, self._decision(bn, tree, disabled(self.id)))
             return
         with real_tensor_math():
             reason = _refusal(tree, run.frozen)

@@ -20,15 +20,32 @@ import torch.fx
 from .._torch_private.patterns import KeywordArg, Match
 from ..decisions import FoldDecision, module_path
 from .convolution import CONV_ARGS, Convolution, conv_kind
-from .rule import BN_TENSORS, BatchNormStats, BnSite, Compute, Folded, FoldRule, Refused, RewriteContext, Side, bn_of, erase_bn
+from .rule import (
+    AFTER,
+    BN_TENSORS,
+    BatchNormStats,
+    BnSite,
+    Compute,
+    Folded,
+    FoldRule,
+    Refused,
+    RewriteContext,
+    Side,
+    bn_of,
+    disabled,
+    erase_bn,
+)
 
 aten = torch.ops.aten
 
-_SLICE_RULE = FoldRule("cat_bn", Convolution(transposed=None), Side.OUTPUT)
+RULE_ID = "cat_bn"
+
+#: What each slice is: conv_bn's fold and checks, on the BN's channels that conv computes.
+_SLICE_RULE = FoldRule(RULE_ID, Convolution(transposed=None), AFTER)
 
 
 class CatBn:
-    id = "cat_bn"
+    id = RULE_ID
     stage = 0
     per_step = True
     patterns = (bn_of(KeywordArg("input")),)
@@ -50,7 +67,7 @@ class CatBn:
         if dim % cat.meta["val"].dim() != 1:
             return  # a cat along another dimension is no channel slicing: not this rule's
         if not run.enabled(self.id):
-            run.refuse(bn, decision(f"rule {self.id} disabled by options"))
+            run.refuse(bn, decision(disabled(self.id)))
             return
         if len(cat.users) != 1:
             run.refuse(bn, decision(f"output also used by {module_path(next(u for u in cat.users if u is not bn.args[0]))}"))

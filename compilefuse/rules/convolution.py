@@ -39,7 +39,7 @@ import torch
 
 from .. import fold_math
 from .._torch_private.patterns import MULTIPLE, CallFunction, KeywordArg, Match
-from .rule import BnSite, FoldRule, Producer, Side
+from .rule import AFTER, BEFORE, BnSite, FoldRule, Producer, Side
 
 aten = torch.ops.aten
 
@@ -101,6 +101,6 @@ def conv_kind(conv: torch.fx.Node) -> str:
     return f"{'conv_transpose' if hyper['transposed'] else 'conv'}{len(hyper['stride'])}d"
 
 
-CONV_BN = FoldRule("conv_bn", Convolution(transposed=False), Side.OUTPUT)
-CONV_TRANSPOSE_BN = FoldRule("conv_transpose_bn", Convolution(transposed=True), Side.OUTPUT)
-BN_CONV = FoldRule("bn_conv", Convolution(transposed=None), Side.INPUT)
+CONV_BN = FoldRule("conv_bn", Convolution(transposed=False), AFTER)
+CONV_TRANSPOSE_BN = FoldRule("conv_transpose_bn", Convolution(transposed=True), AFTER)
+BN_CONV = FoldRule("bn_conv", Convolution(transposed=None), BEFORE)

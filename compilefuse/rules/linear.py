@@ -24,7 +24,7 @@ import torch
 
 from .. import fold_math
 from .._torch_private.patterns import MULTIPLE, CallFunction, KeywordArg, Match
-from .rule import BnSite, FoldRule, Producer, Side
+from .rule import AFTER, AFTER_THROUGH_SHAPES, BEFORE, BEFORE_THROUGH_SHAPES, BnSite, FoldRule, Producer
 
 aten = torch.ops.aten
 
@@ -64,7 +64,7 @@ class Linear(Producer):
         return linear
 
 
-LINEAR_BN = FoldRule("linear_bn", Linear(), Side.OUTPUT)
-BN_LINEAR = FoldRule("bn_linear", Linear(), Side.INPUT)
-LINEAR_TOKENS_BN = FoldRule("linear_tokens_bn", Linear(), Side.OUTPUT, tokens=True)
-BN_TOKENS_LINEAR = FoldRule("bn_tokens_linear", Linear(), Side.INPUT, tokens=True)
+LINEAR_BN = FoldRule("linear_bn", Linear(), AFTER)
+BN_LINEAR = FoldRule("bn_linear", Linear(), BEFORE)
+LINEAR_TOKENS_BN = FoldRule("linear_tokens_bn", Linear(), AFTER_THROUGH_SHAPES)
+BN_TOKENS_LINEAR = FoldRule("bn_tokens_linear", Linear(), BEFORE_THROUGH_SHAPES)

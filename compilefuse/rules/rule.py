@@ -1,11 +1,11 @@
-"""A folding rule: the op a BatchNorm folds into (its *producer*) and the side of it the BN is on.
+"""A folding rule: the op a BatchNorm folds into (its *producer*) and the place of the BN beside it.
 
 Every rule has the ``Rule`` surface: an id, a stage, its patterns, ``claims`` (the matcher's
-``extra_check``) and ``rewrite``. Most are ``FoldRule(id, producer, side)``: the producer
+``extra_check``) and ``rewrite``. Most are ``FoldRule(id, producer, place)``: the producer
 (``Convolution``, ``Linear``) says which aten ops it is, how its weight feeds its channels, when it
-cannot take a fold, and how to rebuild it; the side says whether the BN normalises the op's output
-channels (``op -> BN``) or its input channels (``BN -> op``). Everything that decides *whether* a
-fold is exact and is common to all rules lives here, once, beside the fold it guards.
+cannot take a fold, and how to rebuild it; the place (``site.AFTER``, ``BEFORE`` and the two
+``THROUGH_SHAPES``) says where the BN is and how a match becomes a site. Everything that decides
+*whether* a fold is exact and is common to all rules lives here, once, in ``FoldRule.refusal``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,33 @@ import torch
 import torch.fx
 
 from .. import fold_math
-from .._torch_private.patterns import KeywordArg, Match
+from .._torch_private.patterns import Match
 from ..decisions import FoldDecision, MergeDecision, module_path
 from ..graph_ops import BN_INFERENCE_OP
 from ..value_checks import Judge, Judged, NumericJudge
 from . import _constants, _tokens
-from .site import BN_ARGS, BN_TENSORS, BatchNormStats, BnSite, Frozen, FrozenAffine, Side, affine_of, bn_of
+from .site import (
+    AFTER,
+    AFTER_THROUGH_SHAPES,
+    BEFORE,
+    BEFORE_THROUGH_SHAPES,
+    BN_ARGS,
+    BN_TENSORS,
+    BatchNormStats,
+    BnSite,
+    Frozen,
+    FrozenAffine,
+    Place,
+    Side,
+    affine_of,
+    bn_of,
+)
 
 __all__ = [
+    "AFTER",
+    "AFTER_THROUGH_SHAPES",
+    "BEFORE",
+    "BEFORE_THROUGH_SHAPES",
     "BN_ARGS",
     "BN_TENSORS",
     "BatchNormStats",
@@ -36,6 +55,7 @@ __all__ = [
     "Frozen",
     "FrozenAffine",
     "Judge",
+    "Place",
     "Producer",
     "Refused",
     "RewriteContext",
@@ -43,6 +63,7 @@ __all__ = [
     "Side",
     "affine_of",
     "bn_of",
+    "disabled",
     "erase_bn",
     "keep_module_names",
 ]
@@ -149,43 +170,33 @@ class Producer:
 
 @dataclasses.dataclass(frozen=True)
 class FoldRule:
-    """Fold a BN on ``side`` of ``producer``. ``id`` names the rule in options, logs, the report,
-    tests and docs."""
+    """Fold a BN found at ``place`` beside ``producer``. ``id`` names the rule in options, logs, the
+    report, tests and docs."""
 
     id: str
     producer: Producer
-    side: Side
-    #: Whether shape-only ops (token reshapes) stand between the op and the BN.
-    tokens: bool = False
+    place: Place
     per_step: ClassVar[bool] = True
 
     @property
     def stage(self) -> int:
-        return 0 if self.side is Side.OUTPUT else 1
+        return 0 if self.place.side is Side.OUTPUT else 1
 
     @property
     def patterns(self) -> tuple[Any, ...]:
-        """The BN after the op is part of the pattern; a BN before it is found by ``site`` (it may
-        reach the op through channel-local moves, which no fixed pattern spells)."""
-        if self.side is Side.INPUT:
-            return self.producer.patterns
-        if self.tokens:  # any BN: ``site`` walks back through the shape ops to the op
-            return (bn_of(KeywordArg("input")),)
-        return tuple(p for op in self.producer.patterns for p in (bn_of(op), *affine_of(op)))
+        return self.place.patterns(self.producer)
 
     def claims(self, match: Match) -> bool:
-        return (self.tokens and self.side is Side.OUTPUT) or self.producer.claims(match)
+        return self.place.claims(match, self.producer)
 
     def site(self, match: Match) -> BnSite | None:
-        """The BN site the match describes (None: an op with no BN before it)."""
-        if self.tokens:
-            return BnSite.through_shape_ops(match, self.producer, self.side)
-        if self.side is Side.INPUT:
-            return BnSite.on_input(match, self.producer.targets)
-        return BnSite.on_output(match, self.producer.targets)
+        """The BN site the match describes (None: an op with no BN at this rule's place)."""
+        return self.place.find(match, self.producer)
 
     def refusal(self, site: BnSite, frozen: Frozen) -> str | None:
-        """Why folding ``site`` would not be exact, or None when it is."""
+        """Why folding ``site`` would not be exact, or None when it is: the site's own tensors
+        first (each read only by the fold, frozen, real floating point on a real device), then the
+        normalisation, the op and the place, then the dtypes."""
         for node in site.private:
             for user in node.users:
                 if user not in site.readers:
@@ -198,7 +209,7 @@ class FoldRule:
         for name, node in tensors.items():
             if node is not None and node not in frozen:
                 return f"{name} is not a frozen parameter or buffer"
-        reason = site.norm.check() or self.producer.refusal(site) or _tokens_refusal(site)
+        reason = site.norm.check() or self.producer.refusal(site) or self.place.refusal(site)
         if reason:
             return reason
         values = {name: _constants.frozen_operand(node, frozen).value for name, node in operands.items() if node is not None}
@@ -219,7 +230,7 @@ class FoldRule:
         whose float32 scale times a bfloat16 conv output is float32. Folded, the op's output plus
         that bias is the same dtype, its rounding moved from the op's output to the folded weight."""
         weight = _constants.frozen_operand(site.weight, frozen)
-        return self.side is Side.OUTPUT and before == _computes_in(site) and weight is not None \
+        return site.side is Side.OUTPUT and before == _computes_in(site) and weight is not None \
             and _bias_dtype(site, weight) == after
 
     def fold(self, site: BnSite, frozen: Frozen) -> Folded:
@@ -231,7 +242,7 @@ class FoldRule:
         judged = self._judged(site, frozen, scale)
         weight = _constants.frozen_operand(site.weight, frozen)
         bias = None if site.bias is None else _constants.frozen_operand(site.bias, frozen).value
-        if self.side is Side.OUTPUT:
+        if site.side is Side.OUTPUT:
             folded_weight = self.producer.scale_output_channels(weight.value.to(fold_math.fold_dtype()), scale, site)
             folded_bias = fold_math.fold_bias(bias, scale, shift)
         else:
@@ -249,7 +260,7 @@ class FoldRule:
         """What ``NumericJudge`` reads of this fold: the op's stored weight, and a BN's statistics
         where the BN comes before the op (a frozen affine map has none)."""
         statistics = None
-        if self.side is Side.INPUT and isinstance(site.norm, BatchNormStats):
+        if site.side is Side.INPUT and isinstance(site.norm, BatchNormStats):
             tensors = site.norm.tensors
             beta = tensors["bn_bias"]
             statistics = (frozen[tensors["running_mean"]], frozen[tensors["running_var"]],
@@ -267,12 +278,12 @@ class FoldRule:
         has_row = not (isinstance(site.norm, FrozenAffine) and run.holds_bn_op(module_path(site.bn)))
         if not run.enabled(self.id):
             if has_row:
-                run.refuse(site.bn, self.decision(site, f"rule {self.id} disabled by options"))
+                run.refuse(site.bn, self.decision(site, disabled(self.id)))
             return
         dtype = _fold_dtype(site, run)
         compute: Compute = lambda frozen: self._fold_in(dtype, site, frozen)  # noqa: E731
         reason = self.refusal(site, run.frozen)
-        result = Refused(reason) if reason else run.evaluate(compute, NumericJudge(self.side is Side.OUTPUT))
+        result = Refused(reason) if reason else run.evaluate(compute, NumericJudge(site.side is Side.OUTPUT))
         if isinstance(result, Refused):
             if has_row:
                 run.refuse(site.bn, self.decision(site, result.reason))
@@ -317,6 +328,11 @@ class FoldRule:
         )
 
 
+def disabled(rule_id: str) -> str:
+    """The reason of a BN a rule would fold, with the rule turned off by ``options={"rules": ...}``."""
+    return f"rule {rule_id} disabled by options"
+
+
 def erase_bn(bn: torch.fx.Node) -> None:
     """Remove a BN output no one reads any more (a BN op's output, or a frozen affine map's add),
     and what computed it once nothing else reads that."""
@@ -343,17 +359,6 @@ def keep_module_names(constant: torch.fx.Node, op: torch.fx.Node) -> None:
                     user.meta[key] = op.meta[key]
             if len(user.all_input_nodes) == 1:  # still computing the weight
                 frontier.append(user)
-
-
-def _tokens_refusal(site: BnSite) -> str | None:
-    if not site.chain:
-        return None
-    if not _tokens.static(site.chain):
-        return "dynamic sizes in the reshapes between the BN and the linear"
-    source = site.producer if site.side is Side.OUTPUT else site.bn
-    if not _tokens.channels_line_up(source, site.chain):
-        return "the BN's channels are not the linear's features (the reshapes between them move the channel axis)"
-    return None
 
 
 def _fold_dtype(site: BnSite, run: RewriteContext) -> torch.dtype:

@@ -1,9 +1,11 @@
 """A BatchNorm site: a BN (or a frozen per-channel affine map) next to the op it may fold into.
 
-``BnSite`` is what a match describes, found by pattern (the BN right after the op), by a walk back
-through channel-local moves (a BN before the op, possibly through reflect / replicate / circular
-padding) or through shape-only ops (tokens). ``BatchNormStats`` and ``FrozenAffine`` give its
-per-channel scale and shift, in float64, from the real frozen tensors.
+``BnSite`` is what a match describes. A rule's *place* says where it looks for the BN and how it
+finds it: ``AFTER`` the op (a pattern: the BN right after it), ``BEFORE`` it (a walk back through
+channel-local moves, possibly reflect / replicate / circular padding), or either through shape-only
+ops (``AFTER_THROUGH_SHAPES``, ``BEFORE_THROUGH_SHAPES``: tokens), each with the one check its shape
+of site needs. ``BatchNormStats`` and ``FrozenAffine`` give a site's per-channel scale and shift,
+in float64, from the real frozen tensors.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from ..graph_ops import BN_INFERENCE_OP
 from . import _channel_local, _constants, _tokens
 
 
-class TokenOp(Protocol):
-    """What a site found through shape-only ops needs of its producer (``rule.Producer`` is one)."""
+class SiteOp(Protocol):
+    """What finding a site needs of the op a BN folds into (``rule.Producer`` is one)."""
 
     targets: Collection[Any]
+    patterns: tuple[Any, ...]
 
+    def claims(self, match: Match) -> bool: ...
     def operands(self, node: torch.fx.Node) -> dict[str, Any] | None: ...
 
 
@@ -181,18 +185,21 @@ class BnSite:
         )
 
     @classmethod
-    def through_shape_ops(cls, match: Match, producer: TokenOp, side: Side) -> BnSite | None:
-        """A BN and a Linear on token sequences, shape-only ops between them (None: no such site)."""
-        if side is Side.OUTPUT:
-            output = match.output_node()
-            source, chain = _tokens.chain_back(match.kwargs["input"])
-            operands = producer.operands(source)
-            if not chain or operands is None:
-                return None
-            bn_kw = match.kwargs
-            private, readers = [source, *chain], {*chain, output.args[0]}
-            return cls(Side.OUTPUT, output, source, operands["input"], operands["weight"], operands["bias"],
-                       BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), operands, private, readers, chain)
+    def after_shape_ops(cls, match: Match, producer: SiteOp) -> BnSite | None:
+        """A BN after a Linear on token sequences, shape-only ops between them (None: no such site)."""
+        output = match.output_node()
+        source, chain = _tokens.chain_back(match.kwargs["input"])
+        operands = producer.operands(source)
+        if not chain or operands is None:
+            return None
+        bn_kw = match.kwargs
+        private, readers = [source, *chain], {*chain, output.args[0]}
+        return cls(Side.OUTPUT, output, source, operands["input"], operands["weight"], operands["bias"],
+                   BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), operands, private, readers, chain)
+
+    @classmethod
+    def before_shape_ops(cls, match: Match, producer: SiteOp) -> BnSite | None:
+        """A BN before a Linear on token sequences, shape-only ops between them (None: no such site)."""
         consumer = next(n for n in match.nodes if n.target in producer.targets)
         source, chain = _tokens.chain_back(match.kwargs["input"])
         if not chain or not _channel_local.is_bn_output(source):
@@ -218,6 +225,99 @@ class BnSite:
         per-channel affine map (if not, it is none of bnfuse's business and gets no report row)."""
         return not isinstance(self.norm, FrozenAffine) or self.norm.recognised(self.normalised, frozen)
 
+
+
+class Place(Protocol):
+    """Where a rule looks for its BN, relative to its op: the patterns it registers, which matches it
+    takes (the matcher's ``extra_check``), the site a match describes, and why that shape of site
+    cannot take a fold (its own check, beside the rule's shared ones)."""
+
+    side: Side
+
+    def patterns(self, op: SiteOp) -> tuple[Any, ...]: ...
+    def claims(self, match: Match, op: SiteOp) -> bool: ...
+    def find(self, match: Match, op: SiteOp) -> BnSite | None: ...
+    def refusal(self, site: BnSite) -> str | None: ...
+
+
+class _After:
+    """The BN (or a frozen affine map) right after the op: part of the pattern."""
+
+    side = Side.OUTPUT
+
+    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
+        return tuple(p for pattern in op.patterns for p in (bn_of(pattern), *affine_of(pattern)))
+
+    def claims(self, match: Match, op: SiteOp) -> bool:
+        return op.claims(match)
+
+    def find(self, match: Match, op: SiteOp) -> BnSite | None:
+        return BnSite.on_output(match, tuple(op.targets))
+
+    def refusal(self, site: BnSite) -> str | None:
+        return None
+
+
+class _Before:
+    """The BN before the op, found by walking back from the op's input (it may reach the op through
+    channel-local moves, which no fixed pattern spells)."""
+
+    side = Side.INPUT
+
+    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
+        return op.patterns
+
+    def claims(self, match: Match, op: SiteOp) -> bool:
+        return op.claims(match)
+
+    def find(self, match: Match, op: SiteOp) -> BnSite | None:
+        return BnSite.on_input(match, tuple(op.targets))
+
+    def refusal(self, site: BnSite) -> str | None:
+        return None
+
+
+class _AfterThroughShapes:
+    """A BN after the op, shape-only ops between them: any BN matches, and the site walks back
+    through the shape ops to the op."""
+
+    side = Side.OUTPUT
+
+    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
+        return (bn_of(KeywordArg("input")),)
+
+    def claims(self, match: Match, op: SiteOp) -> bool:
+        return True
+
+    def find(self, match: Match, op: SiteOp) -> BnSite | None:
+        return BnSite.after_shape_ops(match, op)
+
+    def refusal(self, site: BnSite) -> str | None:
+        return _tokens.refusal(site.producer, site.chain)
+
+
+class _BeforeThroughShapes:
+    """A BN before the op, shape-only ops between them."""
+
+    side = Side.INPUT
+
+    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
+        return op.patterns
+
+    def claims(self, match: Match, op: SiteOp) -> bool:
+        return op.claims(match)
+
+    def find(self, match: Match, op: SiteOp) -> BnSite | None:
+        return BnSite.before_shape_ops(match, op)
+
+    def refusal(self, site: BnSite) -> str | None:
+        return _tokens.refusal(site.bn, site.chain)
+
+
+AFTER: Place = _After()
+BEFORE: Place = _Before()
+AFTER_THROUGH_SHAPES: Place = _AfterThroughShapes()
+BEFORE_THROUGH_SHAPES: Place = _BeforeThroughShapes()
 
 
 def _takes_input_fold(node: torch.fx.Node, bn: torch.fx.Node) -> bool:
