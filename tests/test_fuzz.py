@@ -1,26 +1,24 @@
-"""Property test: for random conv / conv-transpose / BatchNorm configurations (BN after the conv, or
-before it), bnfuse answers what eager answers (against a float64 reference, with a dtype-aware
-tolerance), and folds exactly the BNs the rules' exactness conditions allow.
+"""Property test end to end: for random conv / conv-transpose / BatchNorm configurations (BN after
+the conv, or before it), bnfuse answers what eager answers (against a float64 reference, with a
+dtype-aware tolerance), and folds exactly the BNs the rules' exactness conditions allow.
 
-Profiles (HYPOTHESIS_PROFILE): ``ci`` (default, 120 examples), ``long`` (3000), ``quick`` (20).
+Each example is a Dynamo trace and an Inductor compile, so this keeps to what Inductor adds: module
+padding modes (circular included), channels-last layouts, generated low-precision kernels. The
+rules' arithmetic and refusals are fuzzed far more broadly at graph level, in milliseconds an
+example (``tests/rules/test_fuzz_graphs.py``).
+
+Profiles (``HYPOTHESIS_PROFILE``, read in ``fuzzing.py``): ``ci`` (default, 40 examples), ``long``
+(3000), ``quick`` (10).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+from fuzzing import fuzz_settings, input_growth_fits
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
-
-settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("quick", max_examples=20, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CONV = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
         (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d}
@@ -83,17 +81,7 @@ def build(case) -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
-def input_growth_fits(bn: nn.Module) -> bool:
-    """Whether a BN before the op passes the precision check (``value_checks.NumericJudge``): the
-    folded op sums the raw input, ``sqrt(mean² + var) * |scale|`` per channel, where eager sums
-    ``sqrt(scale² var + beta²)``; at most 2x in bfloat16, 16x in float32."""
-    mean, var = bn.running_mean.double(), bn.running_var.double()
-    scale = (var + bn.eps).rsqrt() * (bn.weight.double() if bn.affine else 1)
-    beta = bn.bias.double() if bn.affine else torch.zeros_like(mean)
-    growth = (scale.square() * (mean.square() + var) / (scale.square() * var + beta.square())).sqrt().max()
-    return float(growth) <= (2.0 if bn.running_mean.dtype == torch.bfloat16 else 16.0)
-
-
+@fuzz_settings(ci=40, quick=10, long=3000)
 @given(conv_bn_cases())
 def test_bnfuse_matches_eager_on_random_conv_bn(case):
     assume(output_size(case) >= 1)  # hypothesis counts these, and fails the run if there are too many
@@ -111,5 +99,7 @@ def test_bnfuse_matches_eager_on_random_conv_bn(case):
     assert relative_error(result.outputs, reference) <= tolerance, (case, result.decisions)
     kwargs = case["conv_kwargs"]
     no_zero_padding = kwargs["padding"] == 0 or kwargs.get("padding_mode", "zeros") != "zeros"
-    foldable = not case["bn_before"] or (not case["transposed"] and no_zero_padding and input_growth_fits(model[0]))
+    bn = model[0]
+    foldable = not case["bn_before"] or (not case["transposed"] and no_zero_padding
+                                         and input_growth_fits(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
     assert [d.folded for d in result.decisions] == [foldable], (case, result.decisions)

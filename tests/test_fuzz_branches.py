@@ -3,21 +3,19 @@ paddings, strides, groups, an identity BN or not, a layer scale, add or sub), co
 and token reshapes around a BatchNorm1d. Each asserts bnfuse == eager against a float64 reference,
 and that the merge or fold happens exactly when the rule's conditions allow it.
 
-Profiles as in test_fuzz.py (HYPOTHESIS_PROFILE): ``ci`` runs 40 examples of each here.
+Profiles (``HYPOTHESIS_PROFILE``, read in ``fuzzing.py``): ``ci`` runs 40 examples of each here.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+from fuzzing import fuzz_settings
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given
 from hypothesis import strategies as st
 from torch import nn
 
-EXAMPLES = {"ci": 40, "long": 1000, "quick": 8}[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(ci=40, quick=8, long=1000, suppress=tuple(HealthCheck))
 
 
 class Branches(nn.Module):
