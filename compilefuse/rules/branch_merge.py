@@ -35,8 +35,8 @@ from ..decisions import FoldDecision, MergeDecision, module_path
 from ..graph_ops import BN_INFERENCE_OP
 from ..runtime._torch_runtime import real_tensor_math
 from . import _constants
-from .convolution import CONV_ARGS, conv_kind
-from .rule import BN_ARGS, BN_TENSORS, BatchNormStats, Frozen, RewriteContext, disabled, erase_bn, keep_module_names
+from .convolution import CONV_ARGS, conv_hyper, conv_kind
+from .rule import BatchNormStats, Frozen, RewriteContext, disabled, erase_bn, keep_module_names
 
 aten = torch.ops.aten
 
@@ -225,7 +225,7 @@ def _refusal(tree: _Tree, frozen: Frozen) -> str | None:
         for user in node.users:
             if user not in removed and user is not tree.root:
                 return f"branch output also used by {module_path(user)}"
-    hyper = [dict(zip(CONV_ARGS, c.node.args[3:], strict=True)) for c in tree.convs]
+    hyper = [conv_hyper(c.node) for c in tree.convs]
     if any(h["transposed"] for h in hyper):
         return "a branch is a transposed convolution"
     for name in ("stride", "dilation", "groups"):
@@ -252,13 +252,12 @@ def _refusal(tree: _Tree, frozen: Frozen) -> str | None:
             return "an identity branch, but the convs change the number of channels"
         for affine in tree.affines:
             if affine.bn is not None:
-                bn_op = affine.bn.args[0]
-                stats = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
-                for name in BN_TENSORS:
-                    if stats[name] is not None and stats[name] not in frozen:
+                norm = BatchNormStats.of_op(affine.bn.args[0])
+                for name, node in norm.tensors.items():
+                    if node is not None and node not in frozen:
                         return f"identity {name} is not a frozen parameter or buffer"
-                if not isinstance(stats["eps"], (int, float)):
-                    return "eps is not a compile-time number"
+                if norm.check():
+                    return norm.check()
     return None
 
 
@@ -266,7 +265,7 @@ def _merged(tree: _Tree, frozen: Frozen) -> tuple[torch.Tensor, torch.Tensor, li
     """The merged weight and bias (float64, rounded once) and the merged conv's hyper-parameters."""
     f64 = {"device": "cpu", "dtype": fold_math.FOLD_DTYPE}  # small tensors: one place, one precision
     first = tree.convs[0].node
-    hyper = dict(zip(CONV_ARGS, first.args[3:], strict=True))
+    hyper = conv_hyper(first)
     kernel = [max(c.node.args[1].meta["val"].shape[2 + d] for c in tree.convs) for d in range(len(hyper["stride"]))]
     out_channels, in_per_group = first.args[1].meta["val"].shape[:2]
     weight = torch.zeros(out_channels, in_per_group, *kernel, **f64)
@@ -284,9 +283,7 @@ def _merged(tree: _Tree, frozen: Frozen) -> tuple[torch.Tensor, torch.Tensor, li
     for affine in tree.affines:
         scale, shift = torch.ones(out_channels, **f64), torch.zeros(out_channels, **f64)
         if affine.bn is not None:
-            bn_op = affine.bn.args[0]
-            stats = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
-            norm = BatchNormStats({k: stats[k] for k in BN_TENSORS}, stats["eps"])
+            norm = BatchNormStats.of_op(affine.bn.args[0])
             scale, shift = (v.to(**f64) for v in norm.scale_shift(frozen, affine.bn.meta["val"]))
         coefficient = affine.coefficient.to(**f64)
         weight[(channels, channels % in_per_group, *centre)] += coefficient * scale

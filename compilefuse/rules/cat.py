@@ -19,10 +19,9 @@ import torch.fx
 
 from .._torch_private.patterns import KeywordArg, Match
 from ..decisions import FoldDecision, module_path
-from .convolution import CONV_ARGS, Convolution, conv_kind
+from .convolution import Convolution, conv_hyper, conv_kind
 from .rule import (
     AFTER,
-    BN_TENSORS,
     BatchNormStats,
     BnSite,
     Compute,
@@ -72,7 +71,7 @@ class CatBn:
         if len(cat.users) != 1:
             run.refuse(bn, decision(f"output also used by {module_path(next(u for u in cat.users if u is not bn.args[0]))}"))
             return
-        norm = BatchNormStats({k: match.kwargs[k] for k in BN_TENSORS}, match.kwargs["eps"])
+        norm = BatchNormStats.of(match.kwargs)
         folds: list[tuple[torch.fx.Node, Compute, Folded]] = []
         offset = 0
         for part in parts:
@@ -124,7 +123,7 @@ class _Slice(BatchNormStats):
 
 
 def _slice_site(bn: torch.fx.Node, conv: torch.fx.Node, norm: BatchNormStats, offset: int) -> BnSite:
-    args = dict(zip(CONV_ARGS, conv.args[3:], strict=True))
+    args = conv_hyper(conv)
     cat = bn.args[0].args[0]
     return BnSite(Side.OUTPUT, bn, conv, conv.args[0], conv.args[1], conv.args[2], _Slice(norm, offset), args,
                   private=[conv], readers={cat})

@@ -34,6 +34,7 @@ would not be one bias per channel.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -95,9 +96,14 @@ class Convolution(Producer):
         return conv
 
 
+def conv_hyper(conv: torch.fx.Node) -> dict[str, Any]:
+    """An ``aten.convolution`` node's hyper-parameters by name (``CONV_ARGS``)."""
+    return dict(zip(CONV_ARGS, conv.args[3:], strict=True))
+
+
 def conv_kind(conv: torch.fx.Node) -> str:
     """``conv2d``, ``conv_transpose1d``, ...: what the report calls an ``aten.convolution`` node."""
-    hyper = dict(zip(CONV_ARGS, conv.args[3:], strict=True))
+    hyper = conv_hyper(conv)
     return f"{'conv_transpose' if hyper['transposed'] else 'conv'}{len(hyper['stride'])}d"
 
 

@@ -78,6 +78,16 @@ class BatchNormStats:
     tensors: dict[str, torch.fx.Node | None]
     eps: Any
 
+    @classmethod
+    def of(cls, arguments: dict[str, Any]) -> BatchNormStats:
+        """From a BN's arguments by name (a match's keyword arguments, or ``of_op``'s)."""
+        return cls({k: arguments[k] for k in BN_TENSORS}, arguments["eps"])
+
+    @classmethod
+    def of_op(cls, bn_op: torch.fx.Node) -> BatchNormStats:
+        """From an inference BN op node (``graph_ops.BN_INFERENCE_OP``)."""
+        return cls.of(dict(zip(("input", *BN_ARGS), bn_op.args, strict=True)))
+
     def inputs(self, frozen: Frozen) -> dict[str, torch.fx.Node | None]:
         return dict(self.tensors)
 
@@ -151,7 +161,7 @@ class BnSite:
         producer = next(n for n in match.nodes if n.target in producer_targets)
         output = match.output_node()
         if "running_mean" in kw:
-            norm: BatchNormStats | FrozenAffine = BatchNormStats({k: kw[k] for k in BN_TENSORS}, kw["eps"])
+            norm: BatchNormStats | FrozenAffine = BatchNormStats.of(kw)
             private, readers = [producer], {output.args[0]}
         else:
             norm = FrozenAffine(kw["affine_scale"], kw["affine_shift"])
@@ -173,9 +183,7 @@ class BnSite:
         before = _channel_local.bn_before(kw["input"])
         if before is None:
             return None
-        bn_op = before.bn.args[0]
-        bn_kw = dict(zip(("input", *BN_ARGS), bn_op.args, strict=True))
-        norm = BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"])
+        norm = BatchNormStats.of_op(before.bn.args[0])
         private = [before.bn, *before.moves]
         # Other ops reading the BN directly may each take a fold of their own (inception-style branches).
         siblings = [u for u in before.bn.users if u not in private and u is not consumer and _takes_input_fold(u, before.bn)]
@@ -192,10 +200,9 @@ class BnSite:
         operands = producer.operands(source)
         if not chain or operands is None:
             return None
-        bn_kw = match.kwargs
         private, readers = [source, *chain], {*chain, output.args[0]}
         return cls(Side.OUTPUT, output, source, operands["input"], operands["weight"], operands["bias"],
-                   BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), operands, private, readers, chain)
+                   BatchNormStats.of(match.kwargs), operands, private, readers, chain)
 
     @classmethod
     def before_shape_ops(cls, match: Match, producer: SiteOp) -> BnSite | None:
@@ -204,10 +211,9 @@ class BnSite:
         source, chain = _tokens.chain_back(match.kwargs["input"])
         if not chain or not _channel_local.is_bn_output(source):
             return None
-        bn_kw = dict(zip(("input", *BN_ARGS), source.args[0].args, strict=True))
         private = [source, *chain]
         return cls(Side.INPUT, source, consumer, match.kwargs["input"], match.kwargs["weight"], match.kwargs.get("bias"),
-                   BatchNormStats({k: bn_kw[k] for k in BN_TENSORS}, bn_kw["eps"]), match.kwargs, private,
+                   BatchNormStats.of_op(source.args[0]), match.kwargs, private,
                    {*private, consumer}, chain)
 
     @property
