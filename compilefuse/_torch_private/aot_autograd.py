@@ -1,5 +1,5 @@
-"""AOTAutograd: what it knows of the compile in progress (lifted parameters, written inputs), and
-the tag its partitioner reads to recompute a value in the backward."""
+"""AOTAutograd: what it knows of the compile in progress (lifted parameters, written inputs), the
+subgraphs it traced there, and the tag its partitioner reads to recompute a value in the backward."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def aot_parameters() -> tuple[list[Any], set[int]] | None:
     params = list(context.params_flat_unwrap_subclasses or context.params_flat)
     written, aliased = aot_input_writes()
     return params, {i for i in written | aliased if i < len(params)}
+
+
+def forget_traced_subgraphs() -> None:
+    """Drop what tracing higher-order ops' bodies cached in the compile in progress (an
+    ``invoke_subgraph`` body is traced once per name and reused), so that compiling the same graph
+    again traces them afresh. A body traced under bnfuse's decompositions (inference BN kept as an
+    op) and reused by the plain Inductor compile after a failure reached Inductor's lowering with an
+    op plain Inductor decomposes, and that compile failed too. No-op outside a compile."""
+    context = torch._guards.TracingContext.try_get()
+    cache = getattr(context, "hop_dispatch_set_cache", None)
+    if cache is not None:
+        context.hop_dispatch_set_cache = type(cache)()
 
 
 def aot_input_writes() -> tuple[set[int], set[int]]:

@@ -97,6 +97,12 @@ def trace_before_autograd(fn: Callable[..., Any], args: Sequence[Any]) -> torch.
         return make_fx(fn, decomposition_table=_before_autograd_decompositions(), pre_dispatch=True)(*args)
 
 
+def higher_order_ops_in(graph: torch.fx.Graph) -> list[str]:
+    """The names of the higher-order ops a graph calls (``cond``, ``invoke_subgraph``, ...), in order."""
+    return [node.target.name() for node in graph.nodes
+            if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)]
+
+
 def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False, autocast: bool = False) -> str | None:
     """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully for a caller
     (None: it can). Higher-order ops (``wrap``, activation checkpointing unless ``checkpoint`` and

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import aliasing, fold_prologue, freezing, versions, weight_packing
-from .._torch_private import dynamo, fake_tensors, gates, inductor, onednn, ops, pre_dispatch
+from .._torch_private import aot_autograd, dynamo, fake_tensors, gates, inductor, onednn, ops, pre_dispatch
 from ..config import BnfuseConfig
 from ..decisions import FoldRecord, name_from_root, renamed, sort_in_program_order, source_path, traced_decisions
 from ..passes import (
@@ -144,7 +144,9 @@ class GraphCompiler:
             return self._unfolded(inputs, reason)
 
     def fall_back(self, inputs: list[Any], failure: Exception) -> compiled_graph.Executable:
-        """After a failure of bnfuse: the graph by plain Inductor, reported with the failure."""
+        """After a failure of bnfuse: the graph by plain Inductor, reported with the failure, its
+        higher-order ops' bodies traced afresh (not as the failed attempt traced them)."""
+        aot_autograd.forget_traced_subgraphs()
         self._prefixes = self.name(inputs)
         return self._unfolded(inputs, f"bnfuse failed, compiled by plain Inductor: {type(failure).__name__}")
 
