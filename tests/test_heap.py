@@ -26,7 +26,7 @@ faults_of_8_calls()
 default = faults_of_8_calls()
 took = compilefuse.reuse_freed_memory()
 faults_of_8_calls()
-print(default, took, max(faults_of_8_calls() for _ in range(3)))
+print(default, took, sum(faults_of_8_calls() for _ in range(3)))
 """
 
 
@@ -35,4 +35,6 @@ def test_a_calls_large_tensors_cost_no_page_faults_once_freed_memory_is_reused()
     default, took, reused = out.stdout.split()
     assert took == "True"
     assert int(default) > 8 * 2 * 8_000  # each call's 32 MB tensors (8192 pages each) faulted in afresh
-    assert int(reused) < int(default) // 100
+    # 24 calls with the setting against 8 without: the heap may still grow once by one tensor
+    # (8192 faults, seen in one CI run in a fragmented heap), never by a tensor per call.
+    assert int(reused) < int(default) // 10
