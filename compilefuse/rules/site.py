@@ -246,29 +246,10 @@ class Place(Protocol):
     def refusal(self, site: BnSite) -> str | None: ...
 
 
-class _After:
-    """The BN (or a frozen affine map) right after the op: part of the pattern."""
+class _Place:
+    """The defaults of a place: the op's own patterns and claims, no check of its own."""
 
-    side = Side.OUTPUT
-
-    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
-        return tuple(p for pattern in op.patterns for p in (bn_of(pattern), *affine_of(pattern)))
-
-    def claims(self, match: Match, op: SiteOp) -> bool:
-        return op.claims(match)
-
-    def find(self, match: Match, op: SiteOp) -> BnSite | None:
-        return BnSite.on_output(match, tuple(op.targets))
-
-    def refusal(self, site: BnSite) -> str | None:
-        return None
-
-
-class _Before:
-    """The BN before the op, found by walking back from the op's input (it may reach the op through
-    channel-local moves, which no fixed pattern spells)."""
-
-    side = Side.INPUT
+    side: Side
 
     def patterns(self, op: SiteOp) -> tuple[Any, ...]:
         return op.patterns
@@ -277,13 +258,35 @@ class _Before:
         return op.claims(match)
 
     def find(self, match: Match, op: SiteOp) -> BnSite | None:
-        return BnSite.on_input(match, tuple(op.targets))
+        raise NotImplementedError
 
     def refusal(self, site: BnSite) -> str | None:
         return None
 
 
-class _AfterThroughShapes:
+class _After(_Place):
+    """The BN (or a frozen affine map) right after the op: part of the pattern."""
+
+    side = Side.OUTPUT
+
+    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
+        return tuple(p for pattern in op.patterns for p in (bn_of(pattern), *affine_of(pattern)))
+
+    def find(self, match: Match, op: SiteOp) -> BnSite | None:
+        return BnSite.on_output(match, tuple(op.targets))
+
+
+class _Before(_Place):
+    """The BN before the op, found by walking back from the op's input (it may reach the op through
+    channel-local moves, which no fixed pattern spells)."""
+
+    side = Side.INPUT
+
+    def find(self, match: Match, op: SiteOp) -> BnSite | None:
+        return BnSite.on_input(match, tuple(op.targets))
+
+
+class _AfterThroughShapes(_Place):
     """A BN after the op, shape-only ops between them: any BN matches, and the site walks back
     through the shape ops to the op."""
 
@@ -302,16 +305,10 @@ class _AfterThroughShapes:
         return _tokens.refusal(site.producer, site.chain)
 
 
-class _BeforeThroughShapes:
+class _BeforeThroughShapes(_Place):
     """A BN before the op, shape-only ops between them."""
 
     side = Side.INPUT
-
-    def patterns(self, op: SiteOp) -> tuple[Any, ...]:
-        return op.patterns
-
-    def claims(self, match: Match, op: SiteOp) -> bool:
-        return op.claims(match)
 
     def find(self, match: Match, op: SiteOp) -> BnSite | None:
         return BnSite.before_shape_ops(match, op)
