@@ -46,8 +46,9 @@ _IMPORT = re.compile(r"^[ \t]*import[ \t]+([\w.][\w., \t]*)", re.M)
 
 def _imported(path: Path, package: str) -> list[str]:
     """The compilefuse modules a file imports (``from . import x`` names ``x`` itself when it is one).
-    Read with two patterns, not ``ast``: parsing every file cost 130 ms of the first compile of a
-    process; a line in a docstring that looks like an import only adds a file to the hash."""
+    Read with two patterns, not ``ast``: parsing every file slowed the first compile of a process
+    (docs/benchmarks.md); a line in a docstring that looks like an import only adds a file to the
+    hash."""
     text = path.read_text()
     found = []
     for match in _IMPORT.finditer(text):
@@ -65,6 +66,6 @@ def _imported(path: Path, package: str) -> list[str]:
 @functools.cache
 def code_hash(module: str, extra: str) -> bytes:
     """Inductor's file hash of ``sources_of(module)``, with ``extra`` (a pass's settings). Once per
-    process: the code a process runs is the code it imported (reading the files cost 60 ms of
-    every compile's cache lookup)."""
+    process: the code a process runs is the code it imported (reading the files again slowed every
+    compile's cache lookup)."""
     return inductor.file_hash(list(sources_of(module)), extra=extra)

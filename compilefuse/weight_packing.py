@@ -4,16 +4,16 @@ Under freezing, Inductor packs the weight of every eligible CPU convolution ahea
 oneDNN for it. Packing saves the per-call weight reorder of a convolution that would run on oneDNN
 anyway. But ATen does not run every convolution on oneDNN: for a batch-1, ungrouped convolution with
 a kernel of at most 3x3 on a small input (and a 1x1 one with one thread) its own direct kernel is
-faster, and a packed oneDNN call there costs 20-40 us more (built-in models at batch 1: freezing
-1.1-1.9x slower than plain Inductor; docs/benchmarks.md). So a weight is packed where ATen would
+faster than a packed oneDNN call (on the built-in models at batch 1, freezing made them slower than
+plain Inductor; docs/benchmarks.md). So a weight is packed where ATen would
 choose oneDNN for that convolution, or where the convolution is large enough for that fixed cost not
-to matter (mobilenet_v2's 1x1 expansions on 7x7 and 14x14 inputs: ATen's direct kernel made the
-model 1.1x slower). A ``cpp.weight_prepack`` the user sets decides instead, for every convolution
+to matter (mobilenet_v2's 1x1 expansions on 7x7 and 14x14 inputs, where ATen's direct kernel was
+the slower). A ``cpp.weight_prepack`` the user sets decides instead, for every convolution
 of the compile.
 
 A linear layer's weight is packed for oneDNN's linear (``mkldnn._linear_pointwise``) where the
-product is large enough: oneDNN's call costs about 13 us more than ATen's ``addmm``, but on larger
-products it is 1.2-1.7x faster, and at batch 1 with two or more threads ATen's matrix-vector
+product is large enough: oneDNN's call has a fixed cost above ATen's ``addmm``, but on larger
+products it is faster, and at batch 1 with two or more threads ATen's matrix-vector
 product runs on one (docs/benchmarks.md).
 """
 

@@ -1,8 +1,8 @@
 """An inference graph's fold, kept across processes, so that a warm start is Inductor's.
 
 With the weights as data, Inductor's own caches hit on the main graph; what a fresh process still
-paid over plain Inductor was bnfuse's trace before autograd, its fold and its split (0.3 s on
-resnet18). Their result depends on the graph, never on the weights' values (every value check runs
+paid over plain Inductor was bnfuse's trace before autograd, its fold and its split
+(docs/benchmarks.md, warm start). Their result depends on the graph, never on the weights' values (every value check runs
 in the prologue, on each set of weights), so it is stored beside Inductor's caches under a key of
 everything it is computed from, and a warm start loads it instead.
 

@@ -259,7 +259,7 @@ class _AsDataRun(_PerStepRun):
 
     def operands(self, compute: Compute, folded: Folded, like: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
         """One call of the fold (``prologue.Fold``, its checks with it), not its arithmetic traced
-        op by op: tracing cost about 20 ms a fold in every compile, warm starts included, for ops
+        op by op: tracing cost a trace per fold in every compile, warm starts included, for ops
         run once a set."""
         (judge, tape, slots), leaves = self._pending.pop(compute), self.leaves.pop(compute)
         judged = folded.judged

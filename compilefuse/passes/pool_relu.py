@@ -6,9 +6,8 @@ every pooling window holds at least one real element (the ``-inf`` padding never
 Inductor fuses the ReLU into the max-pool's loop, and where that loop is scalar (a pool over the
 last, contiguous dim: ``MaxPool1d``, channels-first ``MaxPool2d``) the compiler turns each
 element's ReLU into a data-dependent branch, a mispredict on half of them. An unfolded BN kept the
-ReLU in its own vectorised loop. audio_cnn at batch 32: the pool after its first Conv1d took
-2.9 ms folded against 0.7 ms unfolded. After the move the pool reads the raw values (a branchless
-max) and the ReLU runs once per pooled output.
+ReLU in its own vectorised loop (audio_cnn at batch 32: docs/benchmarks.md). After the move the
+pool reads the raw values (a branchless max) and the ReLU runs once per pooled output.
 
 Only where the pool's indices are unused (they would change: ReLU creates ties) and the ReLU has no
 other reader (it would be computed twice).

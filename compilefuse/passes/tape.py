@@ -1,7 +1,7 @@
 """A fold's arithmetic recorded as the aten calls it makes on fake values, replayed on real ones.
 
 With the module state as data, a fold runs once per set of weights, in a prologue, eagerly. Tracing
-its arithmetic into the graph with ``make_fx`` cost about 20 ms a fold in every compile (warm starts
+its arithmetic into the graph with ``make_fx`` cost a trace per fold in every compile (warm starts
 included) for ops that run once; and rerunning the rule's Python later would read graph nodes
 the rewrite has since erased. The tape is taken during the fold's evaluation on fake values, which
 the rewrite needs anyway, and holds only aten calls, constants and which value each reads.

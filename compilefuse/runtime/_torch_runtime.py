@@ -1,7 +1,7 @@
 """The private torch that a replica touches, kept apart from ``_torch_private`` (the compiler's)
 because importing it must not import Dynamo or Inductor: ``import compilefuse`` +
 ``compilefuse.load`` costs ``import torch`` plus a fraction of a second, where importing
-``torch._inductor`` alone costs 1.8 s (it imports Dynamo). Like ``_torch_private``, the one file a
+``torch._inductor`` imports Dynamo too (docs/benchmarks.md, replica start). Like ``_torch_private``, the one file a
 torch upgrade should touch on this side."""
 
 from __future__ import annotations
