@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._torch_private import aot_autograd, dynamo, inductor, ops
+from ._torch_private import aot_autograd, dynamo, inductor, ops, pre_dispatch
 from .runtime import _torch_runtime
 
 
@@ -197,12 +197,11 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
     params, not_frozen = found
     placeholders = list(graph.find_nodes(op="placeholder"))
     if len(params) != len(expected) or len(params) > len(placeholders):
-        raise FrozenValuesMismatch(
-            f"{len(params)} frozen values for {len(expected)} lifted tensors and {len(placeholders)} graph inputs"
-        )
+        counts = f"{len(params)} frozen values for {len(expected)} lifted tensors and {len(placeholders)} graph inputs"
+        raise _mismatch_error(graph, expected, counts)
     moved = next((i for i, (a, b) in enumerate(zip(params, expected, strict=True)) if a is not b), None)
     if moved is not None:
-        raise FrozenValuesMismatch(f"frozen value {moved} is not the tensor bnfuse lifted at that position")
+        raise _mismatch_error(graph, expected, f"frozen value {moved} is not the tensor bnfuse lifted at that position")
     if not_frozen:
         raise FrozenStateWritten([params[i] for i in sorted(not_frozen)])
     values = {}
@@ -211,9 +210,22 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
             continue
         mismatch = _mismatch(node, value)
         if mismatch:
-            raise FrozenValuesMismatch(f"frozen value {index} does not match graph input {node.name}: {mismatch}")
+            raise _mismatch_error(graph, expected, f"frozen value {index} does not match graph input {node.name}: {mismatch}")
         values[node] = value
     return values
+
+
+def _mismatch_error(graph: torch.fx.Graph, expected: Sequence[torch.Tensor], detail: str) -> FrozenValuesMismatch:
+    """The mismatch, said in words where a higher-order op explains it (the detail alone says why
+    only to bnfuse): its operands are not the state freezing pairs, or this graph is a region's body,
+    compiled apart from the state."""
+    hops = pre_dispatch.higher_order_ops_in(graph)
+    if hops:
+        return FrozenValuesMismatch(f"the graph calls higher-order op {hops[0]}, whose operands freezing does not "
+                                    f"pair with the module state ({detail})")
+    if len(expected) > len(graph.find_nodes(op="placeholder")):
+        return FrozenValuesMismatch(f"in the body of a higher-order op, compiled apart from the module state ({detail})")
+    return FrozenValuesMismatch(detail)
 
 
 def _mismatch(node: torch.fx.Node, value: torch.Tensor) -> str | None:

@@ -471,14 +471,8 @@ class BnFoldPass(inductor.CustomGraphPass):
             bns = _bn_outputs(graph)
             self.record.bn_ops_before += len(bns)
             self.record.bn_ops_after += len(bns)
-            reason = f"not folded: {mismatch}"
-            hops = pre_dispatch.higher_order_ops_in(graph)
-            if hops:  # the count alone says why only to us
-                reason = (f"not folded: the graph calls higher-order op {hops[0]}, whose operands freezing does not "
-                          f"pair with the module state ({mismatch})")
-            elif len(state) > len(list(graph.find_nodes(op="placeholder"))):
-                reason = f"not folded: in the body of a higher-order op, compiled apart from the module state ({mismatch})"
-            self.record.decisions += [FoldDecision(module_path(bn), folded=False, reason=reason) for bn in bns]
+            self.record.decisions += [FoldDecision(module_path(bn), folded=False, reason=f"not folded: {mismatch}")
+                                      for bn in bns]
             return
         try:
             fold_graph(graph, frozen, self.enabled_rules, self.record)
