@@ -24,6 +24,15 @@ def fuzz_settings(*, ci: int, quick: int, long: int = 300, suppress: tuple[Healt
     )
 
 
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
+                     transposed: bool = False, output_padding: int = 0) -> int:
+    """A convolution's output length along one spatial dimension (< 1: the configuration is invalid)."""
+    reach = dilation * (kernel - 1)
+    if transposed:
+        return (size - 1) * stride - 2 * padding + reach + output_padding + 1
+    return (size + 2 * padding - reach - 1) // stride + 1
+
+
 def input_growth_fits(mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                       eps: float) -> bool:
     """Whether a BN before the op passes the precision check (``value_checks.NumericJudge``): the

@@ -14,7 +14,7 @@ Profiles (``HYPOTHESIS_PROFILE``, read in ``fuzzing.py``): ``ci`` (default, 40 e
 from __future__ import annotations
 
 import torch
-from fuzzing import fuzz_settings, input_growth_fits
+from fuzzing import conv_output_size, fuzz_settings, input_growth_fits
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -59,12 +59,9 @@ def conv_bn_cases(draw):
 
 
 def output_size(case) -> int:
-    """The conv's output length per spatial dimension (< 1: the configuration is invalid)."""
-    kw, size = case["conv_kwargs"], case["size"]
-    reach = kw["dilation"] * (kw["kernel_size"] - 1)
-    if case["transposed"]:
-        return (size - 1) * kw["stride"] - 2 * kw["padding"] + reach + kw["output_padding"] + 1
-    return (size + 2 * kw["padding"] - reach - 1) // kw["stride"] + 1
+    kw = case["conv_kwargs"]
+    return conv_output_size(case["size"], kw["kernel_size"], kw["stride"], kw["padding"], kw["dilation"],
+                            case["transposed"], kw.get("output_padding", 0))
 
 
 def build(case) -> tuple[nn.Module, torch.Tensor]:

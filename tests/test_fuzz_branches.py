@@ -9,7 +9,7 @@ Profiles (``HYPOTHESIS_PROFILE``, read in ``fuzzing.py``): ``ci`` runs 40 exampl
 from __future__ import annotations
 
 import torch
-from fuzzing import fuzz_settings
+from fuzzing import conv_output_size, fuzz_settings
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
 from hypothesis import HealthCheck, assume, given
 from hypothesis import strategies as st
@@ -47,14 +47,10 @@ def branch_cases(draw):
                 subtract=draw(st.booleans()), size=draw(st.integers(5, 8)))
 
 
-def output_size(size: int, c: dict) -> int:
-    return (size + 2 * c["padding"] - c["kernel"]) // c["stride"] + 1
-
-
 @FUZZ
 @given(branch_cases())
 def test_random_branches_merge_exactly_when_allowed(case):
-    sizes = {output_size(case["size"], c) for c in case["convs"]}
+    sizes = {conv_output_size(case["size"], c["kernel"], c["stride"], c["padding"]) for c in case["convs"]}
     assume(len(sizes) == 1 and min(sizes) >= 1)  # branches that can be added at all
     assume(not case["identity"] or (sizes == {case["size"]} and all(c["stride"] == 1 for c in case["convs"])))
     torch._dynamo.reset()  # each example compiles afresh: no automatic dynamic shapes from the last one

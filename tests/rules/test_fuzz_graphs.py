@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fuzzing import fuzz_settings, input_growth_fits
+from fuzzing import conv_output_size, fuzz_settings, input_growth_fits
 from helpers import relative_error
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -43,10 +43,8 @@ def cases(draw):
 
 
 def output_size(case) -> int:
-    reach, size = case["dilation"] * (case["kernel"] - 1), SIZE[case["dims"]]
-    if case["transposed"]:
-        return (size - 1) * case["stride"] - 2 * case["padding"] + reach + case["output_padding"] + 1
-    return (size + 2 * case["padding"] - reach - 1) // case["stride"] + 1
+    return conv_output_size(SIZE[case["dims"]], case["kernel"], case["stride"], case["padding"], case["dilation"],
+                            case["transposed"], case["output_padding"])
 
 
 def graph_function(case):
