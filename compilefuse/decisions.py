@@ -86,12 +86,19 @@ def module_path(node: torch.fx.Node) -> str:
 
 def sort_in_program_order(record: FoldRecord, graph: torch.fx.Graph) -> None:
     """Put a record's decisions and merges in program order: each BN's row where its module first
-    runs (placeholders carry their module's path too, so only calls count)."""
+    runs (placeholders carry their module's path too, so only calls count), or where the nearest
+    module around it does (a shared region's body is traced in its first call only)."""
     order: dict[str, int] = {}
     for index, node in enumerate(_calls(graph)):
         order.setdefault(module_path(node), index)
-    record.decisions.sort(key=lambda d: order.get(d.bn, len(order)))
-    record.merges.sort(key=lambda m: order.get(m.into, len(order)))
+
+    def position(path: str) -> int:
+        while path not in order and "." in path:
+            path = path.rpartition(".")[0]
+        return order.get(path, len(order))
+
+    record.decisions.sort(key=lambda d: position(d.bn))
+    record.merges.sort(key=lambda m: position(m.into))
 
 
 def _calls(graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:

@@ -217,14 +217,16 @@ def frozen_values(graph: torch.fx.Graph, expected: Sequence[torch.Tensor]) -> di
 
 def _mismatch_error(graph: torch.fx.Graph, expected: Sequence[torch.Tensor], detail: str) -> FrozenValuesMismatch:
     """The mismatch, said in words where a higher-order op explains it (the detail alone says why
-    only to bnfuse): its operands are not the state freezing pairs, or this graph is a region's body,
-    compiled apart from the state."""
-    hops = pre_dispatch.higher_order_ops_in(graph)
-    if hops:
-        return FrozenValuesMismatch(f"the graph calls higher-order op {hops[0]}, whose operands freezing does not "
-                                    f"pair with the module state ({detail})")
-    if len(expected) > len(graph.find_nodes(op="placeholder")):
-        return FrozenValuesMismatch(f"in the body of a higher-order op, compiled apart from the module state ({detail})")
+    only to bnfuse). On a torch that does not tell a region's body from the graph that calls it
+    (``aot_autograd.is_region_body``), the body comes first and takes the state: it pairs with
+    none of it, and the graph after it then has no state left to pair."""
+    if aot_autograd.is_region_body(graph) is None:
+        hops = pre_dispatch.higher_order_ops_in(graph)
+        if hops:
+            return FrozenValuesMismatch(f"the graph calls higher-order op {hops[0]}, whose operands freezing does not "
+                                        f"pair with the module state ({detail})")
+        if len(expected) > len(graph.find_nodes(op="placeholder")):
+            return FrozenValuesMismatch(f"in the body of a higher-order op, compiled apart from the module state ({detail})")
     return FrozenValuesMismatch(detail)
 
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
+from test_regions import RepeatedBlocks, needs_regions
 from torch import nn
 
 import compilefuse
@@ -170,35 +171,7 @@ def test_failure_at_any_stage_falls_back_to_plain_inductor_with_one_warning(stag
     assert len(messages) == 1 and "planted failure" in messages[0], messages
 
 
-_shared_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
-
-
-class RepeatedBlocks(nn.Module):
-    """A stem, then two blocks compiled once as a shared region (``nested_compile_region``: an
-    ``invoke_subgraph`` higher-order op in the graph)."""
-
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-
-        @_shared_region
-        def forward(self, x):
-            return torch.relu(self.bn(self.conv(x)))
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
-        self.blocks = nn.ModuleList([self.Block(), self.Block()])
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="this torch has no nested_compile_region")
+@needs_regions
 def test_a_failure_in_a_graph_with_a_shared_region_still_falls_back(monkeypatch, caplog):
     """The region's body was traced once, by the failed attempt, under bnfuse's decompositions; the
     plain Inductor compile reused it and failed in turn, raising into the model's call."""
@@ -212,18 +185,6 @@ def test_a_failure_in_a_graph_with_a_shared_region_still_falls_back(monkeypatch,
     assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
     messages = [r.getMessage() for r in caplog.records if r.name == "compilefuse" and "plain Inductor" in r.getMessage()]
     assert len(messages) == 1 and "planted failure" in messages[0], messages
-
-
-@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="this torch has no nested_compile_region")
-def test_a_graph_with_a_shared_region_says_why_nothing_folds():
-    """Not folded yet (docs/limitations.md), and the report says why in words, not counts."""
-    model, x = randomize_bn(RepeatedBlocks().eval()), torch.randn(2, 3, 10, 10)
-    result = run_bnfuse(model, x)
-    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
-    reasons = {d.bn: d.reason for d in result.decisions}
-    assert not result.folded
-    assert reasons["stem.1"].startswith("not folded: the graph calls higher-order op invoke_subgraph"), reasons
-    assert reasons["blocks.0.bn"].startswith("not folded: in the body of a higher-order op"), reasons
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

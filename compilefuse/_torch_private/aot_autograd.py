@@ -9,6 +9,8 @@ import torch
 import torch.fx
 from torch._functorch._aot_autograd.schemas import MutationType
 
+from . import gates
+
 
 def aot_parameters() -> tuple[list[Any], set[int]] | None:
     """Inside a freezing compile: the real values AOTAutograd lifted as the graph's leading inputs
@@ -20,6 +22,17 @@ def aot_parameters() -> tuple[list[Any], set[int]] | None:
     params = list(context.params_flat_unwrap_subclasses or context.params_flat)
     written, aliased = aot_input_writes()
     return params, {i for i in written | aliased if i < len(params)}
+
+
+def is_region_body(graph: torch.fx.Graph) -> bool | None:
+    """Whether AOTAutograd traced ``graph`` as a higher-order op's body (its inputs are the op's
+    operands) rather than at top level (the module state, then the user's inputs). Inductor runs
+    the joint-graph passes on the bodies first, then on the graph that calls them. The graph traced
+    at top level describes each input it takes; a body, none. None where this torch describes none."""
+    if not gates.AOT_DESCRIBES_INPUTS:
+        return None
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    return bool(placeholders) and all(node.meta.get("desc") is None for node in placeholders)
 
 
 def forget_traced_subgraphs() -> None:

@@ -33,5 +33,9 @@ AUTOCAST_TRACES_BEFORE_AUTOGRAD = _release() >= "2.14"
 #: not compile the input guards it adds.
 EXPORTED_MODULE_TAKES_CHECK_GUARDS = "check_guards" in inspect.signature(torch.export.ExportedProgram.module).parameters
 
+#: Whether AOTAutograd describes each input of the graph it traces (``node.meta["desc"]``, torch
+#: >= 2.9): the graph traced at top level then tells itself apart from a higher-order op's body.
+AOT_DESCRIBES_INPUTS = importlib.util.find_spec("torch._functorch._aot_autograd.descriptors") is not None
+
 #: Whether this torch writes PT2 archives (``torch.export.pt2_archive``), compilefuse.export's format.
 WRITES_PT2_ARCHIVES = importlib.util.find_spec("torch.export.pt2_archive") is not None

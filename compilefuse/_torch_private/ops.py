@@ -28,3 +28,36 @@ def draws_random_numbers(graph: torch.fx.Graph) -> bool:
         for node in graph.nodes
         if node.op == "call_function"
     )
+
+
+def region_bodies(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, torch.fx.GraphModule]]:
+    """Each call of a higher-order op in ``graph`` with each body it runs (a graph module the call
+    reads by ``get_attr``), in program order."""
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            for arg in node.all_input_nodes:
+                body = getattr(graph.owning_module, arg.target, None) if arg.op == "get_attr" else None
+                if isinstance(body, torch.fx.GraphModule):
+                    found.append((node, body))
+    return found
+
+
+def is_shared_region_call(node: torch.fx.Node) -> bool:
+    """A call of an ``invoke_subgraph`` region (``torch.compiler.nested_compile_region``): one body,
+    traced once, that each call runs on its own operands."""
+    op = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    return op is not None and node.op == "call_function" and node.target is op
+
+
+def shared_region_parts(call: torch.fx.Node) -> tuple[torch.fx.Node, str, list[Any]]:
+    """An ``invoke_subgraph`` call's body (its ``get_attr`` node), identifier and operands."""
+    body, identifier, *operands = call.args
+    return body, identifier, operands
+
+
+def set_shared_region_parts(call: torch.fx.Node, body: torch.fx.Node, identifier: str, operands: list[Any]) -> None:
+    """Point an ``invoke_subgraph`` call at another body, identifier and operands. The eager values
+    its lowering would read first are dropped: it then reads each operand's fake value."""
+    call.args = (body, identifier, *operands)
+    call.meta.pop("eager_input_vals", None)

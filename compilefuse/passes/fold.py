@@ -18,7 +18,7 @@ import functools
 import itertools
 import operator
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from ..rules.rule import Compute, Folded, Frozen, Refused, Rule
 from ..runtime import _torch_runtime
 from ..runtime.prologue import Fold, JudgedSlots
 from ..value_checks import Judge, value_refusal
+from .regions import CallSite, free_name
 from .tape import NotRecordable, Tape, traced
 
 #: The name (plus a number) of each constant a fold adds to the graph's module.
@@ -147,7 +148,7 @@ class _FoldRun:
 
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
         gm = self.graph.owning_module
-        name = next(f"{FOLDED_PREFIX}{i}" for i in itertools.count() if not hasattr(gm, f"{FOLDED_PREFIX}{i}"))
+        name = free_name(gm, FOLDED_PREFIX)
         inductor.mark_frozen(value)
         gm.register_buffer(name, value)
         with self.graph.inserting_before(like):
@@ -165,6 +166,20 @@ class _FoldRun:
         for bn in _bn_outputs(self.graph):
             if bn not in self.refused and bn not in self.folded:
                 self.record.decisions.append(FoldDecision(bn=module_path(bn), folded=False, reason=neighbours_description(bn)))
+
+
+class _RegionRun(_FoldRun):
+    """The rules applied to a call site's copy of a shared region's body: each constant a fold adds
+    is passed in by the call (``regions.CallSite``)."""
+
+    def __init__(self, site: CallSite, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+        super().__init__(site.body.graph, site.frozen, enabled_rules, record)
+        self.site = site
+
+    def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
+        node = self.site.add_constant(value, like, free_name(self.site.outer.owning_module, FOLDED_PREFIX))
+        self.frozen[node] = value  # a folded op can fold again (conv -> BN -> BN)
+        return node
 
 
 class _PerStepRun(_FoldRun):
@@ -439,6 +454,31 @@ def _count_bn_ops(graph: torch.fx.Graph) -> int:
     return len(graph.find_nodes(op="call_function", target=graph_ops.BN_INFERENCE_OP))
 
 
+def _keep(graph: torch.fx.Graph, record: FoldRecord, reason: str) -> None:
+    """Every BN of ``graph`` kept, for ``reason``."""
+    bns = _bn_outputs(graph)
+    record.bn_ops_before += len(bns)
+    record.bn_ops_after += len(bns)
+    record.decisions += [FoldDecision(module_path(bn), folded=False, reason=reason) for bn in bns]
+
+
+def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+    """Fold the BNs in the bodies ``graph``'s higher-order ops call: a shared region's per call
+    site (``regions.CallSite``), each with that call's values. Other bodies (``cond``'s branches,
+    a region that calls another) keep their BNs: their operands are not paired with values here."""
+    copies: dict[Hashable, str] = {}
+    for call, body in ops.region_bodies(graph):
+        if ops.is_shared_region_call(call) and not ops.region_bodies(body.graph):
+            site = CallSite(call, frozen)
+            run = _RegionRun(site, enabled_rules, record)
+            run.run()
+            if run.changes:
+                site.install(copies)
+        else:
+            _keep(body.graph, record, f"not folded: in the body of higher-order op {call.target.name()}, "
+                                      "which bnfuse does not fold into")
+
+
 def _bn_outputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The normalised output (``getitem 0``) of each inference BN op in the graph."""
     return [next(iter(op.users)) for op in graph.find_nodes(op="call_function", target=graph_ops.BN_INFERENCE_OP) if op.users]
@@ -463,19 +503,25 @@ class BnFoldPass(inductor.CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
-        state, self.state = self.state, ()  # Inductor may keep the pass: it must not keep the weights
         self.effects.observe(graph)
+        body = aot_autograd.is_region_body(graph)
+        if body:  # folded per call site, from the graph that calls it (called after its bodies)
+            return
+        state, self.state = self.state, ()  # Inductor may keep the pass: it must not keep the weights
         try:
             frozen = freezing.frozen_values(graph, state)
         except freezing.FrozenValuesMismatch as mismatch:  # fold nothing rather than fold wrong
-            bns = _bn_outputs(graph)
-            self.record.bn_ops_before += len(bns)
-            self.record.bn_ops_after += len(bns)
-            self.record.decisions += [FoldDecision(module_path(bn), folded=False, reason=f"not folded: {mismatch}")
-                                      for bn in bns]
+            reason = f"not folded: {mismatch}"
+            _keep(graph, self.record, reason)
+            if body is False:  # this torch tells bodies apart: theirs are this graph's BNs too
+                for call, region in ops.region_bodies(graph):
+                    _keep(CallSite(call, {}).body.graph if ops.is_shared_region_call(call) else region.graph,
+                          self.record, reason)
             return
         try:
             fold_graph(graph, frozen, self.enabled_rules, self.record)
+            if body is False:
+                _fold_regions(graph, frozen, self.enabled_rules, self.record)
         finally:
             self.record.seconds += time.perf_counter() - start
 

@@ -1,0 +1,112 @@
+"""Inference graphs with higher-order ops: the BNs outside a region fold as in any graph; inside an
+``invoke_subgraph`` region (``torch.compiler.nested_compile_region``) they fold per call site, each
+with its own block's values; inside other regions (``torch.cond``) they are kept, and said so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
+from torch import nn
+
+from compilefuse._torch_private import gates
+
+needs_regions = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"),
+                                   reason="this torch has no nested_compile_region")
+_shared_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)
+
+
+class RepeatedBlocks(nn.Module):
+    """A stem, then blocks compiled once as a shared region (``nested_compile_region``: an
+    ``invoke_subgraph`` higher-order op in the graph)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        @_shared_region
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    def __init__(self, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+        self.blocks = nn.ModuleList([self.Block() for _ in range(blocks)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class CountedBlocks(RepeatedBlocks):
+    """The graph writes the middle block's BN statistics (a no-op write): a live input, not frozen."""
+
+    def forward(self, x):
+        self.blocks[1].bn.running_var.mul_(1.0)
+        return super().forward(x)
+
+
+class BranchOnSign(nn.Module):
+    """A conv -> BN before a ``torch.cond`` whose branches each hold a conv -> BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.a, self.a_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.b_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.stem_bn(self.stem(x))
+        return torch.cond(y.sum() > 0, lambda t: self.a_bn(self.a(t)), lambda t: self.b_bn(self.b(t)), (y,))
+
+
+@needs_regions
+def test_a_shared_region_folds_outside_and_per_call_site():
+    model, x = randomize_bn(RepeatedBlocks(blocks=3).eval()), torch.randn(2, 3, 10, 10)
+    result = run_bnfuse(model, x)
+    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    decisions = {d.bn: d for d in result.decisions}
+    assert list(decisions) == ["stem.1", "blocks.0.bn", "blocks.1.bn", "blocks.2.bn"], decisions  # program order
+    assert all(d.folded for d in decisions.values()), decisions
+
+
+@needs_regions
+def test_each_call_site_of_a_region_reads_its_own_weights_after_a_change():
+    """Three blocks share one body: a change to the middle block's BN reaches its call site only."""
+    model, x = randomize_bn(RepeatedBlocks(blocks=3).eval()), torch.randn(2, 3, 10, 10)
+    compiled = torch.compile(model, backend="bnfuse")
+    with torch.inference_mode():
+        compiled(x)
+    with torch.no_grad():
+        model.blocks[1].bn.running_var.mul_(4.0)
+        model.blocks[1].conv.weight.add_(0.5)
+    with torch.inference_mode():
+        out = compiled(x)
+    assert relative_error(out, float64_reference(model, x)) < 1e-5
+
+
+@needs_regions
+def test_a_call_site_whose_state_the_graph_writes_keeps_its_bn():
+    model, x = randomize_bn(CountedBlocks(blocks=3).eval()), torch.randn(2, 3, 10, 10)
+    result = run_bnfuse(model, x)
+    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    decisions = {d.bn: d for d in result.decisions}
+    assert [bn for bn, d in decisions.items() if not d.folded] == ["blocks.1.bn"], decisions
+    assert "not a frozen parameter or buffer" in decisions["blocks.1.bn"].reason, decisions
+
+
+def test_cond_branches_keep_their_bns_and_the_graph_around_folds():
+    model, x = randomize_bn(BranchOnSign().eval()), torch.randn(2, 3, 8, 8)
+    result = run_bnfuse(model, x)
+    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    reasons = {d.bn: (d.folded, d.reason) for d in result.decisions}
+    if not gates.AOT_DESCRIBES_INPUTS:  # this torch cannot tell a body from its caller: nothing folds
+        assert not result.folded and "higher-order op" in reasons["stem_bn"][1], reasons
+        return
+    assert reasons["stem_bn"][0], reasons
+    for inside in ("a_bn", "b_bn"):
+        folded, reason = reasons[inside]
+        assert not folded and "in the body of higher-order op cond" in reason, reasons
