@@ -1,5 +1,5 @@
 """Which inputs an aten graph writes, and whether its outputs alias its inputs: read off operator
-schemas and fake values, through views and checkpointed regions. The per-step fold never reads
+schemas and fake values, through views, checkpointed regions and shared regions. The per-step fold never reads
 state a graph writes, and a graph whose outputs alias its inputs is not compiled as data."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from ._torch_private.pre_dispatch import CHECKPOINT_OP
+from ._torch_private import ops
 
 
 def written_placeholders(graph: torch.fx.Graph) -> set[torch.fx.Node]:
@@ -18,10 +18,10 @@ def written_placeholders(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     through a view: each argument an op's schema marks as written, followed back through views."""
     written = set()
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is CHECKPOINT_OP:  # what its body writes
-            body = graph.owning_module.get_submodule(node.args[0].target)
+        if (region := ops.body_and_operands(node)) is not None:  # what its body writes
+            body = graph.owning_module.get_submodule(region[0])
             inner = written_placeholders(body.graph)
-            for placeholder, arg in zip(body.graph.find_nodes(op="placeholder"), node.args[1:], strict=True):
+            for placeholder, arg in zip(body.graph.find_nodes(op="placeholder"), region[1], strict=True):
                 base = _view_base(arg)
                 if placeholder in inner and isinstance(base, torch.fx.Node) and base.op == "placeholder":
                     written.add(base)

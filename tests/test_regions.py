@@ -1,15 +1,21 @@
-"""Inference graphs with higher-order ops: the BNs outside a region fold as in any graph; inside an
+"""Graphs with higher-order ops: the BNs outside a region fold as in any graph; inside an
 ``invoke_subgraph`` region (``torch.compiler.nested_compile_region``) they fold per call site, each
-with its own block's values; inside other regions (``torch.cond``) they are kept, and said so."""
+with its own block's values (frozen in inference, per step in training); inside other regions
+(``torch.cond``) they are kept, and said so."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
+from test_training import assert_within_twice, compiled_step, errors, float64_step, loss_of
 from torch import nn
 
+import compilefuse
 from compilefuse._torch_private import gates
+from compilefuse.bench.training import eval_bn_for_finetuning
 
 needs_regions = pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"),
                                    reason="this torch has no nested_compile_region")
@@ -110,3 +116,34 @@ def test_cond_branches_keep_their_bns_and_the_graph_around_folds():
     for inside in ("a_bn", "b_bn"):
         folded, reason = reasons[inside]
         assert not folded and "in the body of higher-order op cond" in reason, reasons
+
+
+@needs_regions
+def test_a_shared_region_folds_per_step_with_gradients_as_exact_as_inductor():
+    model, x = eval_bn_for_finetuning(randomize_bn(RepeatedBlocks(blocks=3))), torch.randn(2, 3, 10, 10)
+    (loss, grads), records = compiled_step(model, x)
+    decisions = [d for r in records for d in r.decisions]
+    assert [(d.bn, d.folded, d.per_step) for d in decisions] == [
+        (bn, True, True) for bn in ("stem.1", "blocks.0.bn", "blocks.1.bn", "blocks.2.bn")]
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    reference = float64_step(model, x)
+    assert_within_twice(errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference), "Inductor")
+
+
+@needs_regions
+def test_weights_after_optimizer_steps_through_a_shared_region_match_eager():
+    """Each step reads each block's weights of that step, in its own call site's folds."""
+    model = eval_bn_for_finetuning(randomize_bn(RepeatedBlocks(blocks=2)))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="bnfuse")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, eager)]
+    with compilefuse.report.collecting() as records:
+        for i in range(3):
+            x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(i))
+            for fn, optimizer in zip((compiled, eager), optimizers, strict=True):
+                optimizer.zero_grad()
+                loss_of(fn(x)).backward()
+                optimizer.step()
+    assert len(records) == 1 and all(d.folded and d.per_step for d in records[0].decisions), records
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

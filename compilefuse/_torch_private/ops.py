@@ -61,3 +61,17 @@ def set_shared_region_parts(call: torch.fx.Node, body: torch.fx.Node, identifier
     its lowering would read first are dropped: it then reads each operand's fake value."""
     call.args = (body, identifier, *operands)
     call.meta.pop("eager_input_vals", None)
+
+
+def body_and_operands(node: torch.fx.Node) -> tuple[str, list[Any]] | None:
+    """For a call that runs a body once on its operands (activation checkpointing, a shared
+    region): the body's attribute name and the operands, one per placeholder of the body. None
+    for any other node."""
+    from torch._higher_order_ops.wrap import tag_activation_checkpoint
+
+    if node.op == "call_function" and node.target is tag_activation_checkpoint:
+        return node.args[0].target, list(node.args[1:])
+    if is_shared_region_call(node):
+        body, _, operands = shared_region_parts(node)
+        return body.target, operands
+    return None

@@ -16,6 +16,8 @@ import torch.utils._pytree as pytree
 from torch._higher_order_ops.wrap import tag_activation_checkpoint
 
 from ..graph_ops import BN_INFERENCE_OP
+from . import ops
+from .aot_autograd import forget_traced_subgraphs
 from .dynamo import autocast_on
 from .gates import AUTOCAST_TRACES_BEFORE_AUTOGRAD, CHECKPOINT_TRACES_BEFORE_AUTOGRAD
 
@@ -103,16 +105,20 @@ def higher_order_ops_in(graph: torch.fx.Graph) -> list[str]:
             if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)]
 
 
-def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False, autocast: bool = False) -> str | None:
+def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False, autocast: bool = False,
+                                shared_regions: bool = False) -> str | None:
     """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully for a caller
     (None: it can). Higher-order ops (``wrap``, activation checkpointing unless ``checkpoint`` and
-    this torch traces it) do not trace there; an autocast region traces with autocast's casts made
-    explicit only for what the rules rewrite (``autocast``: a caller that folds per step)."""
+    this torch traces it, shared regions unless ``shared_regions``) do not trace there; an autocast
+    region traces with autocast's casts made explicit only for what the rules rewrite
+    (``autocast``: a caller that folds per step)."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             if node.target is CHECKPOINT_OP and checkpoint and CHECKPOINT_TRACES_BEFORE_AUTOGRAD:
+                continue
+            if shared_regions and ops.is_shared_region_call(node):
                 continue
             return f"higher-order op {node.target.name()}"
         if getattr(node.target, "__name__", "") in ("_enter_autocast", "_exit_autocast") and not (
@@ -212,3 +218,23 @@ def checkpoint_regions(traced: torch.fx.GraphModule) -> list[tuple[torch.fx.Grap
         body = traced.get_submodule(node.args[0].target)
         regions.append((body, list(node.args[1:])))
     return regions
+
+
+
+def shared_regions_ready_for_autograd(traced: torch.fx.GraphModule) -> None:
+    """Ready a graph ``forward_before_autograd`` traced for AOTAutograd where it calls shared
+    regions. The trace cached each region's body under its identifier, traced without autograd:
+    that cache is dropped, or AOTAutograd would reuse the body. And AOTAutograd's
+    ``invoke_subgraph`` reads which outputs need a gradient off the body's output values, whose
+    fake tensors from this trace may say none does: it would then trace the backward with no
+    gradient for an output that gets one (an assertion fails). Without those values it runs the
+    body on its own fake operands to learn it."""
+    if not any(ops.is_shared_region_call(node) for node in traced.graph.nodes):
+        return
+    forget_traced_subgraphs()
+    for node in traced.graph.nodes:
+        if ops.is_shared_region_call(node):
+            body = traced.get_submodule(ops.shared_region_parts(node)[0].target)
+            for out in body.graph.find_nodes(op="output")[0].args[0]:
+                if isinstance(out, torch.fx.Node):
+                    out.meta.pop("val", None)

@@ -28,6 +28,7 @@ from ..passes import (
     SavedInputsPass,
     fold_graph_as_data,
     fold_graph_per_step,
+    fold_regions_per_step,
     folded_graph_patches,
     merges_read_values,
     merges_when_frozen,
@@ -316,7 +317,7 @@ class GraphCompiler:
         """A graph that needs autograd: folded per step in its aten ops before autograd, then
         compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
         module state the graph does not write; state that requires grad is read as it is."""
-        unsupported = pre_dispatch.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True) or (
+        unsupported = pre_dispatch.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True, shared_regions=True) or (
             None if gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD else _autocast_around())
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"
@@ -337,7 +338,10 @@ class GraphCompiler:
             fold_graph_per_step(body.graph, {p: p.meta["val"] for p, _ in passed}, {p: real[a] for p, a in passed},
                                 self.config.rules, record)
             body.recompile()
+        fold_regions_per_step(traced.graph, {placeholders[i]: placeholders[i].meta["val"] for i in readable}, real,
+                              self.config.rules, record)
         record.seconds += time.perf_counter() - start
+        pre_dispatch.shared_regions_ready_for_autograd(traced)
         traced.recompile()
         patches = {**self.config.inductor_patches, "post_grad_custom_post_pass": SavedInputsPass()}
         call = inductor.compile_with_inductor(traced, inputs, patches, keep_bn=False)

@@ -12,6 +12,7 @@ from .fold import (
     fold_graph,
     fold_graph_as_data,
     fold_graph_per_step,
+    fold_regions_per_step,
     merges_read_values,
     merges_when_frozen,
 )
@@ -19,7 +20,7 @@ from .post_grad import PostGradPass
 from .saved_inputs import SavedInputsPass
 
 __all__ = ["FOLDED_PREFIX", "BnFoldPass", "PostGradPass", "SavedInputsPass", "computed_from", "fold_graph", "fold_graph_as_data",
-           "fold_graph_per_step", "folded_graph_patches", "merges_read_values", "merges_when_frozen"]
+           "fold_graph_per_step", "fold_regions_per_step", "folded_graph_patches", "merges_read_values", "merges_when_frozen"]
 
 
 def folded_graph_patches(example_inputs: Sequence[Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .. import code_identity, freezing, graph_ops
+from .. import aliasing, code_identity, freezing, graph_ops
 from .._torch_private import aot_autograd, fake_tensors, inductor, ops, patterns, pre_dispatch
 from ..decisions import FoldDecision, FoldRecord, MergeDecision, module_path, neighbours_description
 from ..rules import RULES
@@ -477,6 +477,26 @@ def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozense
         else:
             _keep(body.graph, record, f"not folded: in the body of higher-order op {call.target.name()}, "
                                       "which bnfuse does not fold into")
+
+
+def fold_regions_per_step(graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
+                          record: FoldRecord) -> None:
+    """Fold the BNs in each shared region's body of a training graph per step, in a copy per call
+    site (``regions.CallSite``) on the module state that call passes and its body does not write:
+    the checks judge that call's values. Copies alike share one body, as in inference."""
+    copies: dict[Hashable, str] = {}
+    for call in [node for node in graph.nodes if ops.is_shared_region_call(node)]:
+        site = CallSite(call, readable)
+        if ops.region_bodies(site.body.graph):
+            _keep(site.body.graph, record, "not folded: in a region called from another region, which bnfuse does not fold into")
+            continue
+        written = aliasing.written_placeholders(site.body.graph)
+        passed = {node: value for node, value in site.frozen.items() if node not in written}
+        run = _PerStepRun(site.body.graph, passed, {node: value for node, value in site.passed(real).items() if node in passed},
+                          enabled_rules, record)
+        run.run()
+        if run.changes:
+            site.install(copies)
 
 
 def _bn_outputs(graph: torch.fx.Graph) -> list[torch.fx.Node]:

@@ -27,15 +27,20 @@ class CallSite:
     """One call of a shared region, with a copy of its body to fold into."""
 
     def __init__(self, call: torch.fx.Node, frozen: dict[torch.fx.Node, torch.Tensor]) -> None:
-        """``frozen``: the real values of the frozen nodes of the graph around ``call``."""
+        """``frozen``: the values of the frozen nodes of the graph around ``call`` (real ones; fake
+        ones for a per-step fold)."""
         self.call, self.outer = call, call.graph
         body, self.identifier, operands = ops.shared_region_parts(call)
         self.body = _copy(getattr(self.outer.owning_module, body.target))
         _reroot(self.body.graph, call)
         self.operands: list[Any] = list(operands)
         self.placeholders = list(self.body.graph.find_nodes(op="placeholder"))
-        self.frozen = {node: frozen[operand] for node, operand in zip(self.placeholders, operands, strict=True)
-                       if isinstance(operand, torch.fx.Node) and operand in frozen}
+        self.frozen = self.passed(frozen)
+
+    def passed(self, values: dict[torch.fx.Node, Any]) -> dict[torch.fx.Node, Any]:
+        """``values`` (nodes of the graph around the call) as the copy's placeholders they are passed to."""
+        return {node: values[operand] for node, operand in zip(self.placeholders, self.operands, strict=False)
+                if isinstance(operand, torch.fx.Node) and operand in values}
 
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node, name: str) -> torch.fx.Node:
         """``value`` as a constant ``name`` of the graph around the call, passed into the copy: the
