@@ -114,7 +114,7 @@ def _reroot(graph: torch.fx.Graph, call: torch.fx.Node) -> None:
         return
     call_path, call_type = list(call_stack.values())[-1]
     root_path, root_type = next(iter(stacks[0].values()))
-    if root_type is not call_type:  # a region that is not a module's forward: named as traced
+    if root_type != call_type:  # a region that is not a module's forward: named as traced
         return
     for node in graph.nodes:
         if stack := node.meta.get("nn_module_stack"):
