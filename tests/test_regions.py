@@ -147,3 +147,16 @@ def test_weights_after_optimizer_steps_through_a_shared_region_match_eager():
     assert len(records) == 1 and all(d.folded and d.per_step for d in records[0].decisions), records
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_training_graph_with_cond_folds_around_it_and_keeps_its_branches_bns():
+    model, x = eval_bn_for_finetuning(randomize_bn(BranchOnSign())), torch.randn(2, 3, 8, 8)
+    (loss, grads), records = compiled_step(model, x)
+    decisions = {d.bn: d for r in records for d in r.decisions}
+    assert sorted(decisions) == ["a_bn", "b_bn", "stem_bn"], decisions
+    assert decisions["stem_bn"].folded and decisions["stem_bn"].per_step, decisions
+    for inside in ("a_bn", "b_bn"):
+        assert not decisions[inside].folded and "in the body of higher-order op cond" in decisions[inside].reason, decisions
+    (inductor_loss, inductor_grads), _ = compiled_step(model, x, backend="inductor")
+    reference = float64_step(model, x)
+    assert_within_twice(errors(loss, grads, reference), errors(inductor_loss, inductor_grads, reference), "Inductor")

@@ -50,6 +50,12 @@ def is_shared_region_call(node: torch.fx.Node) -> bool:
     return op is not None and node.op == "call_function" and node.target is op
 
 
+def is_cond_call(node: torch.fx.Node) -> bool:
+    """A call of ``torch.cond``: one of two bodies, on the same operands."""
+    op = getattr(torch.ops.higher_order, "cond", None)
+    return op is not None and node.op == "call_function" and node.target is op
+
+
 def shared_region_parts(call: torch.fx.Node) -> tuple[torch.fx.Node, str, list[Any]]:
     """An ``invoke_subgraph`` call's body (its ``get_attr`` node), identifier and operands."""
     body, identifier, *operands = call.args

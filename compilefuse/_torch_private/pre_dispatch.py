@@ -106,19 +106,19 @@ def higher_order_ops_in(graph: torch.fx.Graph) -> list[str]:
 
 
 def unsupported_before_autograd(gm: torch.fx.GraphModule, *, checkpoint: bool = False, autocast: bool = False,
-                                shared_regions: bool = False) -> str | None:
+                                regions: bool = False) -> str | None:
     """Why ``forward_before_autograd`` cannot trace this Dynamo graph faithfully for a caller
     (None: it can). Higher-order ops (``wrap``, activation checkpointing unless ``checkpoint`` and
-    this torch traces it, shared regions unless ``shared_regions``) do not trace there; an autocast
-    region traces with autocast's casts made explicit only for what the rules rewrite
-    (``autocast``: a caller that folds per step)."""
+    this torch traces it, shared regions and ``cond`` unless ``regions``: a caller that folds
+    around them) do not trace there; an autocast region traces with autocast's casts made explicit
+    only for what the rules rewrite (``autocast``: a caller that folds per step)."""
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if isinstance(node.target, torch._ops.HigherOrderOperator):
             if node.target is CHECKPOINT_OP and checkpoint and CHECKPOINT_TRACES_BEFORE_AUTOGRAD:
                 continue
-            if shared_regions and ops.is_shared_region_call(node):
+            if regions and (ops.is_shared_region_call(node) or ops.is_cond_call(node)):
                 continue
             return f"higher-order op {node.target.name()}"
         if getattr(node.target, "__name__", "") in ("_enter_autocast", "_exit_autocast") and not (

@@ -317,7 +317,7 @@ class GraphCompiler:
         """A graph that needs autograd: folded per step in its aten ops before autograd, then
         compiled by Inductor (AOTAutograd derives the backward of the folds). A fold reads only
         module state the graph does not write; state that requires grad is read as it is."""
-        unsupported = pre_dispatch.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True, shared_regions=True) or (
+        unsupported = pre_dispatch.unsupported_before_autograd(self.gm, checkpoint=True, autocast=True, regions=True) or (
             None if gates.AUTOCAST_TRACES_BEFORE_AUTOGRAD else _autocast_around())
         if unsupported is not None:
             reason = f"not folded per step: the training graph has {unsupported}; compiled by plain Inductor"

@@ -462,6 +462,10 @@ def _keep(graph: torch.fx.Graph, record: FoldRecord, reason: str) -> None:
     record.decisions += [FoldDecision(module_path(bn), folded=False, reason=reason) for bn in bns]
 
 
+def _keep_in_body(call: torch.fx.Node, body: torch.fx.GraphModule, record: FoldRecord) -> None:
+    _keep(body.graph, record, f"not folded: in the body of higher-order op {call.target.name()}, which bnfuse does not fold into")
+
+
 def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
     """Fold the BNs in the bodies ``graph``'s higher-order ops call: a shared region's per call
     site (``regions.CallSite``), each with that call's values. Other bodies (``cond``'s branches,
@@ -475,15 +479,18 @@ def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozense
             if run.changes:
                 site.install(copies)
         else:
-            _keep(body.graph, record, f"not folded: in the body of higher-order op {call.target.name()}, "
-                                      "which bnfuse does not fold into")
+            _keep_in_body(call, body, record)
 
 
 def fold_regions_per_step(graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
                           record: FoldRecord) -> None:
     """Fold the BNs in each shared region's body of a training graph per step, in a copy per call
     site (``regions.CallSite``) on the module state that call passes and its body does not write:
-    the checks judge that call's values. Copies alike share one body, as in inference."""
+    the checks judge that call's values. Copies alike share one body, as in inference. The bodies
+    of other higher-order ops (``cond``'s branches; not checkpointing's) keep their BNs."""
+    for call, body in ops.region_bodies(graph):
+        if ops.body_and_operands(call) is None:
+            _keep_in_body(call, body, record)
     copies: dict[Hashable, str] = {}
     for call in [node for node in graph.nodes if ops.is_shared_region_call(node)]:
         site = CallSite(call, readable)
