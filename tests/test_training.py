@@ -161,21 +161,27 @@ def test_a_wrong_per_step_fold_would_be_caught():
     assert max(errors(loss, grads, reference).values()) > 10 * ROUNDING
 
 
-def test_weights_after_optimizer_steps_match_eager():
-    model = eval_bn_for_finetuning(randomize_bn(resnet_style(width=8)))
+def sgd_beside_eager(model: nn.Module, inputs: list[torch.Tensor]) -> list:
+    """SGD with momentum on ``model`` compiled by bnfuse and on an eager copy, one step per input;
+    then every parameter of the two compared. The fold records of the compiled steps."""
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="bnfuse")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, eager)]
     with compilefuse.report.collecting() as records:
-        for i in range(4):
-            x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i))
+        for x in inputs:
             for fn, optimizer in zip((compiled, eager), optimizers, strict=True):
                 optimizer.zero_grad()
                 loss_of(fn(x)).backward()
                 optimizer.step()
-    assert len(records) == 1 and all(d.per_step for d in records[0].decisions)
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    return records
+
+
+def test_weights_after_optimizer_steps_match_eager():
+    model = eval_bn_for_finetuning(randomize_bn(resnet_style(width=8)))
+    records = sgd_beside_eager(model, [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    assert len(records) == 1 and all(d.per_step for d in records[0].decisions)
 
 
 class ConvBnRelu(nn.Module):
