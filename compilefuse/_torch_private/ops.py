@@ -62,6 +62,17 @@ def shared_region_parts(call: torch.fx.Node) -> tuple[torch.fx.Node, str, list[A
     return body, identifier, operands
 
 
+def cond_parts(call: torch.fx.Node) -> tuple[list[torch.fx.Node], list[Any]]:
+    """A ``cond`` call's two bodies (their ``get_attr`` nodes) and the operands both take."""
+    _, true_body, false_body, operands = call.args
+    return [true_body, false_body], list(operands)
+
+
+def set_cond_parts(call: torch.fx.Node, bodies: list[torch.fx.Node], operands: list[Any]) -> None:
+    """Point a ``cond`` call at other bodies and operands."""
+    call.args = (call.args[0], *bodies, tuple(operands))
+
+
 def set_shared_region_parts(call: torch.fx.Node, body: torch.fx.Node, identifier: str, operands: list[Any]) -> None:
     """Point an ``invoke_subgraph`` call at another body, identifier and operands. The eager values
     its lowering would read first are dropped: it then reads each operand's fake value."""

@@ -169,11 +169,11 @@ class _FoldRun:
 
 
 class _RegionRun(_FoldRun):
-    """The rules applied to a call site's copy of a shared region's body: each constant a fold adds
-    is passed in by the call (``regions.CallSite``)."""
+    """The rules applied to a call site's copy of a region's body: each constant a fold adds is
+    passed in by the call (``regions.CallSite``)."""
 
-    def __init__(self, site: CallSite, enabled_rules: frozenset[str], record: FoldRecord) -> None:
-        super().__init__(site.body.graph, site.frozen, enabled_rules, record)
+    def __init__(self, site: CallSite, body: int, enabled_rules: frozenset[str], record: FoldRecord) -> None:
+        super().__init__(site.bodies[body].graph, site.frozen[body], enabled_rules, record)
         self.site = site
 
     def add_constant(self, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
@@ -467,19 +467,38 @@ def _keep_in_body(call: torch.fx.Node, body: torch.fx.GraphModule, record: FoldR
 
 
 def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozenset[str], record: FoldRecord) -> None:
-    """Fold the BNs in the bodies ``graph``'s higher-order ops call: a shared region's per call
-    site (``regions.CallSite``), each with that call's values. Other bodies (``cond``'s branches,
-    a region that calls another) keep their BNs: their operands are not paired with values here."""
+    """Fold the BNs in the bodies ``graph``'s higher-order ops call: a shared region's and
+    ``cond``'s, per call site (``regions.CallSite``), each with that call's values. Other bodies
+    (other higher-order ops, a body that calls another) keep their BNs: their operands are not
+    paired with values here."""
     copies: dict[Hashable, str] = {}
-    for call, body in ops.region_bodies(graph):
-        if ops.is_shared_region_call(call) and not ops.region_bodies(body.graph):
-            site = CallSite(call, frozen)
-            run = _RegionRun(site, enabled_rules, record)
+    for call in _calls_with_bodies(graph):
+        if not _foldable_region(call):
+            for body in _bodies_of(call):
+                _keep_in_body(call, body, record)
+            continue
+        site = CallSite(call, frozen)
+        changes = 0
+        for index in range(len(site.bodies)):
+            run = _RegionRun(site, index, enabled_rules, record)
             run.run()
-            if run.changes:
-                site.install(copies)
-        else:
-            _keep_in_body(call, body, record)
+            changes += run.changes
+        if changes:
+            site.install(copies)
+
+
+def _calls_with_bodies(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return list(dict.fromkeys(call for call, _ in ops.region_bodies(graph)))
+
+
+def _bodies_of(call: torch.fx.Node) -> list[torch.fx.GraphModule]:
+    return [body for c, body in ops.region_bodies(call.graph) if c is call]
+
+
+def _foldable_region(call: torch.fx.Node) -> bool:
+    """A shared region's or ``cond``'s call whose bodies call no higher-order op themselves."""
+    return (ops.is_shared_region_call(call) or ops.is_cond_call(call)) and \
+        not any(ops.region_bodies(body.graph) for body in _bodies_of(call))
 
 
 def fold_regions_per_step(graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
@@ -494,12 +513,13 @@ def fold_regions_per_step(graph: torch.fx.Graph, readable: Frozen, real: Frozen,
     copies: dict[Hashable, str] = {}
     for call in [node for node in graph.nodes if ops.is_shared_region_call(node)]:
         site = CallSite(call, readable)
-        if ops.region_bodies(site.body.graph):
-            _keep(site.body.graph, record, "not folded: in a region called from another region, which bnfuse does not fold into")
+        [body] = site.bodies
+        if ops.region_bodies(body.graph):
+            _keep(body.graph, record, "not folded: in a region called from another region, which bnfuse does not fold into")
             continue
-        written = aliasing.written_placeholders(site.body.graph)
-        passed = {node: value for node, value in site.frozen.items() if node not in written}
-        run = _PerStepRun(site.body.graph, passed, {node: value for node, value in site.passed(real).items() if node in passed},
+        written = aliasing.written_placeholders(body.graph)
+        passed = {node: value for node, value in site.frozen[0].items() if node not in written}
+        run = _PerStepRun(body.graph, passed, {node: value for node, value in site.passed(real).items() if node in passed},
                           enabled_rules, record)
         run.run()
         if run.changes:
@@ -541,9 +561,9 @@ class BnFoldPass(inductor.CustomGraphPass):
             reason = f"not folded: {mismatch}"
             _keep(graph, self.record, reason)
             if body is False:  # this torch tells bodies apart: theirs are this graph's BNs too
-                for call, region in ops.region_bodies(graph):
-                    _keep(CallSite(call, {}).body.graph if ops.is_shared_region_call(call) else region.graph,
-                          self.record, reason)
+                for call in _calls_with_bodies(graph):
+                    for region in (CallSite(call, {}).bodies if _foldable_region(call) else _bodies_of(call)):
+                        _keep(region.graph, self.record, reason)
             return
         try:
             fold_graph(graph, frozen, self.enabled_rules, self.record)
