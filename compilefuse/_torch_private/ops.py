@@ -30,30 +30,33 @@ def draws_random_numbers(graph: torch.fx.Graph) -> bool:
     )
 
 
-def region_bodies(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, torch.fx.GraphModule]]:
-    """Each call of a higher-order op in ``graph`` with each body it runs (a graph module the call
-    reads by ``get_attr``), in program order."""
-    found = []
+def region_bodies(graph: torch.fx.Graph) -> dict[torch.fx.Node, list[torch.fx.GraphModule]]:
+    """Each call of a higher-order op in ``graph`` that runs a body, with the bodies it runs (graph
+    modules the call reads by ``get_attr``), in program order."""
+    found: dict[torch.fx.Node, list[torch.fx.GraphModule]] = {}
     for node in graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
             for arg in node.all_input_nodes:
                 body = getattr(graph.owning_module, arg.target, None) if arg.op == "get_attr" else None
                 if isinstance(body, torch.fx.GraphModule):
-                    found.append((node, body))
+                    found.setdefault(node, []).append(body)
     return found
+
+
+def _calls(node: torch.fx.Node, name: str) -> bool:
+    op = getattr(torch.ops.higher_order, name, None)
+    return op is not None and node.op == "call_function" and node.target is op
 
 
 def is_shared_region_call(node: torch.fx.Node) -> bool:
     """A call of an ``invoke_subgraph`` region (``torch.compiler.nested_compile_region``): one body,
     traced once, that each call runs on its own operands."""
-    op = getattr(torch.ops.higher_order, "invoke_subgraph", None)
-    return op is not None and node.op == "call_function" and node.target is op
+    return _calls(node, "invoke_subgraph")
 
 
 def is_cond_call(node: torch.fx.Node) -> bool:
     """A call of ``torch.cond``: one of two bodies, on the same operands."""
-    op = getattr(torch.ops.higher_order, "cond", None)
-    return op is not None and node.op == "call_function" and node.target is op
+    return _calls(node, "cond")
 
 
 def shared_region_parts(call: torch.fx.Node) -> tuple[torch.fx.Node, str, list[Any]]:

@@ -472,9 +472,9 @@ def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozense
     (other higher-order ops, a body that calls another) keep their BNs: their operands are not
     paired with values here."""
     copies: dict[Hashable, str] = {}
-    for call in _calls_with_bodies(graph):
-        if not _foldable_region(call):
-            for body in _bodies_of(call):
+    for call, bodies in ops.region_bodies(graph).items():
+        if not _foldable_region(call, bodies):
+            for body in bodies:
                 _keep_in_body(call, body, record)
             continue
         site = CallSite(call, frozen)
@@ -487,18 +487,10 @@ def _fold_regions(graph: torch.fx.Graph, frozen: Frozen, enabled_rules: frozense
             site.install(copies)
 
 
-def _calls_with_bodies(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    return list(dict.fromkeys(call for call, _ in ops.region_bodies(graph)))
-
-
-def _bodies_of(call: torch.fx.Node) -> list[torch.fx.GraphModule]:
-    return [body for c, body in ops.region_bodies(call.graph) if c is call]
-
-
-def _foldable_region(call: torch.fx.Node) -> bool:
+def _foldable_region(call: torch.fx.Node, bodies: list[torch.fx.GraphModule]) -> bool:
     """A shared region's or ``cond``'s call whose bodies call no higher-order op themselves."""
     return (ops.is_shared_region_call(call) or ops.is_cond_call(call)) and \
-        not any(ops.region_bodies(body.graph) for body in _bodies_of(call))
+        not any(ops.region_bodies(body.graph) for body in bodies)
 
 
 def fold_regions_per_step(graph: torch.fx.Graph, readable: Frozen, real: Frozen, enabled_rules: frozenset[str],
@@ -507,9 +499,10 @@ def fold_regions_per_step(graph: torch.fx.Graph, readable: Frozen, real: Frozen,
     site (``regions.CallSite``) on the module state that call passes and its body does not write:
     the checks judge that call's values. Copies alike share one body, as in inference. The bodies
     of other higher-order ops (``cond``'s branches; not checkpointing's) keep their BNs."""
-    for call, body in ops.region_bodies(graph):
+    for call, bodies in ops.region_bodies(graph).items():
         if ops.body_and_operands(call) is None:
-            _keep_in_body(call, body, record)
+            for body in bodies:
+                _keep_in_body(call, body, record)
     copies: dict[Hashable, str] = {}
     for call in [node for node in graph.nodes if ops.is_shared_region_call(node)]:
         site = CallSite(call, readable)
@@ -561,8 +554,8 @@ class BnFoldPass(inductor.CustomGraphPass):
             reason = f"not folded: {mismatch}"
             _keep(graph, self.record, reason)
             if body is False:  # this torch tells bodies apart: theirs are this graph's BNs too
-                for call in _calls_with_bodies(graph):
-                    for region in (CallSite(call, {}).bodies if _foldable_region(call) else _bodies_of(call)):
+                for call, bodies in ops.region_bodies(graph).items():
+                    for region in (CallSite(call, {}).bodies if _foldable_region(call, bodies) else bodies):
                         _keep(region.graph, self.record, reason)
             return
         try:
