@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse
+from helpers import float64_reference, randomize_bn, relative_error, run_bnfuse, run_exact
 from test_training import assert_within_twice, compiled_step, errors, float64_step, sgd_beside_eager
 from torch import nn
 
@@ -68,9 +68,7 @@ class BranchOnSign(nn.Module):
 
 @needs_regions
 def test_a_shared_region_folds_outside_and_per_call_site():
-    model, x = randomize_bn(RepeatedBlocks(blocks=3).eval()), torch.randn(2, 3, 10, 10)
-    result = run_bnfuse(model, x)
-    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    result = run_exact(RepeatedBlocks(blocks=3), torch.randn(2, 3, 10, 10))
     decisions = {d.bn: d for d in result.decisions}
     assert list(decisions) == ["stem.1", "blocks.0.bn", "blocks.1.bn", "blocks.2.bn"], decisions  # program order
     assert all(d.folded for d in decisions.values()), decisions
@@ -93,9 +91,7 @@ def test_each_call_site_of_a_region_reads_its_own_weights_after_a_change():
 
 @needs_regions
 def test_a_call_site_whose_state_the_graph_writes_keeps_its_bn():
-    model, x = randomize_bn(CountedBlocks(blocks=3).eval()), torch.randn(2, 3, 10, 10)
-    result = run_bnfuse(model, x)
-    assert relative_error(result.outputs, float64_reference(model, x)) < 1e-5
+    result = run_exact(CountedBlocks(blocks=3), torch.randn(2, 3, 10, 10))
     decisions = {d.bn: d for d in result.decisions}
     assert [bn for bn, d in decisions.items() if not d.folded] == ["blocks.1.bn"], decisions
     assert "not a frozen parameter or buffer" in decisions["blocks.1.bn"].reason, decisions
