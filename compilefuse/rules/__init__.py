@@ -1,11 +1,11 @@
 """The folding rules, in the order the pass tries them. One rule id names a rule everywhere:
 options, logs, the report, tests and docs.
 
-Most rules are ``FoldRule(id, producer, place)`` (``rule.py``): rules with the BN after the op
-(``op -> BN``) and before it (``BN -> op``) run in turn until nothing more folds (see
-``compilefuse/passes/fold.py``); a BN that one rule refuses may still be folded by another.
-``cat_bn`` folds each slice of a BN with ``FoldRule``'s checks and arithmetic; ``branch_merge``
-merges what the others folded.
+Every rule takes the path of ``rule.Rule.rewrite`` (find, refuse or compute, replace). Most are
+``FoldRule(id, producer, place)``: rules with the BN after the op (``op -> BN``) and before it
+(``BN -> op``) run in turn until nothing more folds (see ``compilefuse/passes/fold.py``); a BN that
+one rule refuses may still be folded by another. ``cat_bn`` folds each slice of a BN with
+``FoldRule``'s checks and arithmetic; ``branch_merge`` merges what the others folded.
 """
 
 from .branch_merge import BRANCH_MERGE

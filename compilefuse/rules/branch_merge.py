@@ -36,7 +36,7 @@ from ..graph_ops import BN_INFERENCE_OP
 from ..runtime._torch_runtime import real_tensor_math
 from . import _constants
 from .convolution import CONV_ARGS, conv_hyper, conv_kind
-from .rule import BatchNormStats, Frozen, RewriteContext, disabled, erase_bn, keep_module_names
+from .rule import BatchNormStats, Frozen, RewriteContext, Rule, erase_bn, keep_module_names
 
 aten = torch.ops.aten
 
@@ -69,7 +69,7 @@ class _Tree:
     constant: torch.Tensor  # per output channel, from Python numbers in the sum (``0 + conv(x)``)
 
 
-class BranchMerge:
+class BranchMerge(Rule):
     id = RULE_ID
     stage = 2  # after the BN folds: the branch BNs are in their convs by then
     per_step = False  # it reads the folded constants' values (a training graph has none)
@@ -78,35 +78,37 @@ class BranchMerge:
     def claims(self, match: Match) -> bool:
         return not match.output_node().kwargs  # no alpha
 
-    def rewrite(self, match: Match, run: RewriteContext) -> None:
+    def find(self, match: Match, run: RewriteContext) -> _Tree | None:
         root = match.output_node()
         with real_tensor_math():
             tree = _sum_tree(root, run.frozen)
         if tree is None or len(tree.convs) + len(tree.affines) < 2 or not tree.convs:
-            return  # not a sum of branches of one input: nothing of this rule's
+            return None  # not a sum of branches of one input: nothing of this rule's
         if _outer_tree_merges(root, run.frozen):
-            return  # the whole block merges at once, from its outermost sum (one report row)
-        bns = [a.bn for a in tree.affines if a.bn is not None]
-        if not run.enabled(self.id):
-            for bn in bns:
-                run.refuse(bn, self._decision(bn, tree, disabled(self.id)))
-            return
+            return None  # the whole block merges at once, from its outermost sum (one report row)
+        return tree
+
+    def reported(self, tree: _Tree, run: RewriteContext) -> list[torch.fx.Node]:
+        return [a.bn for a in tree.affines if a.bn is not None]  # the identity BNs: each branch's own is folded
+
+    def refusal(self, tree: _Tree, frozen: Frozen) -> str | None:
         with real_tensor_math():
-            reason = _refusal(tree, run.frozen)
-            merged = None if reason else _merged(tree, run.frozen)
-        if reason:
-            for bn in bns:
-                run.refuse(bn, self._decision(bn, tree, reason))
-            return
-        weight, bias, hyper = merged
-        graph = root.graph
+            return _refusal(tree, frozen)
+
+    def compute(self, tree: _Tree, run: RewriteContext) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+        with real_tensor_math():
+            return _merged(tree, run.frozen)
+
+    def replace(self, match: Match, tree: _Tree, values: tuple[torch.Tensor, torch.Tensor, list[Any]],
+                run: RewriteContext) -> bool:
+        """One convolution of the branches' input in the sum's place; the branches removed."""
+        weight, bias, hyper = values
+        graph = tree.root.graph
         largest = _largest(tree)
-        folds = [(bn, self._decision(bn, tree, None)) for bn in bns]  # named before the branches go
         names = [module_path(t.node) for t in tree.convs]
         names += [module_path(a.bn) if a.bn is not None else "identity" for a in tree.affines]
-        merge = MergeDecision(tuple(names),
-                              module_path(largest.node), conv_kind(largest.node), self.id)
-        with graph.inserting_before(root):
+        merge = MergeDecision(tuple(names), module_path(largest.node), conv_kind(largest.node), self.id)
+        with graph.inserting_before(tree.root):
             weight_node = run.add_constant(weight, like=largest.node)
             bias_node = run.add_constant(bias, like=largest.node)
         match.replace_by_example(_convolution(hyper), [tree.x, weight_node, bias_node])
@@ -118,11 +120,10 @@ class BranchMerge:
                     erase_bn(node)
                 else:
                     graph.erase_node(node)
-        for bn, decision in folds:
-            run.fold(bn, decision)
         run.merge(merge)
+        return True
 
-    def _decision(self, bn: torch.fx.Node, tree: _Tree, reason: str | None) -> FoldDecision:
+    def decision(self, tree: _Tree, bn: torch.fx.Node, reason: str | None = None) -> FoldDecision:
         largest = _largest(tree)
         return FoldDecision(bn=module_path(bn), folded=reason is None, rule=self.id,
                             producer=module_path(largest.node), producer_kind=conv_kind(largest.node), reason=reason)

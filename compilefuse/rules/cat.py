@@ -14,6 +14,8 @@ slice's fold is refused for a reason of its own; then the whole BN is kept.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx
 
@@ -27,11 +29,12 @@ from .rule import (
     Compute,
     Folded,
     FoldRule,
+    Frozen,
     Refused,
     RewriteContext,
+    Rule,
     Side,
     bn_of,
-    disabled,
     erase_bn,
 )
 
@@ -43,7 +46,24 @@ RULE_ID = "cat_bn"
 _SLICE_RULE = FoldRule(RULE_ID, Convolution(transposed=None), AFTER)
 
 
-class CatBn:
+@dataclasses.dataclass
+class _Slice:
+    """One input of the cat: ``part``, the BN's channels it computes (``where``, in words), and its
+    site as conv_bn sees it (None: the part is no conv)."""
+
+    part: torch.fx.Node
+    where: str
+    site: BnSite | None
+
+
+@dataclasses.dataclass
+class _CatSite:
+    bn: torch.fx.Node
+    cat: torch.fx.Node
+    slices: list[_Slice]
+
+
+class CatBn(Rule):
     id = RULE_ID
     stage = 0
     per_step = True
@@ -53,53 +73,66 @@ class CatBn:
         cat = match.kwargs["input"]
         return cat.op == "call_function" and cat.target is aten.cat.default
 
-    def rewrite(self, match: Match, run: RewriteContext) -> None:
+    def find(self, match: Match, run: RewriteContext) -> _CatSite | None:
         bn, cat = match.output_node(), match.kwargs["input"]
-        parts = cat.args[0]
         dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        producers = ", ".join(module_path(p) for p in parts)
-        kinds = sorted({conv_kind(p) for p in parts if _is_conv(p)})
-
-        def decision(reason: str | None) -> FoldDecision:
-            return FoldDecision(module_path(bn), reason is None, self.id, producers, "cat of " + "/".join(kinds), reason)
-
         if dim % cat.meta["val"].dim() != 1:
-            return  # a cat along another dimension is no channel slicing: not this rule's
-        if not run.enabled(self.id):
-            run.refuse(bn, decision(disabled(self.id)))
-            return
-        if len(cat.users) != 1:
-            run.refuse(bn, decision(f"output also used by {module_path(next(u for u in cat.users if u is not bn.args[0]))}"))
-            return
+            return None  # a cat along another dimension is no channel slicing: not this rule's
         norm = BatchNormStats.of(match.kwargs)
-        folds: list[tuple[torch.fx.Node, Compute, Folded]] = []
-        offset = 0
-        for part in parts:
+        slices, offset = [], 0
+        for part in cat.args[0]:
             channels = part.meta["val"].shape[1]
             where = f"channels {offset}:{offset + channels} ({module_path(part)})"
-            if not _is_conv(part):
-                run.refuse(bn, decision(f"{where} do not come from a conv"))
-                return
-            site = _slice_site(bn, part, norm, offset)
-            compute: Compute = lambda frozen, site=site: _SLICE_RULE.fold(site, frozen)  # noqa: E731
-            reason = _SLICE_RULE.refusal(site, run.frozen)
-            result = Refused(reason) if reason else run.evaluate(compute)
-            if isinstance(result, Refused):
-                run.refuse(bn, decision(f"{where}: {result.reason}"))
-                return
-            folds.append((part, compute, result))
+            slices.append(_Slice(part, where, _slice_site(bn, part, norm, offset) if _is_conv(part) else None))
             offset += channels
-        graph = cat.graph
-        for part, compute, folded in folds:
+        return _CatSite(bn, cat, slices)
+
+    def reported(self, site: _CatSite, run: RewriteContext) -> list[torch.fx.Node]:
+        return [site.bn]
+
+    def refusal(self, site: _CatSite, frozen: Frozen) -> str | None:
+        """The cat read by the BN alone, then each slice, in order: a conv, and foldable as conv_bn."""
+        if len(site.cat.users) != 1:
+            return f"output also used by {module_path(next(u for u in site.cat.users if u is not site.bn.args[0]))}"
+        for piece in site.slices:
+            if piece.site is None:
+                return f"{piece.where} do not come from a conv"
+            reason = _SLICE_RULE.refusal(piece.site, frozen)
+            if reason:
+                return f"{piece.where}: {reason}"
+        return None
+
+    def compute(self, site: _CatSite, run: RewriteContext) -> list[tuple[torch.fx.Node, Compute, Folded]] | Refused:
+        """Each slice's fold (conv_bn's arithmetic), refused for the first slice whose values are."""
+        folds = []
+        for piece in site.slices:
+            compute: Compute = lambda frozen, site=piece.site: _SLICE_RULE.fold(site, frozen)  # noqa: E731
+            result = run.evaluate(compute)
+            if isinstance(result, Refused):
+                return Refused(f"{piece.where}: {result.reason}")
+            folds.append((piece.part, compute, result))
+        return folds
+
+    def replace(self, match: Match, site: _CatSite, values: list[tuple[torch.fx.Node, Compute, Folded]],
+                run: RewriteContext) -> bool:
+        """Each conv rebuilt on its folded slice; the cat then reads them in the BN's place."""
+        graph = site.cat.graph
+        for part, compute, folded in values:
             weight, bias = run.operands(compute, folded, like=part)
             with graph.inserting_before(part):
                 rebuilt = graph.call_function(aten.convolution.default, (part.args[0], weight, bias, *part.args[3:]))
             rebuilt.meta = dict(part.meta)  # same shape, dtype and layout: only its constants changed
             part.replace_all_uses_with(rebuilt)
             graph.erase_node(part)
-        bn.replace_all_uses_with(cat)
-        erase_bn(bn)
-        run.fold(bn, decision(None))
+        site.bn.replace_all_uses_with(site.cat)
+        erase_bn(site.bn)
+        return True
+
+    def decision(self, site: _CatSite, bn: torch.fx.Node, reason: str | None = None) -> FoldDecision:
+        parts = [piece.part for piece in site.slices]
+        kinds = sorted({conv_kind(p) for p in parts if _is_conv(p)})
+        return FoldDecision(module_path(bn), reason is None, self.id, ", ".join(module_path(p) for p in parts),
+                            "cat of " + "/".join(kinds), reason)
 
 
 CAT_BN = CatBn()
@@ -109,7 +142,7 @@ def _is_conv(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.convolution.default
 
 
-class _Slice(BatchNormStats):
+class _SliceOfBn(BatchNormStats):
     """Channels ``offset : offset + n`` of a BatchNorm."""
 
     def __init__(self, norm: BatchNormStats, offset: int) -> None:
@@ -125,5 +158,5 @@ class _Slice(BatchNormStats):
 def _slice_site(bn: torch.fx.Node, conv: torch.fx.Node, norm: BatchNormStats, offset: int) -> BnSite:
     args = conv_hyper(conv)
     cat = bn.args[0].args[0]
-    return BnSite(Side.OUTPUT, bn, conv, conv.args[0], conv.args[1], conv.args[2], _Slice(norm, offset), args,
+    return BnSite(Side.OUTPUT, bn, conv, conv.args[0], conv.args[1], conv.args[2], _SliceOfBn(norm, offset), args,
                   private=[conv], readers={cat})

@@ -1,12 +1,12 @@
 """A folding rule: the op a BatchNorm folds into (its *producer*) and the place of the BN beside it.
 
-Every rule has the ``Rule`` surface: an id, a stage, its patterns, ``claims`` (the matcher's
-``extra_check``) and ``rewrite``. Most are ``FoldRule(id, producer, place)``: the producer
-(``Convolution``, ``Linear``) says which aten ops it is, how its weight feeds its channels, when it
-cannot take a fold, and how to rebuild it; the place (``site.AFTER``, ``BEFORE`` and the two
-``THROUGH_SHAPES``) says where the BN is and how a match becomes a site. Everything that decides
-*whether* a fold is exact and is common to all rules lives here, once, in ``FoldRule.refusal``.
-"""
+Every rule takes one path, ``Rule.rewrite``: find the site, refuse it (turned off, its one ordered
+check, its values) or fold it, and write its report rows. Most rules are
+``FoldRule(id, producer, place)``: the producer (``Convolution``, ``Linear``) says which aten ops it
+is, how its weight feeds its channels, when it cannot take a fold, and how to rebuild it; the place
+(``site.AFTER``, ``BEFORE`` and the two ``THROUGH_SHAPES``) says where the BN is and how a match
+becomes a site. Everything that decides *whether* a fold is exact and is common to all rules lives
+here, once, in ``FoldRule.refusal``."""
 
 from __future__ import annotations
 
@@ -104,18 +104,65 @@ class RewriteContext(Protocol):
     def holds_bn_op(self, module: str) -> bool: ...  # whether the user's module ``module`` has a BN op in the graph
 
 
-class Rule(Protocol):
-    """Every rule: an id, the stage it runs in, its patterns, the check that picks its matches
-    (the matcher's ``extra_check``), and the rewrite of one match."""
+class Rule:
+    """The path every rule takes (``rewrite``), so that a rule says only what is its own.
+
+    For one match: the site it describes (``find``; None: none of this rule's business, no row),
+    the BNs it writes report rows for (``reported``), then one refusal, the first that applies:
+    the rule turned off by options, ``refusal`` (the rule's one ordered check), or the fold's
+    values (``compute``: refused where they would not be exact in the op's dtype). Only then the
+    graph changes (``replace``). Every refusal becomes a row per reported BN, and so does the fold.
+    """
 
     id: str
-    stage: int
+    stage: int  # rules run stage by stage (``passes/fold.py``)
     patterns: tuple[Any, ...]
     #: Whether the fold is exact as arithmetic run at every step (a training graph), too.
     per_step: bool
 
-    def claims(self, match: Match) -> bool: ...
-    def rewrite(self, match: Match, run: RewriteContext) -> None: ...
+    def claims(self, match: Match) -> bool:
+        """The matcher's ``extra_check``: whether this rule, rather than another matching the same
+        ops, owns the match."""
+        return True
+
+    def find(self, match: Match, run: RewriteContext) -> Any:
+        raise NotImplementedError
+
+    def reported(self, site: Any, run: RewriteContext) -> list[torch.fx.Node]:
+        raise NotImplementedError
+
+    def refusal(self, site: Any, frozen: Frozen) -> str | None:
+        raise NotImplementedError
+
+    def compute(self, site: Any, run: RewriteContext) -> Any:
+        """The fold's values (whatever ``replace`` takes), or ``Refused``."""
+        raise NotImplementedError
+
+    def replace(self, match: Match, site: Any, values: Any, run: RewriteContext) -> bool:
+        """Rewrite the graph; False when this was one step of a fold that more steps finish."""
+        raise NotImplementedError
+
+    def decision(self, site: Any, bn: torch.fx.Node, reason: str | None = None) -> FoldDecision:
+        """``bn``'s report row: folded (no reason) or kept for ``reason``."""
+        raise NotImplementedError
+
+    def rewrite(self, match: Match, run: RewriteContext) -> None:
+        site = self.find(match, run)
+        if site is None:
+            return
+        bns = self.reported(site, run)
+        reason = self.refusal(site, run.frozen) if run.enabled(self.id) else disabled(self.id)
+        values = Refused(reason) if reason else self.compute(site, run)
+        if isinstance(values, Refused):
+            for bn in bns:
+                run.refuse(bn, self.decision(site, bn, values.reason))
+            return
+        rows = [(bn, self.decision(site, bn)) for bn in bns]  # before ``replace`` removes what they name
+        if self.replace(match, site, values, run) and rows:
+            for bn, row in rows:
+                run.fold(bn, row)
+        else:
+            run.progress()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +216,7 @@ class Producer:
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldRule:
+class FoldRule(Rule):
     """Fold a BN found at ``place`` beside ``producer``. ``id`` names the rule in options, logs, the
     report, tests and docs."""
 
@@ -189,9 +236,17 @@ class FoldRule:
     def claims(self, match: Match) -> bool:
         return self.place.claims(match, self.producer)
 
-    def site(self, match: Match) -> BnSite | None:
-        """The BN site the match describes (None: an op with no BN at this rule's place)."""
-        return self.place.find(match, self.producer)
+    def find(self, match: Match, run: RewriteContext) -> BnSite | None:
+        """The BN site the match describes (None: an op with no BN at this rule's place, or a
+        mul-add that is no frozen per-channel affine map)."""
+        site = self.place.find(match, self.producer)
+        return site if site is not None and site.recognised(run.frozen) else None
+
+    def reported(self, site: BnSite, run: RewriteContext) -> list[torch.fx.Node]:
+        # Arithmetic after the BN op in a BN module's own forward (``super().forward(x) * 2 + 1``)
+        # folds as a frozen affine map, yet is no BN of its own: the BN op's row speaks for it.
+        own_row = not (isinstance(site.norm, FrozenAffine) and run.holds_bn_op(module_path(site.bn)))
+        return [site.bn] if own_row else []
 
     def refusal(self, site: BnSite, frozen: Frozen) -> str | None:
         """Why folding ``site`` would not be exact, or None when it is: the site's own tensors
@@ -267,35 +322,26 @@ class FoldRule:
                           None if beta is None else frozen[beta])
         return Judged(scale, frozen[site.weight] if site.weight in frozen else None, statistics, _computes_in(site))
 
-    def rewrite(self, match: Match, run: RewriteContext) -> None:
-        """Fold the site ``match`` describes into new constants and rebuild the op on them, or
-        tell ``run`` why not."""
-        site = self.site(match)
-        if site is None or not site.recognised(run.frozen):
-            return
-        # Arithmetic after the BN op in a BN module's own forward (``super().forward(x) * 2 + 1``)
-        # folds as a frozen affine map, yet is no BN of its own: the BN op's row speaks for it.
-        has_row = not (isinstance(site.norm, FrozenAffine) and run.holds_bn_op(module_path(site.bn)))
-        if not run.enabled(self.id):
-            if has_row:
-                run.refuse(site.bn, self.decision(site, disabled(self.id)))
-            return
+    def compute(self, site: BnSite, run: RewriteContext) -> tuple[Compute, Folded] | Refused:
+        """The fold's arithmetic and its values on the real frozen tensors (``fold``), refused
+        where they would round or overflow where eager does not."""
         dtype = _fold_dtype(site, run)
         compute: Compute = lambda frozen: self._fold_in(dtype, site, frozen)  # noqa: E731
-        reason = self.refusal(site, run.frozen)
-        result = Refused(reason) if reason else run.evaluate(compute, NumericJudge(site.side is Side.OUTPUT))
-        if isinstance(result, Refused):
-            if has_row:
-                run.refuse(site.bn, self.decision(site, result.reason))
-            return
-        weight, bias = run.operands(compute, result, like=site.producer)
+        result = run.evaluate(compute, NumericJudge(site.side is Side.OUTPUT))
+        return result if isinstance(result, Refused) else (compute, result)
+
+    def replace(self, match: Match, site: BnSite, values: tuple[Compute, Folded], run: RewriteContext) -> bool:
+        """Rebuild the op on the folded weight and bias, in the BN's place (after) or reading what
+        the BN normalised (before)."""
+        compute, folded = values
+        weight, bias = run.operands(compute, folded, like=site.producer)
         data = site.input
         if site.side is Side.INPUT:  # this op (only) now reads what the BN normalised, moved the same way
             for reader in [*site.private, site.producer]:
                 reader.replace_input_with(site.bn, site.bn_input)
             data = site.bn_input if data is site.bn else data
         rebuild = self.producer.rebuild(site)
-        if result.bias.dtype != _computes_in(site) or run.bias_after:  # autocast: the bias at full precision
+        if folded.bias.dtype != _computes_in(site) or run.bias_after:  # autocast: the bias at full precision
             replaced = site.bn if site.side is Side.OUTPUT else site.producer
             rebuild = _bias_after(rebuild, replaced.meta["val"].dtype)
         if site.side is Side.OUTPUT and site.chain:  # the BN's place: the op, then the same shape ops
@@ -308,18 +354,13 @@ class FoldRule:
                     node.graph.erase_node(node)
         if site.side is Side.INPUT:
             if site.bn.users:  # other ops still read the BN: each folds it in turn, the last removes it
-                run.progress()
-                return
+                return False
             erase_bn(site.bn)
-        if has_row:
-            run.fold(site.bn, self.decision(site))
-        else:
-            run.progress()
+        return True
 
-    def decision(self, site: BnSite, reason: str | None = None) -> FoldDecision:
-        """The report row of ``site``: folded (no reason) or kept for ``reason``."""
+    def decision(self, site: BnSite, bn: torch.fx.Node, reason: str | None = None) -> FoldDecision:
         return FoldDecision(
-            bn=module_path(site.bn),
+            bn=module_path(bn),
             folded=reason is None,
             rule=self.id,
             producer=module_path(site.producer),

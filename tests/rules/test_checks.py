@@ -249,3 +249,46 @@ def test_branch_merge_refuses_an_identity_term_it_cannot_carry(fn, args, reason,
     [merge] = folding.record.merges
     assert merge.branches == ("convolution", "convolution_1")
     assert folding.error_vs_float64() < 1e-5
+
+
+def cat_of_convs(x, w1, w2, *s):
+    return bn(aten.cat.default([conv(x, w1, None), conv(x, w2, None)], 1), s)
+
+
+def cat_args(dtype=torch.float32):
+    return [torch.randn(2, 3, 5, 5, dtype=dtype), torch.randn(4, 3, 3, 3, dtype=dtype),
+            torch.randn(2, 3, 3, 3, dtype=dtype), *stats(6, dtype)]
+
+
+def test_cat_bn_folds_each_slice_and_matches_float64():
+    folding = Folding(cat_of_convs, *cat_args())
+    assert folding.decision.folded and folding.decision.rule == "cat_bn", folding.decision
+    assert folding.decision.producer == "convolution, convolution_1"
+    assert folding.record.bn_ops_after == 0
+    assert folding.error_vs_float64() < 1e-5
+
+
+def test_cat_bn_disabled_keeps_its_bn():
+    assert_refused(Folding(cat_of_convs, *cat_args(), rules=ALL_RULES - {"cat_bn"}), "rule cat_bn disabled by options")
+
+
+def test_cat_bn_refuses_a_slice_whose_fold_overflows():
+    """The values of the second slice's fold are refused: the whole BN is kept, the slice named."""
+    args = cat_args(torch.float16)
+    args[2] = torch.full_like(args[2], 100.0)
+    args[3] = torch.ones_like(args[3])
+    args[6] = torch.full_like(args[6], 1e-6)  # the BN's channels 4:6 scale by ~707: 70,700 is past 65,504
+    args[6][:4] = 1.0
+    folding = Folding(lambda x, w1, w2, *s: bn(aten.cat.default([conv(x, w1, None), conv(x, w2, None)], 1), s, eps=1e-6),
+                      *args)
+    assert folding.decision.reason == "channels 4:6 (convolution_1): folded weight is not finite in torch.float16"
+    assert folding.record.bn_ops_after == 1
+
+
+def test_every_rule_takes_the_shared_path():
+    """No rule writes its own ``rewrite``: the order of refusals and the report rows are the same for all."""
+    from compilefuse.rules import RULES
+    from compilefuse.rules.rule import Rule
+
+    for rule in RULES:
+        assert isinstance(rule, Rule) and type(rule).rewrite is Rule.rewrite, rule.id
