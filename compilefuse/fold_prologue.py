@@ -227,6 +227,11 @@ def _linear_rows(product: torch.fx.Node, input: Any, weight: Any) -> int | None:
 
 def packing_choice(patches: dict[str, Any], linear: bool = True) -> Packing:
     """Which weights are read packed: ``weight_packing``'s choice for each (linear layers' only
-    where ``linear``), or for every one what ``cpp.weight_prepack`` says when the user sets it."""
-    return Packing(weight_packing.convolution_choice(patches),
-                   weight_packing.linear_choice(patches) if linear else NO_PACKING.linear)
+    where ``linear``), or for every one what ``cpp.weight_prepack`` says when the user sets it;
+    under the C++ wrapper, no transposed convolution's."""
+    convolution = weight_packing.convolution_choice(patches)
+    if patches.get("cpp_wrapper"):
+        # Under Inductor's JIT C++ wrapper, oneDNN's transposed convolution given a packed weight
+        # as a graph input returned the wrong number of channels (torch 2.14.1; docs/limitations.md).
+        convolution = lambda node, chosen=convolution: not node.args[6] and chosen(node)  # noqa: E731
+    return Packing(convolution, weight_packing.linear_choice(patches) if linear else NO_PACKING.linear)

@@ -4,6 +4,9 @@ would run on oneDNN (or large ones) and leaves the others to ATen's direct kerne
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 from helpers import assert_matches_reference, float64_reference, randomize_bn
@@ -14,7 +17,21 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 import compilefuse
 from compilefuse import weight_packing
 
-PACKED = "torch.ops.mkldnn._convolution_pointwise.default("
+#: How a call to each op is spelled in Inductor's Python wrapper and in its C++ wrapper (bnfuse's
+#: default for CPU inference graphs).
+PACKED = ("torch.ops.mkldnn._convolution_pointwise.default(", "aoti_torch_cpu_mkldnn__convolution_pointwise(")
+PACKED_LINEAR = ("torch.ops.compilefuse.packed_linear.default(", 'aoti_torch_call_dispatcher("compilefuse::packed_linear"')
+ATEN_CONVOLUTION = ("extern_kernels.convolution(", "aoti_torch_cpu_convolution(")
+
+
+def calls(code: list[str], op: tuple[str, str]) -> list[str]:
+    """The lines of the generated ``code`` that call ``op``, in either wrapper."""
+    return [line for line in "\n".join(code).splitlines() if any(spelling in line for spelling in op)]
+
+
+def without_bias(call: str) -> bool:
+    """Whether a line calling ATen's convolution passes no bias (Python: by keyword; C++: third)."""
+    return "bias=None" in call or re.search(r"aoti_torch_cpu_convolution\([^,]+, [^,]+, nullptr,", call) is not None
 
 
 def three_convolutions() -> nn.Module:
@@ -45,7 +62,7 @@ def test_packed_where_aten_would_use_onednn(batch, options, packed):
     with torch.inference_mode():
         out, code = run_and_get_code(compiled, x)
         eager = model(x)
-    assert "\n".join(code).count(PACKED) == packed
+    assert len(calls(code, PACKED)) == packed
     assert_matches_reference(out, eager, float64_reference(model, x))
 
 
@@ -58,7 +75,7 @@ def test_inductors_own_freezing_is_left_alone():
         torch._dynamo.reset()
         with torch._inductor.config.patch(freezing=True):
             _, code = run_and_get_code(torch.compile(model, backend="inductor"), x)
-    assert "\n".join(code).count(PACKED) == 3
+    assert len(calls(code, PACKED)) == 3
 
 
 def test_float64_graph_after_a_packed_float32_one():
@@ -115,9 +132,6 @@ def test_inductors_cpp_wrapper_keeps_the_folds_and_the_packed_weights():
     assert_matches_reference(out, eager, float64_reference(model, x))
 
 
-PACKED_LINEAR = "torch.ops.compilefuse.packed_linear.default("
-
-
 def linear_head() -> nn.Module:
     """At batch 16: a 512x512 linear layer (4.2 M multiply-adds, packed at any thread count) with
     its BN folded, and a 512x8 one (66 K, left to ATen's ``addmm``)."""
@@ -140,7 +154,7 @@ def test_large_linear_layers_read_a_packed_weight_that_follows_the_model(options
         out, code = run_and_get_code(compiled, x)
         eager = model(x)
     assert sum(d.folded for r in records for d in r.decisions) == 1
-    assert "\n".join(code).count(PACKED_LINEAR) == packed
+    assert len(calls(code, PACKED_LINEAR)) == packed
     assert_matches_reference(out, eager, float64_reference(model, x))
     with torch.no_grad():
         model[0].weight.mul_(-0.5)
@@ -182,7 +196,59 @@ def test_a_convolution_left_to_aten_adds_its_folded_bias_after_it():
     with torch.inference_mode():
         out, code = run_and_get_code(compiled, x)
         eager = model(x)
-    calls = [line for line in "\n".join(code).splitlines() if "extern_kernels.convolution(" in line]
-    assert len(calls) == 2 and all("bias=None" in line for line in calls), calls
-    assert "\n".join(code).count(PACKED) == 1
+    aten_calls = calls(code, ATEN_CONVOLUTION)
+    assert len(aten_calls) == 2 and all(map(without_bias, aten_calls)), aten_calls
+    assert len(calls(code, PACKED)) == 1
+    assert_matches_reference(out, eager, float64_reference(model, x))
+
+
+def test_cpu_inference_graphs_take_inductors_cpp_wrapper_unless_told(monkeypatch, caplog):
+    """bnfuse's CPU inference graphs run under Inductor's C++ wrapper by default (its per-call
+    work is C++); options that name a wrapper decide; a graph the C++ wrapper fails on compiles
+    with the Python one, still folded, with no warning."""
+    from compilefuse._torch_private import gates, inductor
+
+    if not gates.CPP_WRAPPER_FOR_CPU_INFERENCE:
+        pytest.skip("the C++ wrapper is bnfuse's default from torch 2.14")
+    model, x = three_convolutions(), torch.randn(1, 4, 24, 24)
+
+    def code_of(options=None):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="bnfuse", options={"strict": True, **(options or {})})
+        with compilefuse.report.collecting() as records, torch.inference_mode():
+            out, code = run_and_get_code(compiled, x)
+            assert_matches_reference(out, model(x), float64_reference(model, x))
+        assert sum(d.folded for r in records for d in r.decisions) == 2
+        return "\n".join(code)
+
+    assert "aoti_torch_" in code_of() and "def call(" not in code_of()
+    assert "def call(" in code_of({"inductor": {"cpp_wrapper": False}})
+    original = inductor.compile_with_inductor
+
+    def cpp_wrapper_fails(gm, examples, patches, **kwargs):
+        if patches.get("cpp_wrapper"):
+            raise RuntimeError("C++ compile failed")
+        return original(gm, examples, patches, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_with_inductor", cpp_wrapper_fails)
+    with caplog.at_level("WARNING", logger="compilefuse"):
+        assert "def call(" in code_of()
+    assert not [r for r in caplog.records if r.name == "compilefuse" and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("options", [None, {"inductor": {"cpp_wrapper": True}}], ids=["default", "cpp-wrapper"])
+def test_a_transposed_convolution_under_the_cpp_wrapper_reads_its_weight_unpacked(options):
+    """Under Inductor's JIT C++ wrapper, oneDNN's transposed convolution given a packed weight as a
+    graph input returned as many channels as it reads (a DCGAN generator gave 64 for 3): such a
+    weight is not packed there; the folds stay, and the answer is exact."""
+    model = randomize_bn(nn.Sequential(nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                       nn.ConvTranspose2d(6, 3, 3, stride=2)).eval())
+    x = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(model, backend="bnfuse", options={"strict": True, **(options or {})})
+    with compilefuse.report.collecting() as records, torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        eager = model(x)
+    assert [d.folded for r in records for d in r.decisions] == [True]
+    assert "mkldnn__convolution_transpose_pointwise" not in "\n".join(code)
+    assert out.shape == eager.shape == (2, 3, 25, 25)
     assert_matches_reference(out, eager, float64_reference(model, x))

@@ -39,3 +39,7 @@ AOT_DESCRIBES_INPUTS = importlib.util.find_spec("torch._functorch._aot_autograd.
 
 #: Whether this torch writes PT2 archives (``torch.export.pt2_archive``), compilefuse.export's format.
 WRITES_PT2_ARCHIVES = importlib.util.find_spec("torch.export.pt2_archive") is not None
+
+#: Whether bnfuse compiles a CPU inference graph with Inductor's C++ wrapper unless the options say
+#: which wrapper: measured faster at batch 1 and tested on 2.14 only (docs/benchmarks.md).
+CPP_WRAPPER_FOR_CPU_INFERENCE = _release() >= "2.14"

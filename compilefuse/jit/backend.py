@@ -206,20 +206,17 @@ class GraphCompiler:
             again = renamed(record, named, self.name(new_inputs))
             return lambda: self._publish(again, sort=False), lambda: publish(again, reused=True)
 
-        # The prologue's outputs are tensors Dynamo has not seen: in its fake mode a recompile
-        # would give them symbolic sizes no guard can name. A static graph compiles in a fresh
-        # mode; a dynamic one (whose sizes live in Dynamo's mode) gets them as static fakes there.
         examples = [*prepared, *[inputs[i] for i in parts.inputs_taken]]
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
-        patches.update(onednn.size_asserts_for_packed_inputs(patches, prepared))
-        with torch.no_grad():
-            if dynamo.has_symbolic_shapes(self.gm):
-                examples[:len(prepared)] = [fake_tensors.static_fake(value) for value in prepared]
-                call = inductor.compile_with_inductor(parts.main, examples, patches, keep_bn=False)
-            else:
-                with fake_tensors.static_tracing() as fake:
-                    call = inductor.compile_with_inductor(parts.main, [fake(value) for value in examples], patches,
-                                                    keep_bn=False)
+        wrapper = self._wrapper(inputs)
+        try:
+            call = self._compile_main(parts.main, examples, len(prepared), {**patches, **wrapper})
+        except Exception as error:
+            if not wrapper or dynamo.is_dynamo_restart(error):
+                raise
+            log.info("bnfuse: Inductor's C++ wrapper failed on this graph (%s); compiled with its Python wrapper",
+                     type(error).__name__)
+            call = self._compile_main(parts.main, examples, len(prepared), patches)
         return compiled_graph.Executable(
             call,
             parts.inputs_taken,
@@ -232,6 +229,33 @@ class GraphCompiler:
             watched=parts.prologue.reads,
             report_for=report_for,
         )
+
+    def _wrapper(self, inputs: Sequence[Any]) -> dict[str, Any]:
+        """Inductor's C++ wrapper for an inference graph of static shapes whose tensors are all on
+        the CPU, unless the options choose a wrapper: at batch 1 the Python wrapper's per-call work
+        (allocations, size checks, one Python call per kernel) is a large part of a small model's
+        call, and the C++ wrapper's compile is no slower (docs/benchmarks.md). With symbolic sizes
+        its first call failed ("expected ndim 4 but got 0", torch 2.14.1)."""
+        tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
+        if "cpp_wrapper" in self.config.inductor_patches or not gates.CPP_WRAPPER_FOR_CPU_INFERENCE or \
+                not tensors or any(value.device.type != "cpu" for value in tensors) or \
+                dynamo.has_symbolic_shapes(self.gm):
+            return {}
+        return {"cpp_wrapper": True}
+
+    def _compile_main(self, main: torch.fx.GraphModule, examples: list[Any], prepared: int,
+                      patches: dict[str, Any]) -> Callable[..., Any]:
+        """Inductor on the main graph: the first ``prepared`` examples are the prologue's outputs.
+        Those are tensors Dynamo has not seen: in its fake mode a recompile would give them
+        symbolic sizes no guard can name. A static graph compiles in a fresh mode; a dynamic one
+        (whose sizes live in Dynamo's mode) gets them as static fakes there."""
+        patches = {**patches, **onednn.size_asserts_for_packed_inputs(patches, examples[:prepared])}
+        with torch.no_grad():
+            if dynamo.has_symbolic_shapes(self.gm):
+                examples = [*(fake_tensors.static_fake(value) for value in examples[:prepared]), *examples[prepared:]]
+                return inductor.compile_with_inductor(main, examples, patches, keep_bn=False)
+            with fake_tensors.static_tracing() as fake:
+                return inductor.compile_with_inductor(main, [fake(value) for value in examples], patches, keep_bn=False)
 
     def _fold_as_data(self, inputs: list[Any], state: Sequence[int]) -> fold_cache.Folded:
         """Trace the graph before autograd, fold it (each fold one call) and split out the
@@ -250,7 +274,8 @@ class GraphCompiler:
         # Inductor drops a write to a graph input that a oneDNN convolution read first (as under
         # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
         no_packing = self._no_packing or bool(written - set(state))
-        pack = fold_prologue.NO_PACKING if no_packing else fold_prologue.packing_choice(self.config.inductor_patches)
+        pack = fold_prologue.NO_PACKING if no_packing else \
+            fold_prologue.packing_choice({**self.config.inductor_patches, **self._wrapper(inputs)})
         parts = fold_prologue.split(traced, readable, pack)
         return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
                                  ops.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
