@@ -5,11 +5,15 @@ package's."""
 
 from __future__ import annotations
 
+import copy
 import statistics
+import tempfile
 from collections.abc import Callable
 
 import torch
 from torch.utils.benchmark import Timer
+
+import compilefuse
 
 
 def compare(calls: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, reference: torch.Tensor,
@@ -35,3 +39,14 @@ def compare(calls: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.T
         median = statistics.median(values)
         print(f"| {name} | {median:.3f} | {median / package:.2f} |")
     return times
+
+
+def against_package(calls: dict[str, Callable[[torch.Tensor], torch.Tensor]], model: torch.nn.Module,
+                    x: torch.Tensor, reference: torch.Tensor, threads: int, rounds: int,
+                    title: str) -> dict[str, list[float]]:
+    """``compare`` with the package of ``model`` (``compilefuse.export`` with defaults, then
+    ``compilefuse.load``) added to ``calls`` as "package"."""
+    with tempfile.TemporaryDirectory() as tmp:
+        compilefuse.export(copy.deepcopy(model), (x,), f"{tmp}/model.pt2")
+        calls["package"] = compilefuse.load(f"{tmp}/model.pt2")
+        return compare(calls, x, reference, threads, rounds, title)

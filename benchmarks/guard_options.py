@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 
 import _against_package  # benchmarks/_against_package.py (the script's folder is on sys.path)
 import torch
 
-import compilefuse
 from compilefuse.bench.catalog import resolve
 
 
@@ -54,10 +52,8 @@ def main() -> None:
             return fn(x)
 
     calls["bnfuse, skip_guard_eval_unsafe"] = skip_guard_eval
-    with tempfile.TemporaryDirectory() as tmp:
-        compilefuse.export(copy.deepcopy(model), (x,), f"{tmp}/model.pt2")
-        calls["package"] = compilefuse.load(f"{tmp}/model.pt2")
-        _against_package.compare(calls, x, reference, args.threads, args.rounds, f"{args.model}, batch {x.shape[0]}")
+    _against_package.against_package(calls, model, x, reference, args.threads, args.rounds,
+                                     f"{args.model}, batch {x.shape[0]}")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 from unittest import mock
 
 import _against_package  # benchmarks/_against_package.py (the script's folder is on sys.path)
 import torch
 
-import compilefuse
 from compilefuse import weight_packing
 from compilefuse.bench.catalog import resolve
 from compilefuse.jit import compiled_graph
@@ -50,11 +48,8 @@ def main() -> None:
             calls["bnfuse, linear layers on addmm"](x)
         calls["bnfuse"] = compiled(copy.deepcopy(model), "packed")
         calls["bnfuse"](x)
-        with tempfile.TemporaryDirectory() as tmp:
-            compilefuse.export(copy.deepcopy(model), (x,), f"{tmp}/model.pt2")
-            calls["package"] = compilefuse.load(f"{tmp}/model.pt2")
-            _against_package.compare(calls, x, reference, args.threads, args.rounds,
-                                     f"{args.model}, batch {args.batch_size}")
+        _against_package.against_package(calls, model, x, reference, args.threads, args.rounds,
+                                         f"{args.model}, batch {args.batch_size}")
 
 
 if __name__ == "__main__":
