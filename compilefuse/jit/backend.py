@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -208,7 +208,7 @@ class GraphCompiler:
 
         examples = [*prepared, *[inputs[i] for i in parts.inputs_taken]]
         patches = {**self.config.inductor_patches, "post_grad_custom_pre_pass": PostGradPass()}
-        wrapper = self._wrapper(inputs)
+        wrapper = self._wrapper(inputs, written)
         try:
             call = self._compile_main(parts.main, examples, len(prepared), {**patches, **wrapper})
         except Exception as error:
@@ -230,16 +230,18 @@ class GraphCompiler:
             report_for=report_for,
         )
 
-    def _wrapper(self, inputs: Sequence[Any]) -> dict[str, Any]:
-        """Inductor's C++ wrapper for an inference graph of static shapes whose tensors are all on
-        the CPU, unless the options choose a wrapper: at batch 1 the Python wrapper's per-call work
-        (allocations, size checks, one Python call per kernel) is a large part of a small model's
-        call, and the C++ wrapper's compile is no slower (docs/benchmarks.md). With symbolic sizes
-        its first call failed ("expected ndim 4 but got 0", torch 2.14.1)."""
+    def _wrapper(self, inputs: Sequence[Any], written: Collection[int]) -> dict[str, Any]:
+        """Inductor's C++ wrapper for an inference graph of static shapes that writes no input and
+        whose tensors are all on the CPU, unless the options choose a wrapper: at batch 1 the Python
+        wrapper's per-call work (allocations, size checks, one Python call per kernel) is a large
+        part of a small model's call, and the C++ wrapper's compile is no slower
+        (docs/benchmarks.md). Its first call failed with symbolic sizes ("expected ndim 4 but got
+        0") and with a written input that is a view of the model's weight ("expected ndim 1 but got
+        2"; torch 2.14.1)."""
         tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
         if "cpp_wrapper" in self.config.inductor_patches or not gates.CPP_WRAPPER_FOR_CPU_INFERENCE or \
                 not tensors or any(value.device.type != "cpu" for value in tensors) or \
-                dynamo.has_symbolic_shapes(self.gm):
+                dynamo.has_symbolic_shapes(self.gm) or written:
             return {}
         return {"cpp_wrapper": True}
 
@@ -275,7 +277,7 @@ class GraphCompiler:
         # freezing, see ``folded``): a graph that writes an input of its own reads no packed weight.
         no_packing = self._no_packing or bool(written - set(state))
         pack = fold_prologue.NO_PACKING if no_packing else \
-            fold_prologue.packing_choice({**self.config.inductor_patches, **self._wrapper(inputs)})
+            fold_prologue.packing_choice({**self.config.inductor_patches, **self._wrapper(inputs, written)})
         parts = fold_prologue.split(traced, readable, pack)
         return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
                                  ops.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
