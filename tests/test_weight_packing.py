@@ -204,8 +204,8 @@ def test_a_convolution_left_to_aten_adds_its_folded_bias_after_it():
 
 def test_cpu_inference_graphs_take_inductors_cpp_wrapper_unless_told(monkeypatch, caplog):
     """bnfuse's CPU inference graphs run under Inductor's C++ wrapper by default (its per-call
-    work is C++); options that name a wrapper decide; a graph the C++ wrapper fails on compiles
-    with the Python one, still folded, with no warning."""
+    work is C++); options that name a wrapper decide; a graph the C++ wrapper fails on, compiling
+    or at its first call, compiles with the Python one, still folded, with no warning."""
     from compilefuse._torch_private import gates, inductor
 
     if not gates.CPP_WRAPPER_FOR_CPU_INFERENCE:
@@ -230,9 +230,19 @@ def test_cpu_inference_graphs_take_inductors_cpp_wrapper_unless_told(monkeypatch
             raise RuntimeError("C++ compile failed")
         return original(gm, examples, patches, **kwargs)
 
-    monkeypatch.setattr(inductor, "compile_with_inductor", cpp_wrapper_fails)
+    def cpp_wrapper_fails_when_run(gm, examples, patches, **kwargs):
+        call = original(gm, examples, patches, **kwargs)
+        if not patches.get("cpp_wrapper"):
+            return call
+
+        def fails(*args):
+            raise RuntimeError("expected ndim 4 but got 0")
+        return fails
+
     with caplog.at_level("WARNING", logger="compilefuse"):
-        assert "def call(" in code_of()
+        for planted in (cpp_wrapper_fails, cpp_wrapper_fails_when_run):  # compiling, or at its first call
+            monkeypatch.setattr(inductor, "compile_with_inductor", planted)
+            assert "def call(" in code_of()
     assert not [r for r in caplog.records if r.name == "compilefuse" and r.levelno >= logging.WARNING]
 
 

@@ -216,7 +216,10 @@ class GraphCompiler:
                 raise
             log.info("bnfuse: Inductor's C++ wrapper failed on this graph (%s); compiled with its Python wrapper",
                      type(error).__name__)
-            call = self._compile_main(parts.main, examples, len(prepared), patches)
+            call, wrapper = self._compile_main(parts.main, examples, len(prepared), patches), {}
+        if wrapper:
+            call = _PythonWrapperIfTheFirstCallFails(
+                call, lambda: self._compile_main(parts.main, examples, len(prepared), patches))
         return compiled_graph.Executable(
             call,
             parts.inputs_taken,
@@ -418,6 +421,32 @@ class _ReportedAgain:
             publish(self._record, reused=True)
         self._answered = True
         return self._call(*args)
+
+
+class _PythonWrapperIfTheFirstCallFails:
+    """A C++-wrapper compile whose first call fails gives way to the same graph compiled with the
+    Python wrapper, which answers that call: such a failure shows only when the code runs (an input
+    check of the wrapper's), and it is no reason to lose the folds. The graphs it is chosen for write
+    nothing, so the failed run changed nothing. After a first answer, one check a call."""
+
+    def __init__(self, call: Callable[..., Any], python_wrapper: Callable[[], Callable[..., Any]]) -> None:
+        self._call: Callable[..., Any] = call
+        self._python_wrapper: Callable[[], Callable[..., Any]] | None = python_wrapper
+
+    def __call__(self, *args: Any) -> Any:
+        if self._python_wrapper is None:
+            return self._call(*args)
+        try:
+            out = self._call(*args)
+        except Exception as error:
+            if dynamo.is_dynamo_restart(error):
+                raise
+            log.info("bnfuse: the C++ wrapper's first call failed (%s: %s); compiled with the Python wrapper",
+                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            self._call = self._python_wrapper()
+            out = self._call(*args)
+        self._python_wrapper = None  # the examples it holds go with it
+        return out
 
 
 def _first_requiring_grad(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str | None:
