@@ -63,81 +63,112 @@ def split(traced: torch.fx.GraphModule, readable: Sequence[int], pack: Packing) 
     # What the main graph reads from the prologue: the computed nodes it uses, and the readable
     # inputs whose convolution gets a packed weight.
     crossing = [n for n in computed if any(u not in prologue_nodes for u in n.users)]
-    main = copy.deepcopy(traced)
-    twin = dict(zip(traced.graph.nodes, main.graph.nodes, strict=True))
-    original = {v: k for k, v in twin.items()}
-    first = next(iter(main.graph.nodes))
-    outputs: list[torch.fx.Node | tuple[torch.fx.Node, Packed | PackedLinear]] = []  # a value, or one packed
-    inputs_for: dict[torch.fx.Node, torch.fx.Node] = {}  # a main placeholder: the prologue node it reads
-    with main.graph.inserting_before(first):
-        for k, node in enumerate(crossing):
-            placeholder = main.graph.placeholder(f"bnfuse_prologue_{k}")
-            placeholder.meta.update(node.meta)
-            twin[node].replace_all_uses_with(placeholder)
-            inputs_for[placeholder] = node
-            outputs.append(node)
-    for node in reversed(main.graph.nodes):
-        if node.op == "call_function" and original[node] in prologue_nodes and not node.users:
-            main.graph.erase_node(node)
-    def source_of(weight: torch.fx.Node) -> torch.fx.Node | None:
-        """The prologue node or module-state input a main-graph weight is, if it is one."""
-        return inputs_for.get(weight) or (original.get(weight) if original.get(weight) in sources else None)
+    main = _MainGraph(traced, sources, prologue_nodes, crossing)
+    main.pack_convolutions(pack.convolution)
+    main.pack_linears(pack.linear)
+    outputs, taken = main.finish(placeholders, readable)
+    reads = [i for i in readable if any(u in prologue_nodes for u in placeholders[i].users)
+             or any(isinstance(o, tuple) and o[0] is placeholders[i] for o in outputs)]
+    return Split(_as_data(traced, sorted(reads), computed, outputs), main.gm, tuple(taken))
 
-    def packed_input(value: Any, output: tuple[torch.fx.Node, Packed | PackedLinear]) -> torch.fx.Node:
-        with main.graph.inserting_before(first):
-            placeholder = main.graph.placeholder(f"bnfuse_packed_{len(outputs)}")
+
+#: What the prologue hands the main graph, input by input: a value it computes, or a module-state
+#: input (or a value) packed for oneDNN.
+_Output = torch.fx.Node | tuple[torch.fx.Node, Packed | PackedLinear]
+
+
+class _MainGraph:
+    """The main graph being built: a copy of the traced graph whose prologue values arrive as inputs
+    (``bnfuse_prologue_k``), then whose chosen weights arrive packed (``bnfuse_packed_k``)."""
+
+    def __init__(self, traced: torch.fx.GraphModule, sources: set[torch.fx.Node], prologue_nodes: set[torch.fx.Node],
+                 crossing: list[torch.fx.Node]) -> None:
+        self.gm = copy.deepcopy(traced)
+        self.graph = self.gm.graph
+        self.twin = dict(zip(traced.graph.nodes, self.graph.nodes, strict=True))
+        self.original = {v: k for k, v in self.twin.items()}
+        self.sources = sources
+        self.first = next(iter(self.graph.nodes))
+        self.outputs: list[_Output] = []  # one per added placeholder, in order
+        self.inputs_for: dict[torch.fx.Node, torch.fx.Node] = {}  # a main placeholder: the prologue node it reads
+        with self.graph.inserting_before(self.first):
+            for k, node in enumerate(crossing):
+                placeholder = self.graph.placeholder(f"bnfuse_prologue_{k}")
+                placeholder.meta.update(node.meta)
+                self.twin[node].replace_all_uses_with(placeholder)
+                self.inputs_for[placeholder] = node
+                self.outputs.append(node)
+        for node in reversed(self.graph.nodes):
+            if node.op == "call_function" and self.original[node] in prologue_nodes and not node.users:
+                self.graph.erase_node(node)
+
+    def pack_convolutions(self, chosen: Callable[[torch.fx.Node], bool]) -> None:
+        """Each chosen convolution whose weight is prologue output or module state reads it packed;
+        one left to ATen's direct kernel may take its bias as an add after it (``_bias_after``)."""
+        for convolution in list(self.graph.find_nodes(op="call_function", target=aten.convolution.default)):
+            weight = convolution.args[1]
+            source, hyper = self._source_of(weight), _packing_hyper(convolution)
+            if source is None or hyper is None or not chosen(convolution):
+                if _bias_after(convolution):
+                    _add_bias_after(self.graph, convolution)
+                continue
+            placeholder = self._packed_input(weight.meta.get("val"), (source, Packed(-1, hyper)))
+            op = onednn.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else onednn.MKLDNN_CONV_POINTWISE
+            self._replace(convolution, op, (convolution.args[0], placeholder, convolution.args[2], *hyper[:-1],
+                                            "none", [], ""))
+
+    def pack_linears(self, chosen: Callable[[int, int, int], bool]) -> None:
+        """Each chosen matrix product by a prologue output or module state runs oneDNN's linear on it packed."""
+        for product in [*self.graph.find_nodes(op="call_function", target=aten.addmm.default),
+                        *self.graph.find_nodes(op="call_function", target=aten.mm.default)]:
+            bias, input, weight = product.args if product.target is aten.addmm.default else (None, *product.args)
+            source, rows = self._source_of(weight), _linear_rows(product, input, weight)
+            if source is None or rows is None or not chosen(rows, *weight.meta["val"].shape):  # (in, out)
+                continue
+            # oneDNN's linear reads the weight as the layer holds it (out x in), not transposed.
+            placeholder = self._packed_input(weight.meta["val"].new_empty(weight.meta["val"].shape[::-1]),
+                                             (source, PackedLinear(-1, rows)))
+            self._replace(product, onednn.packed_linear_op(), (input, placeholder, bias))
+
+    def finish(self, placeholders: list[torch.fx.Node], readable: Sequence[int]) -> tuple[list[_Output], list[int]]:
+        """Drop the inputs nothing reads any more (a folded BN's statistics, a packed weight's plain
+        copy): what the prologue hands over, and the graph inputs the main graph still takes."""
+        new = [n for n in self.graph.find_nodes(op="placeholder") if self.original.get(n) is None]
+        kept = [out for node, out in zip(new, self.outputs, strict=True) if node.users]
+        for node in new:
+            if not node.users:
+                self.graph.erase_node(node)
+        taken: list[int] = []
+        for i, node in enumerate(placeholders):
+            if self.twin[node].users or i not in set(readable):
+                taken.append(i)
+            else:
+                self.graph.erase_node(self.twin[node])
+        self.graph.lint()
+        self.gm.recompile()
+        return kept, taken
+
+    def _source_of(self, weight: torch.fx.Node) -> torch.fx.Node | None:
+        """The prologue node or module-state input a main-graph weight is, if it is one."""
+        return self.inputs_for.get(weight) or (self.original.get(weight) if self.original.get(weight) in self.sources else None)
+
+    def _packed_input(self, value: Any, output: tuple[torch.fx.Node, Packed | PackedLinear]) -> torch.fx.Node:
+        with self.graph.inserting_before(self.first):
+            placeholder = self.graph.placeholder(f"bnfuse_packed_{len(self.outputs)}")
         placeholder.meta["val"] = value
-        outputs.append(output)
+        self.outputs.append(output)
         return placeholder
 
-    def replace(old: torch.fx.Node, op: Any, args: tuple[Any, ...]) -> None:
-        with main.graph.inserting_before(old):
-            new = main.graph.call_function(op, args)
+    def _replace(self, old: torch.fx.Node, op: Any, args: tuple[Any, ...]) -> None:
+        with self.graph.inserting_before(old):
+            new = self.graph.call_function(op, args)
         new.meta.update(old.meta)
         old.replace_all_uses_with(new)
-        main.graph.erase_node(old)
-
-    for convolution in list(main.graph.find_nodes(op="call_function", target=aten.convolution.default)):
-        weight = convolution.args[1]
-        source, hyper = source_of(weight), _packing_hyper(convolution)
-        if source is None or hyper is None or not pack.convolution(convolution):
-            if _bias_after(convolution):
-                _add_bias_after(main.graph, convolution)
-            continue
-        placeholder = packed_input(weight.meta.get("val"), (source, Packed(-1, hyper)))
-        op = onednn.MKLDNN_CONV_TRANSPOSE_POINTWISE if convolution.args[6] else onednn.MKLDNN_CONV_POINTWISE
-        replace(convolution, op, (convolution.args[0], placeholder, convolution.args[2], *hyper[:-1], "none", [], ""))
-    for product in [*main.graph.find_nodes(op="call_function", target=aten.addmm.default),
-                    *main.graph.find_nodes(op="call_function", target=aten.mm.default)]:
-        bias, input, weight = product.args if product.target is aten.addmm.default else (None, *product.args)
-        source, rows = source_of(weight), _linear_rows(product, input, weight)
-        if source is None or rows is None or not pack.linear(rows, *weight.meta["val"].shape):  # (in, out)
-            continue
-        # oneDNN's linear reads the weight as the layer holds it (out x in), not transposed.
-        placeholder = packed_input(weight.meta["val"].new_empty(weight.meta["val"].shape[::-1]),
-                                   (source, PackedLinear(-1, rows)))
-        replace(product, onednn.packed_linear_op(), (input, placeholder, bias))
-    # Inputs nothing reads any more (a folded BN's statistics, a packed weight's plain copy) go.
-    new = [n for n in main.graph.find_nodes(op="placeholder") if original.get(n) is None]
-    kept_outputs = [(node, out) for node, out in zip(new, outputs, strict=True) if node.users]
-    for node in new:
-        if not node.users:
-            main.graph.erase_node(node)
-    taken: list[int] = []
-    for i, node in enumerate(placeholders):
-        if twin[node].users or i not in set(readable):
-            taken.append(i)
-        else:
-            main.graph.erase_node(twin[node])
-    main.graph.lint()
-    main.recompile()
-    reads = [i for i in readable if any(u in prologue_nodes for u in placeholders[i].users)
-             or any(isinstance(o, tuple) and o[0] is placeholders[i] for _, o in kept_outputs)]
-    return Split(_as_data(traced, sorted(reads), computed, [o for _, o in kept_outputs]), main, tuple(taken))
+        self.graph.erase_node(old)
 
 
 def _as_data(traced: torch.fx.GraphModule, reads: list[int], nodes: list[torch.fx.Node],
-             outputs: list[torch.fx.Node | tuple[torch.fx.Node, Packed | PackedLinear]]) -> Prologue:
+             outputs: list[_Output]) -> Prologue:
     """The prologue computing ``outputs`` by the calls ``nodes`` from the graph inputs ``reads``:
     each node a step reading earlier values, a ``get_attr`` the constant it names."""
     placeholders = traced.graph.find_nodes(op="placeholder")

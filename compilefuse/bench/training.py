@@ -101,6 +101,32 @@ def relative_errors(model: nn.Module, reference: nn.Module) -> float:
     return worst
 
 
+def _step_seconds(model: nn.Module, forward_loss: Callable[[], torch.Tensor], steps: int, cuda: bool) -> list[float]:
+    """``steps`` training steps (gradients zeroed, forward, loss, backward), timed one by one."""
+    times = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        forward_loss().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _cuda_peak_mib(model: nn.Module, forward_loss: Callable[[], torch.Tensor]) -> float:
+    """The CUDA memory one training step allocates at its peak, above what was allocated before it."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    forward_loss().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def benchmark_training(
     name: str, factory: Callable[[], nn.Module], example: torch.Tensor, systems: Sequence[str],
     *, rounds: int = 3, steps_per_round: int = 2, autocast: torch.dtype | None = None,
@@ -142,26 +168,12 @@ def benchmark_training(
     for order in interleaved_order(systems, rounds):  # each round rotated by one: drift hits all alike
         for system in order:
             model, fn, times = steps[system]
-            for _ in range(steps_per_round):
-                model.zero_grad(set_to_none=True)
-                if example.is_cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                forward_loss(fn).backward()
-                if example.is_cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+            times += _step_seconds(model, lambda fn=fn: forward_loss(fn), steps_per_round, example.is_cuda)
     for row in rows:
         model, fn, times = steps[row.system]
         row.step_ms = statistics.median(times) * 1e3
         if example.is_cuda:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            forward_loss(fn).backward()
-            torch.cuda.synchronize()
-            row.peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+            row.peak_mib = _cuda_peak_mib(model, lambda fn=fn: forward_loss(fn))
     inductor = next((r for r in rows if r.system == "inductor"), None)
     for row in rows:
         if inductor is not None and inductor.saved_mib and row.saved_mib is not None:

@@ -285,18 +285,25 @@ class GraphCompiler:
         return fold_cache.Folded(frozenset(written), tuple(readable), record, parts,
                                  ops.draws_random_numbers(traced.graph), cacheable=not merges_read_values(traced))
 
+    def _from_cache(self, inputs: list[Any]) -> compiled_graph.Executable | None:
+        """The graph loaded from the compile cache, or built into it (``graph_cache``); None where
+        it cannot be cached."""
+        cached = graph_cache.compiled(self.gm, inputs, self.config)
+        if cached is None:
+            return None
+        model, taken, record = cached
+        return compiled_graph.Executable(model, tuple(taken), on_first_answer=lambda: self._publish(record),
+                                         on_rerun=lambda: publish(record, reused=True))
+
     def folded(self, inputs: list[Any]) -> compiled_graph.Executable:
         """Freeze every parameter and buffer except those the graph writes. Which those are,
         AOTAutograd tells inside the compile; the first compile that finds one stops there (before
         folding) and the next keeps it live. A graph that writes no state compiles once. With the
         ``cache`` option, a graph that can be cached is loaded from (or built into) the compile
         cache instead (``graph_cache``)."""
-        if self.config.cache and not self._live:
-            cached = graph_cache.compiled(self.gm, inputs, self.config)
-            if cached is not None:
-                model, taken, record = cached
-                return compiled_graph.Executable(model, tuple(taken), on_first_answer=lambda: self._publish(record),
-                                                 on_rerun=lambda: publish(record, reused=True))
+        cached = self._from_cache(inputs) if self.config.cache and not self._live else None
+        if cached is not None:
+            return cached
         live = set(self._live)
         while True:
             freezing.check_written_state_apart(live, freezing.module_state(self.gm, inputs), inputs)
