@@ -1,7 +1,7 @@
 """The house is one-directional: no import circles between compilefuse's modules, counting imports
 inside functions too; the runtime imports no compiler, and the torch shim no bnfuse logic. (That a
 replica loading a package never imports the compiler when it runs is in test_export.py, beside the
-package it loads.)"""
+package it loads.) And no function is longer than a reader takes in at once."""
 
 from __future__ import annotations
 
@@ -165,3 +165,20 @@ def test_importing_the_torch_shim_changes_nothing_in_torch():
 
     out = subprocess.run([sys.executable, "-c", SHIM_IMPORT_EFFECTS], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
+
+
+#: The longest function the house keeps (docstring included): one a reader takes in at once.
+LONGEST_FUNCTION = 55
+
+
+def test_no_function_is_longer_than_a_reader_takes_in_at_once():
+    long = []
+    for path in source_paths(ROOT):
+        with open(path) as file:
+            tree = ast.parse(file.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION:
+                    long.append(f"{path}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
