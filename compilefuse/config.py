@@ -10,34 +10,33 @@ from typing import Any
 from ._torch_private import dynamo, inductor
 from .rules import RULE_IDS
 
-#: Option keys accepted in ``torch.compile(..., backend="bnfuse", options={...})``.
-OPTION_DOCS: dict[str, str] = {
-    "rules": f"iterable of folding rule ids to enable (default: all of {', '.join(RULE_IDS)})",
-    "inductor": "dict of extra torch._inductor.config settings for the compile",
-    "report": "bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger",
-    "training": "bool: fold inference-mode BatchNorm in graphs that need autograd too, per step (default True)",
-    "cache": "bool: keep each folded CPU inference graph as an AOTInductor package on disk, so a later "
-    "process compiling the same graph, inputs, weights and settings loads it "
-    "(default: the COMPILEFUSE_CACHE environment variable, else False)",
-    "freeze": "bool: bake the folded weights into the compiled code (Inductor's freezing) instead of passing "
-    "them as data; then every weight change and every instance of the architecture recompiles (default False)",
-    "strict": "bool: raise when folding fails instead of falling back to plain Inductor "
-    "(default: the COMPILEFUSE_STRICT environment variable, else False)",
-}
+
+def _option(doc: str, default: Any = dataclasses.MISSING, *, key: str | None = None, **field: Any) -> Any:
+    """A field of ``BnfuseConfig`` with its help text and the option key that sets it (default: its name)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "key": key}, **field)
 
 
 @dataclasses.dataclass(frozen=True)
 class BnfuseConfig:
-    rules: frozenset[str] = frozenset(RULE_IDS)
-    inductor_patches: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    report: bool = False
-    strict: bool = False
-    #: Fold in graphs that need autograd (per step), not only in inference graphs.
-    training: bool = True
-    #: Keep folded CPU inference graphs as packages on disk (``graph_cache``).
-    cache: bool = False
-    #: Bake folded weights into the code (freezing) rather than pass them as data (``fold_prologue``).
-    freeze: bool = False
+    """What ``options={...}`` sets, each field with its help text: the one source of the option keys
+    (``OPTION_DOCS``) and of the error that lists them."""
+
+    rules: frozenset[str] = _option(
+        f"iterable of folding rule ids to enable (default: all of {', '.join(RULE_IDS)})", frozenset(RULE_IDS))
+    inductor_patches: Mapping[str, Any] = _option(
+        "dict of extra torch._inductor.config settings for the compile", key="inductor", default_factory=dict)
+    report: bool = _option("bool: log the fold report of each compiled graph at INFO on the 'compilefuse' logger", False)
+    training: bool = _option(
+        "bool: fold inference-mode BatchNorm in graphs that need autograd too, per step (default True)", True)
+    cache: bool = _option(
+        "bool: keep each folded CPU inference graph as an AOTInductor package on disk, so a later process "
+        "compiling the same graph, inputs, weights and settings loads it "
+        "(default: the COMPILEFUSE_CACHE environment variable, else False)", False)
+    freeze: bool = _option(
+        "bool: bake the folded weights into the compiled code (Inductor's freezing) instead of passing them as "
+        "data; then every weight change and every instance of the architecture recompiles (default False)", False)
+    strict: bool = _option("bool: raise when folding fails instead of falling back to plain Inductor "
+                           "(default: the COMPILEFUSE_STRICT environment variable, else False)", False)
 
     @classmethod
     def from_options(
@@ -62,6 +61,12 @@ class BnfuseConfig:
             cache=_bool("cache", options.get("cache", os.environ.get("COMPILEFUSE_CACHE", "") == "1")),
             strict=_bool("strict", options.get("strict", os.environ.get("COMPILEFUSE_STRICT", "") == "1")),
         )
+
+
+#: Option keys accepted in ``torch.compile(..., backend="bnfuse", options={...})``, with their help.
+OPTION_DOCS: dict[str, str] = {
+    field.metadata["key"] or field.name: field.metadata["doc"] for field in dataclasses.fields(BnfuseConfig)
+}
 
 
 def _error(message: str) -> Exception:
