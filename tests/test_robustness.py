@@ -224,3 +224,17 @@ def test_failing_release_of_old_code_never_fails_a_call(monkeypatch):
         model[1].running_mean.add_(1.0)  # a refold drops, and releases, the old variant
         out = compiled(x)
     assert relative_error(out, float64_reference(model, x)) < 1e-5
+
+
+def test_strict_raises_a_failure_dynamo_would_run_eagerly(monkeypatch):
+    """A fake-tensor error (data-dependent, unsupported operator) raised by a backend is one Dynamo
+    turns into a graph break, running the frame eagerly: with ``strict`` it reaches the caller
+    (seen with ``cpp_wrapper=True`` and ``dynamic=True``, where the fold raised one)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    def explode(self, weight, scale, site):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(convolution.Convolution, "scale_output_channels", explode)
+    with pytest.raises(Exception, match="DataDependentOutputException"):
+        run_bnfuse(conv_bn_model(), torch.randn(2, 3, 6, 6), options={"strict": True})

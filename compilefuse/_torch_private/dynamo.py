@@ -63,6 +63,21 @@ def is_dynamo_restart(error: BaseException) -> bool:
     return isinstance(error, _DYNAMO_RESTARTS)
 
 
+#: Fake-tensor errors Dynamo turns into a graph break when a backend raises them: the frame then
+#: runs eagerly, with a warning of Dynamo's (``exceptions_allowed_to_be_fallback``, torch 2.6-2.14).
+_GRAPH_BREAKING: tuple[type[BaseException], ...] = tuple(getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ()))
+
+
+def raised_as_failure(error: BaseException) -> BaseException:
+    """``error`` as a backend raises it to fail the compile: one Dynamo would turn into a graph break
+    (an eager run) comes wrapped in a ``RuntimeError``, which Dynamo raises to the caller."""
+    if isinstance(error, _GRAPH_BREAKING):
+        wrapped = RuntimeError(f"{type(error).__name__}: {error}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
+
+
 def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
     """Whether Dynamo traced this graph with symbolic (dynamic) sizes."""
     for node in gm.graph.find_nodes(op="placeholder"):

@@ -86,8 +86,10 @@ def bnfuse(
             input_names=[source_path(node) for node in placeholders],
         ))
     except Exception as error:  # bnfuse's own set-up failed: never the user's problem
-        if config.strict or dynamo.is_dynamo_restart(error):
+        if dynamo.is_dynamo_restart(error):
             raise
+        if config.strict:  # raised to the caller, never an eager run
+            raise dynamo.raised_as_failure(error)
         compiled_graph.warn_fallback_once(error)
         return compiler.fall_back(list(example_inputs), error).call
 

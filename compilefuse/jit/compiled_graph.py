@@ -191,8 +191,10 @@ class CompiledGraph:
                         prepared=tuple(prepared), reports=reports)
 
     def _give_up_or_raise(self, error: Exception) -> None:
-        if self._strict or dynamo.is_dynamo_restart(error):
+        if dynamo.is_dynamo_restart(error):
             raise error
+        if self._strict:  # raised to the caller, never an eager run
+            raise dynamo.raised_as_failure(error)
         warn_fallback_once(error)
 
     def _fall_back(self, args: Sequence[Any], error: Exception) -> Executable:
