@@ -139,8 +139,9 @@ class _MainGraph:
             if not node.users:
                 self.graph.erase_node(node)
         taken: list[int] = []
+        readable = set(readable)
         for i, node in enumerate(placeholders):
-            if self.twin[node].users or i not in set(readable):
+            if self.twin[node].users or i not in readable:
                 taken.append(i)
             else:
                 self.graph.erase_node(self.twin[node])

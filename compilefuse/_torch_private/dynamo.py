@@ -4,7 +4,7 @@ the model being compiled, and the global state its guards check."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.fx
@@ -68,14 +68,12 @@ def is_dynamo_restart(error: BaseException) -> bool:
 _GRAPH_BREAKING: tuple[type[BaseException], ...] = tuple(getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ()))
 
 
-def raised_as_failure(error: BaseException) -> BaseException:
-    """``error`` as a backend raises it to fail the compile: one Dynamo would turn into a graph break
-    (an eager run) comes wrapped in a ``RuntimeError``, which Dynamo raises to the caller."""
+def raise_as_failure(error: BaseException) -> NoReturn:
+    """Raise ``error`` so that the backend's compile fails: one Dynamo would turn into a graph break
+    (an eager run) is raised wrapped in a ``RuntimeError``, which Dynamo raises to the caller."""
     if isinstance(error, _GRAPH_BREAKING):
-        wrapped = RuntimeError(f"{type(error).__name__}: {error}")
-        wrapped.__cause__ = error
-        return wrapped
-    return error
+        raise RuntimeError(f"{type(error).__name__}: {error}") from error
+    raise error
 
 
 def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:

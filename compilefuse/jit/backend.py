@@ -89,7 +89,7 @@ def bnfuse(
         if dynamo.is_dynamo_restart(error):
             raise
         if config.strict:  # raised to the caller, never an eager run
-            raise dynamo.raised_as_failure(error)
+            dynamo.raise_as_failure(error)
         compiled_graph.warn_fallback_once(error)
         return compiler.fall_back(list(example_inputs), error).call
 

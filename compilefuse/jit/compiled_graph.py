@@ -194,7 +194,7 @@ class CompiledGraph:
         if dynamo.is_dynamo_restart(error):
             raise error
         if self._strict:  # raised to the caller, never an eager run
-            raise dynamo.raised_as_failure(error)
+            dynamo.raise_as_failure(error)
         warn_fallback_once(error)
 
     def _fall_back(self, args: Sequence[Any], error: Exception) -> Executable:
