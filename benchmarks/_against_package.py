@@ -1,10 +1,11 @@
-"""What the scripts that set JIT variants against the package do with them: each system's error
-against eager, then every system timed round by round in one process (the order rotated each round,
-``torch.utils.benchmark.Timer`` with the thread count set), and a table of medians against the
-package's."""
+"""What the scripts that set JIT variants against the package share: their command line and model
+(``model_from_arguments``), then for the systems each system's error against eager, every system
+timed round by round in one process (the order rotated each round, ``torch.utils.benchmark.Timer``
+with the thread count set), and a table of medians against the package's."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import tempfile
@@ -14,6 +15,21 @@ import torch
 from torch.utils.benchmark import Timer
 
 import compilefuse
+from compilefuse.bench.catalog import resolve
+
+
+def model_from_arguments(description: str, rounds: int) -> tuple[argparse.Namespace, torch.nn.Module, torch.Tensor]:
+    """``--model``, ``--batch-size``, ``--threads`` and ``--rounds`` from the command line, torch's
+    thread count set to ``--threads``, and the bench's model (BN statistics calibrated) with its input."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="mobilenet_v3_large")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = resolve(args.model)
+    return args, spec.build(), spec.make_input(args.batch_size)
 
 
 def compare(calls: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, reference: torch.Tensor,

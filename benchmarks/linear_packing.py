@@ -11,7 +11,6 @@ round by round, each timed with ``torch.utils.benchmark.Timer`` (thread count se
 
 from __future__ import annotations
 
-import argparse
 import copy
 from unittest import mock
 
@@ -19,7 +18,6 @@ import _against_package  # benchmarks/_against_package.py (the script's folder i
 import torch
 
 from compilefuse import weight_packing
-from compilefuse.bench.catalog import resolve
 from compilefuse.jit import compiled_graph
 
 
@@ -31,15 +29,7 @@ def compiled(model: torch.nn.Module, tag: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mobilenet_v3_large")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    spec = resolve(args.model)
-    model, x = spec.build(), spec.make_input(args.batch_size)
+    args, model, x = _against_package.model_from_arguments(__doc__.split("\n\n")[0], rounds=5)
     calls = {}
     with torch.no_grad():
         reference = model(x)

@@ -11,25 +11,14 @@ models, batch 1 by default.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import _against_package  # benchmarks/_against_package.py (the script's folder is on sys.path)
 import torch
 
-from compilefuse.bench.catalog import resolve
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mobilenet_v3_large")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    spec = resolve(args.model)
-    model, x = spec.build(), spec.make_input(args.batch_size)
+    args, model, x = _against_package.model_from_arguments(__doc__.split("\n\n")[0], rounds=7)
     with torch.no_grad():
         reference = model(x)
     calls = {
