@@ -4,6 +4,7 @@ cannot be cached compile as they do without the option; ``save_cache_artifacts``
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import subprocess
@@ -16,6 +17,7 @@ from helpers import assert_matches_reference, float64_reference, randomize_bn, r
 from torch import nn
 
 import compilefuse
+from compilefuse._torch_private import ops
 from compilefuse.config import BnfuseConfig
 from compilefuse.examples.models import SmallCNN
 from compilefuse.jit import graph_cache
@@ -108,6 +110,56 @@ def test_new_weights_never_load_an_old_package(tmp_path, monkeypatch, caplog):
     assert len(_packages(tmp_path)) == 2 and len(result.folded) == 4
     with torch.inference_mode():
         assert_matches_reference(result.outputs, again(x), float64_reference(again, x))
+
+
+class Classifier(nn.Module):
+    """A conv body and a dropout head in eval mode, as torchvision's mobilenets and efficientnets end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout2d(0.1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.AlphaDropout(0.1), nn.Linear(144, 5))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_an_eval_mode_dropout_draws_nothing_and_its_graph_is_cached(tmp_path, monkeypatch, caplog):
+    """``torch.export`` keeps an eval-mode ``nn.Dropout`` as ``aten.dropout(x, p, False)``, an op
+    tagged as drawing random numbers: read by its tag alone, every such model compiled without the
+    cache, on the slower frozen route (mobilenet_v3_large: docs/benchmarks.md)."""
+    monkeypatch.setenv("COMPILEFUSE_CACHE_DIR", str(tmp_path))
+    model = randomize_bn(Classifier()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        eager = model(x)
+    result = run_bnfuse(model, x, calls=2, **CACHED)
+    assert len(_packages(tmp_path)) == 1 and len(result.folded) == 1
+    assert_matches_reference(result.outputs, eager, float64_reference(model, x))
+    with caplog.at_level(logging.INFO, logger="compilefuse"):
+        again = run_bnfuse(copy.deepcopy(model), x, **CACHED)
+    assert "loaded from the compile cache" in caplog.text
+    assert torch.equal(again.outputs, result.outputs)
+
+
+def test_a_dropout_draws_random_numbers_unless_told_it_is_not_training():
+    """What the cache refuses: a graph that draws random numbers. A dropout is judged by its
+    ``train`` argument (only a literal False draws nothing); any other random op always draws."""
+
+    def exported(forward) -> torch.fx.Graph:
+        class Module(nn.Module):
+            def forward(self, x):
+                return forward(x)
+
+        return torch.export.export(Module(), (torch.randn(2, 4, 3, 3),), strict=False).graph
+
+    functional = torch.nn.functional
+    for dropout in (functional.dropout, functional.alpha_dropout, functional.dropout2d,
+                    functional.feature_alpha_dropout):
+        assert not ops.draws_random_numbers(exported(lambda x, d=dropout: d(x, 0.5, training=False)))
+        assert ops.draws_random_numbers(exported(lambda x, d=dropout: d(x, 0.5, training=True)))
+    assert ops.draws_random_numbers(exported(lambda x: x + torch.rand_like(x)))
+    assert not ops.draws_random_numbers(exported(lambda x: x * 2))
 
 
 class CountsCalls(nn.Module):

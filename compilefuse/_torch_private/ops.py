@@ -21,13 +21,26 @@ def is_pure_operator(target: Any) -> bool:
             and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
+#: Ops tagged as drawing random numbers that draw none when their ``train`` argument is False: an
+#: eval-mode ``nn.Dropout`` stays in the graphs ``torch.export`` makes (a graph before decompositions).
+_RANDOM_ONLY_IN_TRAINING = frozenset(
+    {"aten::dropout", "aten::native_dropout", "aten::alpha_dropout", "aten::feature_dropout",
+     "aten::feature_alpha_dropout"})
+
+
 def draws_random_numbers(graph: torch.fx.Graph) -> bool:
     """Whether an aten graph calls an op that draws from the random number generator."""
-    return any(
-        isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
-        for node in graph.nodes
-        if node.op == "call_function"
-    )
+    return any(_draws_random_numbers(node) for node in graph.nodes if node.op == "call_function")
+
+
+def _draws_random_numbers(node: torch.fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    if target._schema.name in _RANDOM_ONLY_IN_TRAINING:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+        return train is not False  # a literal False only: None (native_dropout's default) trains
+    return True
 
 
 def region_bodies(graph: torch.fx.Graph) -> dict[torch.fx.Node, list[torch.fx.GraphModule]]:
