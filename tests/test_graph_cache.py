@@ -118,7 +118,7 @@ class Classifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout2d(0.1))
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.AlphaDropout(0.1), nn.Linear(144, 5))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2, inplace=True), nn.AlphaDropout(0.1), nn.Linear(144, 5))
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -156,8 +156,9 @@ def test_a_dropout_draws_random_numbers_unless_told_it_is_not_training():
     functional = torch.nn.functional
     for dropout in (functional.dropout, functional.alpha_dropout, functional.dropout2d,
                     functional.feature_alpha_dropout):
-        assert not ops.draws_random_numbers(exported(lambda x, d=dropout: d(x, 0.5, training=False)))
-        assert ops.draws_random_numbers(exported(lambda x, d=dropout: d(x, 0.5, training=True)))
+        for inplace in (False, True):
+            assert not ops.draws_random_numbers(exported(lambda x, d=dropout, i=inplace: d(x * 1, 0.5, False, i)))
+            assert ops.draws_random_numbers(exported(lambda x, d=dropout, i=inplace: d(x * 1, 0.5, True, i)))
     assert ops.draws_random_numbers(exported(lambda x: x + torch.rand_like(x)))
     assert not ops.draws_random_numbers(exported(lambda x: x * 2))
 

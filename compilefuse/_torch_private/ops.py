@@ -22,10 +22,11 @@ def is_pure_operator(target: Any) -> bool:
 
 
 #: Ops tagged as drawing random numbers that draw none when their ``train`` argument is False: an
-#: eval-mode ``nn.Dropout`` stays in the graphs ``torch.export`` makes (a graph before decompositions).
+#: eval-mode ``nn.Dropout`` stays in the graphs ``torch.export`` makes (a graph before decompositions),
+#: in place where the module says ``inplace=True`` (torchvision's classifiers).
 _RANDOM_ONLY_IN_TRAINING = frozenset(
-    {"aten::dropout", "aten::native_dropout", "aten::alpha_dropout", "aten::feature_dropout",
-     "aten::feature_alpha_dropout"})
+    {f"aten::{name}{suffix}" for name in ("dropout", "alpha_dropout", "feature_dropout", "feature_alpha_dropout")
+     for suffix in ("", "_")} | {"aten::native_dropout"})
 
 
 def draws_random_numbers(graph: torch.fx.Graph) -> bool:
