@@ -8,33 +8,19 @@ stance: guards checked only where several graphs compete); with Inductor's Pytho
 default on CPU is its C++ one); frozen (the weights compiled in, as the package has them); and the
 exported package.
 
-    python benchmarks/guard_options.py [--model mobilenet_v3_large] [--threads 2] [--rounds 5]
+    python benchmarks/guard_options.py [--model mobilenet_v3_large] [--batch-size 1] [--threads 2] [--rounds 5]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import _against_package  # benchmarks/_against_package.py (the script's folder is on sys.path)
 import torch
 
-from compilefuse.bench.catalog import resolve
-
-
-def model_and_input(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    spec = resolve(name)  # the bench's models: BN statistics calibrated
-    return spec.build(), spec.make_input(1)
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mobilenet_v3_large")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, x = model_and_input(args.model)
+    args, model, x = _against_package.model_from_arguments(__doc__.split("\n\n")[0], rounds=5)
     with torch.no_grad():
         reference = model(x)
     calls = {}

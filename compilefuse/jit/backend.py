@@ -85,12 +85,8 @@ def bnfuse(
             recompile_context=lambda: fake_tensors.tracing(fake_mode if dynamic else None),
             input_names=[source_path(node) for node in placeholders],
         ))
-    except Exception as error:  # bnfuse's own set-up failed: never the user's problem
-        if dynamo.is_dynamo_restart(error):
-            raise
-        if config.strict:  # raised to the caller, never an eager run
-            dynamo.raise_as_failure(error)
-        compiled_graph.warn_fallback_once(error)
+    except Exception as error:  # noqa: BLE001 - bnfuse's own set-up failed: never the user's problem
+        compiled_graph.give_up_or_raise(error, strict=config.strict)
         return compiler.fall_back(list(example_inputs), error).call
 
 

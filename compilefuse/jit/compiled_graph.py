@@ -191,11 +191,7 @@ class CompiledGraph:
                         prepared=tuple(prepared), reports=reports)
 
     def _give_up_or_raise(self, error: Exception) -> None:
-        if dynamo.is_dynamo_restart(error):
-            raise error
-        if self._strict:  # raised to the caller, never an eager run
-            dynamo.raise_as_failure(error)
-        warn_fallback_once(error)
+        give_up_or_raise(error, strict=self._strict)
 
     def _fall_back(self, args: Sequence[Any], error: Exception) -> Executable:
         """From now on this graph is plain Inductor: it takes every input, so nothing can go stale."""
@@ -385,6 +381,16 @@ def input_key(value: Any, frozen: bool) -> Hashable:
 
 
 _fallback_warned = False
+
+
+def give_up_or_raise(error: Exception, *, strict: bool) -> None:
+    """bnfuse failed on a graph: a Dynamo restart passes, ``strict`` raises (to the caller, never
+    an eager run), else the one warning, and the caller falls back to plain Inductor."""
+    if dynamo.is_dynamo_restart(error):
+        raise error
+    if strict:
+        dynamo.raise_as_failure(error)
+    warn_fallback_once(error)
 
 
 def warn_fallback_once(error: Exception) -> None:
